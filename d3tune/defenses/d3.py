@@ -1,0 +1,109 @@
+"""D3, Distance-Driven Detoxification (Wei, Liu, Zha, ICCV 2025).
+
+Plain fine-tuning stays in the poisoned model's basin, where clean and triggered inputs both
+have low loss. D3 looks for the point farthest from the poisoned weights that still fits the
+clean data: maximise ||W - W0||_p subject to clean loss <= eps, solved in penalised form with
+SGD, projecting the selected weights back onto the sphere of their initial norm after each step.
+Every step below is numbered as in ../shared/D3_SPEC.md (the authors' code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d3tune.defenses import DefenseConfig, DefenseContext, params_of, register
+from d3tune.errors import UsageError
+from d3tune.train import fit, make_sgd
+
+INIT_MODES = ("random", "near", "middle", "far", "noise")
+
+
+@dataclass(frozen=True)
+class Params:
+    eps: float = field(default=0.1, metadata={"ge": 0.0})  # clean-loss threshold (hinge)
+    lmd: float = field(default=0.5, metadata={"gt": 0.0})  # weight of the clean loss
+    p: float = field(default=2.0, metadata={"gt": 0.0})  # norm of the distance
+    init: str = field(default="random", metadata={"choices": INIT_MODES})
+    select_layer: str | None = None  # None: the architecture's classifier head
+    radius: float = field(default=1.0, metadata={"gt": 0.0})  # extension: sphere = radius*||W0||
+
+
+def selected_modules(model: nn.Module, name: str) -> list[nn.Module]:
+    """Step 1: every nn.Linear and nn.Conv2d inside the module called ``name``."""
+    try:
+        root = model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise UsageError(f"defense.select_layer: the model has no module {name!r} "
+                         f"(top-level modules: {', '.join(names)})") from None
+    mods = [m for m in root.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not mods:
+        raise UsageError(f"defense.select_layer: module {name!r} holds no Linear or Conv2d layer")
+    return mods
+
+
+@torch.no_grad()
+def initialise(weights: list[torch.Tensor], w0: list[torch.Tensor], mode: str, p: float,
+               generator: torch.Generator) -> None:
+    """Step 2: the warm-up initialisation of each selected weight, in place."""
+    for w, init in zip(weights, w0):
+        if mode == "random":
+            r = torch.rand(w.shape, generator=generator).to(w) - 0.5
+            w.copy_(r * (init.norm(p) / r.norm(p)))
+        elif mode == "near":
+            w.copy_(init)
+        elif mode == "middle":
+            w.zero_()
+        elif mode == "far":
+            w.copy_(-init)
+        elif mode == "noise":
+            w.copy_(init + torch.randn(w.shape, generator=generator).to(w) * init.std())
+        else:
+            raise UsageError(f"defense.init: unknown mode {mode!r}; choose one of {INIT_MODES}")
+
+
+def distance(weights: list[torch.Tensor], w0: list[torch.Tensor], p: float) -> torch.Tensor:
+    """sum_i ||W_i - W0_i||_p, one term per selected module."""
+    return torch.stack([(w - init).norm(p) for w, init in zip(weights, w0)]).sum()
+
+
+def d3_loss(logits: torch.Tensor, y: torch.Tensor, l_dist: torch.Tensor, prm: Params):
+    """Step 4: lmd * mean(relu(CE - eps)) - distance, divided by (lmd + 1) when lmd > 1."""
+    l_clean = F.relu(F.cross_entropy(logits, y, reduction="none") - prm.eps).mean()
+    loss = prm.lmd * l_clean - l_dist
+    if prm.lmd > 1:
+        loss = loss / (prm.lmd + 1)
+    return loss, l_clean
+
+
+@torch.no_grad()
+def project(weights: list[torch.Tensor], norms: list[torch.Tensor], p: float) -> None:
+    """Step 5: W <- W * target_norm / ||W||_p (the clamp only guards an all-zero weight)."""
+    for w, target in zip(weights, norms):
+        w.mul_(target / w.norm(p).clamp_min(1e-12))
+
+
+@register("d3", Params)
+def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
+        ctx: DefenseContext) -> None:
+    prm: Params = params_of(cfg)
+    layer = prm.select_layer or ctx.head
+    weights = [m.weight for m in selected_modules(model, layer)]
+    w0 = [w.detach().clone() for w in weights]
+    norms = [prm.radius * init.norm(prm.p) for init in w0]
+    initialise(weights, w0, prm.init, prm.p, ctx.generator)
+
+    # Step 3: SGD over all parameters, cosine annealing, train mode (inside fit).
+    opt, sched = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs)
+
+    def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
+        l_dist = distance(weights, w0, prm.p)
+        loss, l_clean = d3_loss(m(xb), yb, l_dist, prm)
+        return loss, {"loss": loss.item(), "loss_clean": l_clean.item(), "loss_dist": l_dist.item()}
+
+    fit(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
+        scheduler=sched, aug=ctx.aug, generator=ctx.generator, loss_fn=loss_fn,
+        after_step=lambda: project(weights, norms, prm.p), on_epoch=ctx.on_epoch)

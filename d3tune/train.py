@@ -1,0 +1,114 @@
+"""The one supervised training loop, on device-resident uint8 tensors with batched augmentation.
+
+Attack training, plain fine-tuning, D3 and the baselines all run through ``fit``: they differ only
+in the loss (``loss_fn``), which parameters the optimiser sees, and what happens after a step
+(``after_step``, e.g. D3's projection). Keeping one loop keeps shuffling, augmentation and the
+LR schedule identical across methods, so comparisons measure the methods, not the plumbing.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random crop with zero padding, and a horizontal flip where the dataset allows it."""
+
+    pad: int = 4
+    hflip: bool = False
+
+
+def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Pad by ``pad`` and cut a random HxW window per sample: one gather, no Python loop."""
+    if pad <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def augment(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.Tensor:
+    x = random_crop(x, aug.pad, generator)
+    return random_hflip(x, generator) if aug.hflip else x
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    loss = F.cross_entropy(model(x), y)
+    return loss, {"loss": loss.item()}
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator | None,
+            device: torch.device) -> Iterable[torch.Tensor]:
+    """Index batches over n samples, shuffled when a generator is given; the last may be short
+    (the reference keeps it: with tiny clean sets dropping it would drop the data)."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = order.to(device)
+    for start in range(0, n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def make_sgd(params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+             epochs: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        aug: Augment, generator: torch.Generator, loss_fn: LossFn = cross_entropy,
+        after_step: Callable[[], None] | None = None,
+        on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
+        start_epoch: int = 0) -> None:
+    """Train in place. ``on_epoch(epoch, mean_logs)`` runs after each epoch (1-based); returning
+    True stops early (a scheduler such as ASHA said so)."""
+    for epoch in range(start_epoch + 1, epochs + 1):
+        model.train()
+        totals: dict[str, float] = {}
+        steps = 0
+        for idx in batches(len(x), batch_size, generator, x.device):
+            xb = augment(x[idx], aug, generator)
+            loss, logs = loss_fn(model, xb, y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            for k, v in logs.items():
+                totals[k] = totals.get(k, 0.0) + v
+            steps += 1
+        if scheduler is not None:
+            scheduler.step()
+        if on_epoch is not None and on_epoch(epoch, {k: v / max(1, steps) for k, v in totals.items()}):
+            return
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Predicted labels in eval mode (BatchNorm uses running statistics)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]) \
+        if len(x) else torch.empty(0, dtype=torch.int64, device=x.device)
+    model.train(was_training)
+    return out

@@ -1,0 +1,168 @@
+"""One trial: poison -> backdoored model (cached) -> defense -> ACC / ASR / RA / DER.
+
+A plain function of a resolved ``TrialConfig``; Ray Tune, the CLI and the tests all call it.
+It reports metrics after every defense epoch through ``report`` and can be told to stop there
+(ASHA). Randomness comes from generators derived from the seed per purpose (poisoning, attack
+training, clean subset, defense), so a cached backdoored model and a freshly trained one leave
+the rest of the trial bit-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from d3tune.attacks import poison
+from d3tune.cache import Entry, ModelCache, cache_key
+from d3tune.config import TrialConfig, to_dict
+from d3tune.data import Dataset, load_dataset
+from d3tune.defenses import DEFENSES, DefenseContext
+from d3tune.metrics import EvalSets, der, evaluate
+from d3tune.models import MODELS, ModelSpec, build_model
+from d3tune.train import Augment, fit, make_sgd
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any]], bool | None]  # returns True to stop the defense early
+
+
+def derive_seed(seed: int, purpose: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "little") >> 1
+
+
+def generator(seed: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(seed, purpose))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, float]  # acc/asr/ra before and after, der
+    history: list[dict[str, Any]]  # one report per evaluated defense epoch
+    seconds: dict[str, float]  # per phase
+    cache_key: str
+    cache_hit: bool
+    model: nn.Module = field(repr=False)
+    stopped_early: bool = False
+
+
+def attack_settings(cfg: TrialConfig) -> dict[str, Any]:
+    """Everything the backdoored model depends on, and nothing else (the cache key)."""
+    d = to_dict(cfg)
+    return {"data": {"name": cfg.data.name, "data_dir": cfg.data.data_dir},
+            "attack": d["attack"], "arch": cfg.model.arch, "train": d["train"], "seed": cfg.seed}
+
+
+def model_for(cfg: TrialConfig, data: Dataset, device: torch.device) -> nn.Module:
+    torch.manual_seed(derive_seed(cfg.seed, "model-init"))
+    c, h, w = data.shape
+    spec = ModelSpec(data.num_classes, c, min(h, w), data.mean, data.std)
+    return build_model(cfg.model.arch, spec).to(device)
+
+
+def train_backdoored(cfg: TrialConfig, data: Dataset, x: torch.Tensor, y: torch.Tensor,
+                     device: torch.device,
+                     on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
+    model = model_for(cfg, data, device)
+    t = cfg.train
+    opt, sched = make_sgd(model.parameters(), t.lr, t.momentum, t.weight_decay, t.epochs)
+    fit(model, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=opt, scheduler=sched,
+        aug=Augment(hflip=data.hflip), generator=generator(cfg.seed, "attack-train"),
+        on_epoch=on_epoch)
+    return model
+
+
+def clean_subset(cfg: TrialConfig, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The defender's data: a seeded uniform sample of the original (unpoisoned) training set."""
+    n = len(data.y_train)
+    k = cfg.data.clean_count or max(1, int(round(cfg.data.clean_ratio * n)))
+    idx = torch.randperm(n, generator=generator(cfg.seed, "clean-subset"))[: min(k, n)]
+    idx = idx.to(data.x_train.device)
+    return data.x_train[idx], data.y_train[idx]
+
+
+def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache | None = None,
+              on_attack_epoch: Callable[[int, dict[str, float]], None] | None = None,
+              data: Dataset | None = None) -> TrialResult:
+    """Run one resolved trial (see config.resolve)."""
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - clock
+        clock = now
+
+    device = pick_device(cfg.device)
+    data = (data or load_dataset(cfg.data.name, cfg.data.data_dir)).to(device)
+    lap("load")
+    poisoned = poison(data, cfg.attack, generator(cfg.seed, "poison"), device)
+    sets = EvalSets(data.x_test, data.y_test, poisoned.x_bd_test, poisoned.y_bd_target,
+                    poisoned.y_bd_true)
+    lap("poison")
+
+    key = cache_key(attack_settings(cfg))
+
+    def build() -> Entry:
+        model = train_backdoored(cfg, data, poisoned.x_train, poisoned.y_train, device,
+                                 on_attack_epoch)
+        return Entry(model.state_dict(), {"settings": attack_settings(cfg)})
+
+    if cache is not None:
+        entry, built = cache.get_or_build(key, build)
+    else:
+        entry, built = build(), True
+    model = model_for(cfg, data, device)
+    model.load_state_dict(entry.tensors)
+    lap("attack_train" if built else "cache_load")
+
+    before = evaluate(model, sets)
+    lap("evaluate")
+    x_clean, y_clean = clean_subset(cfg, data)
+
+    history: list[dict[str, Any]] = []
+    epoch_sets = sets.subset(cfg.eval.subset, generator(cfg.seed, "eval-subset")) \
+        if cfg.eval.subset else sets
+    last = cfg.defense.epochs
+    stopped = False
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> bool:
+        nonlocal stopped
+        if epoch % cfg.eval.every and epoch != last:
+            return False
+        lap("defense")
+        now = evaluate(model, sets if epoch == last else epoch_sets)
+        lap("evaluate")
+        row = {"epoch": epoch, **now,
+               "der": der(before["acc"], before["asr"], now["acc"], now["asr"]), **logs}
+        history.append(row)
+        if report is not None and report(row) and epoch != last:
+            stopped = True
+            return True
+        return False
+
+    ctx = DefenseContext(num_classes=data.num_classes, head=MODELS[cfg.model.arch].head,
+                         aug=Augment(hflip=data.hflip),
+                         generator=generator(cfg.seed, "defense"), device=device,
+                         on_epoch=on_epoch)
+    DEFENSES[cfg.defense.name].run(model, x_clean, y_clean, cfg.defense, ctx)
+    lap("defense")
+    after = evaluate(model, sets) if stopped or not history or history[-1]["epoch"] != last \
+        else {k: history[-1][k] for k in ("acc", "asr", "ra")}
+    lap("evaluate")
+    metrics = {**{f"{k}_before": v for k, v in before.items()},
+               **{f"{k}_after": v for k, v in after.items()},
+               "der": der(before["acc"], before["asr"], after["acc"], after["asr"])}
+    return TrialResult(metrics, history, seconds, key, not built, model, stopped)
