@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from d3tune.attacks import poison
+from d3tune.attacks import Backdoor, split_state, with_state
 from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
 from d3tune.data import Dataset, load_dataset
 from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
 from d3tune.models import MODELS, ModelSpec, build_model
-from d3tune.train import Augment, fit, make_sgd
+from d3tune.train import Augment, LossFn, cross_entropy, fit, make_sgd
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,17 @@ def model_for(cfg: TrialConfig, data: Dataset, device: torch.device) -> nn.Modul
 
 def train_backdoored(cfg: TrialConfig, data: Dataset, x: torch.Tensor, y: torch.Tensor,
                      device: torch.device,
-                     on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> nn.Module:
+                     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                     loss_fn: LossFn | None = None,
+                     after_step: Callable[[], None] | None = None) -> nn.Module:
+    """Train a fresh model on the attacker's set. ``loss_fn``/``after_step`` let a stateful attack
+    (Input-Aware) train its trigger generator in the same loop (see attacks.AttackEntry)."""
     model = model_for(cfg, data, device)
     t = cfg.train
     opt, sched = make_sgd(model.parameters(), t.lr, t.momentum, t.weight_decay, t.epochs)
     fit(model, x, y, epochs=t.epochs, batch_size=t.batch_size, optimizer=opt, scheduler=sched,
         aug=Augment(hflip=data.hflip), generator=generator(cfg.seed, "attack-train"),
-        on_epoch=on_epoch)
+        loss_fn=loss_fn or cross_entropy, after_step=after_step, on_epoch=on_epoch)
     return model
 
 
@@ -108,25 +112,28 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     device = pick_device(cfg.device)
     data = (data or load_dataset(cfg.data.name, cfg.data.data_dir)).to(device)
     lap("load")
-    poisoned = poison(data, cfg.attack, generator(cfg.seed, "poison"), device)
-    sets = EvalSets(data.x_test, data.y_test, poisoned.x_bd_test, poisoned.y_bd_target,
-                    poisoned.y_bd_true)
-    lap("poison")
-
+    # The attack is lazy: poisoning the training set (and any trigger optimisation) happens only
+    # when the backdoored model is built; a cache hit restores a stateful trigger instead.
+    backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"), device)
     key = cache_key(attack_settings(cfg))
 
     def build() -> Entry:
-        model = train_backdoored(cfg, data, poisoned.x_train, poisoned.y_train, device,
-                                 on_attack_epoch)
-        return Entry(model.state_dict(), {"settings": attack_settings(cfg)})
+        model, state = backdoor.train(lambda x, y, **hooks: train_backdoored(
+            cfg, data, x, y, device, on_attack_epoch, **hooks))
+        return Entry(with_state(model.state_dict(), state), {"settings": attack_settings(cfg)})
 
     if cache is not None:
         entry, built = cache.get_or_build(key, build)
     else:
         entry, built = build(), True
+    weights, state = split_state(entry.tensors)
     model = model_for(cfg, data, device)
-    model.load_state_dict(entry.tensors)
+    model.load_state_dict(weights)
+    if not built:
+        backdoor.restore({k: v.to(device) for k, v in state.items()})
     lap("attack_train" if built else "cache_load")
+    sets = EvalSets(data.x_test, data.y_test, *backdoor.test_set())
+    lap("poison")
 
     before = evaluate(model, sets)
     lap("evaluate")

@@ -1,0 +1,157 @@
+"""Command line: ``d3tune run | sweep | ablate | report | defaults | list``.
+
+Every bad input becomes one line on stderr and exit status 2 (``--debug`` shows the traceback).
+Configuration is validated here, once, into frozen dataclasses before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from d3tune.errors import UsageError
+
+log = logging.getLogger("d3tune")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    """--set a.b=value: the value is read as YAML (numbers, booleans, null, lists)."""
+    from d3tune.yamlio import parse_yaml
+
+    if "=" not in text:
+        raise UsageError(f"--set {text!r}: expected KEY=VALUE, e.g. defense.eps=0.2")
+    key, raw = text.split("=", 1)
+    return key.strip(), parse_yaml(raw, f"--set {key}") if raw.strip() else None
+
+
+def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """--config file, then the named flags, then --set overrides (last wins)."""
+    from d3tune.config import flatten, unflatten
+    from d3tune.yamlio import load_yaml
+
+    base: dict[str, Any] = {}
+    if args.config:
+        loaded = load_yaml(args.config)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UsageError(f"{args.config}: expected a mapping of trial fields at the top")
+        base = flatten(loaded or {})
+    flags = {"data.name": args.dataset, "data.data_dir": args.data_dir,
+             "data.clean_ratio": args.clean_ratio, "attack.name": args.attack,
+             "defense.name": args.defense, "model.arch": args.arch, "seed": args.seed,
+             "defense.epochs": args.epochs, "defense.lr": args.lr, "device": args.device}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    base.update(dict(_kv(s) for s in args.set or []))
+    return unflatten(base)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# d3tune run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from d3tune import runner
+
+    from d3tune.config import resolve, trial_config
+
+    cfg = resolve(trial_config(trial_dict_from_args(args)))
+    runner.check_paths(cfg)
+    return runner.run_and_log(cfg, out_dir=args.out, cache_dir=args.cache_dir,
+                              use_cache=not args.no_cache, experiment=args.experiment,
+                              use_mlflow=not args.no_mlflow)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from d3tune.attacks import ATTACKS
+    from d3tune.data import DATASETS
+    from d3tune.defenses import DEFENSES
+    from d3tune.models import MODELS
+
+    kinds = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS}
+    for kind in [args.kind] if args.kind else kinds:
+        print(f"{kind}: {', '.join(kinds[kind].names(args.pattern))}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_trial_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with trial fields (data/attack/model/train/"
+                   "defense/eval/seed); flags below override it")
+    p.add_argument("--dataset", help="digits (default, embedded), synthetic, cifar10, gtsrb, "
+                   "tiny-imagenet")
+    p.add_argument("--data-dir", help="local folder of a real dataset (never downloaded)")
+    p.add_argument("--attack", help="attack name (see `d3tune list attacks`)")
+    p.add_argument("--defense", help="defense name (see `d3tune list defenses`)")
+    p.add_argument("--arch", help="architecture (default: the dataset's)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--clean-ratio", type=float, help="fraction of training data the defender has")
+    p.add_argument("--epochs", type=int, help="defense epochs")
+    p.add_argument("--lr", type=float, help="defense learning rate")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any trial field, e.g. --set defense.eps=0.2 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d3tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="one trial: poison, train, defend, evaluate, log to MLflow")
+    _add_trial_flags(run)
+    run.add_argument("--out", default="d3tune_results/runs",
+                     help="folder for result.json and the defended weights")
+    run.add_argument("--cache-dir", help="backdoored-model cache (default: $D3TUNE_CACHE_DIR "
+                     "or ~/.cache/d3tune/models)")
+    run.add_argument("--no-cache", action="store_true", help="always train the backdoored model")
+    run.add_argument("--experiment", default="d3tune", help="MLflow experiment name")
+    run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="registered attacks, defenses, models, datasets")
+    lst.add_argument("kind", nargs="?", choices=["attacks", "defenses", "models", "datasets"])
+    lst.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit*'")
+    lst.set_defaults(func=cmd_list)
+
+    from d3tune import cli_sweeps
+
+    cli_sweeps.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 with one usage line on bad flags
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        if args.debug:
+            raise
+        print(f"d3tune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("d3tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""``d3tune run``: one trial with a progress bar, a summary table, local results and MLflow.
+
+Results are written to a local folder first (result.json and the defended weights as
+safetensors), then logged to MLflow; if the tracking store fails the run still completes and
+says where its results are, so nothing is lost to a tracking outage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from d3tune import tracking
+from d3tune.cache import ModelCache
+from d3tune.config import TrialConfig, flatten, to_dict
+from d3tune.data import DATASETS
+from d3tune.errors import UsageError
+from d3tune.trial import TrialResult, run_trial
+
+log = logging.getLogger(__name__)
+
+
+def check_paths(cfg: TrialConfig) -> None:
+    """Fail on a missing data folder before anything is trained."""
+    if DATASETS[cfg.data.name].needs_data_dir:
+        if not cfg.data.data_dir:
+            raise UsageError(f"data.data_dir: dataset {cfg.data.name!r} needs --data-dir")
+        if not Path(cfg.data.data_dir).expanduser().is_dir():
+            raise UsageError(f"data.data_dir: {cfg.data.data_dir!r} is not a directory")
+
+
+class MlflowRun:
+    """A single MLflow run that degrades to a warning (once) if the store misbehaves."""
+
+    def __init__(self, experiment: str, run_name: str, params: dict[str, Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking.tracking_uri()
+        self.client = MlflowClient(self.uri)
+        self.exp_id = tracking.experiment_id(self.client, experiment, self.uri)
+        self.run_id = self.client.create_run(self.exp_id, run_name=run_name,
+                                             tags={"d3tune.kind": "run"}).info.run_id
+        self.ok = True
+        self.call(lambda: self.client.log_batch(self.run_id, params=[
+            _param(k, v) for k, v in tracking.params_for_mlflow(params).items()]))
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        if not self.ok:
+            return
+        try:
+            fn()
+        except Exception as exc:  # the store is a side channel: never lose the trial to it
+            self.ok = False
+            log.warning("MLflow logging failed (%s); results stay in the local folder", exc)
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, value)
+
+
+def summary_table(cfg: TrialConfig, result: TrialResult) -> Table:
+    m = result.metrics
+    t = Table(title=f"{cfg.attack.name} on {cfg.data.name} ({cfg.model.arch}), defense "
+              f"{cfg.defense.name}, seed {cfg.seed}")
+    for col in ("", "ACC", "ASR", "RA"):
+        t.add_column(col, justify="right")
+    t.add_row("backdoored", *(f"{m[f'{k}_before']:.4f}" for k in ("acc", "asr", "ra")))
+    t.add_row(f"after {cfg.defense.name}", *(f"{m[f'{k}_after']:.4f}" for k in ("acc", "asr", "ra")))
+    t.caption = f"DER {m['der']:.4f}   " + "   ".join(
+        f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    return t
+
+
+def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
+                experiment: str, use_mlflow: bool) -> int:
+    from safetensors.torch import save_file
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_name = f"{cfg.data.name}-{cfg.attack.name}-{cfg.defense.name}-s{cfg.seed}-{stamp}"
+    out = Path(out_dir) / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    params = flatten(to_dict(cfg))
+    mlrun = MlflowRun(experiment, run_name, params) if use_mlflow else None
+    console = Console(stderr=True)
+    cache = ModelCache(cache_dir) if use_cache else None
+    total_start = time.perf_counter()
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                  transient=False) as bar:
+        attack_task = bar.add_task("backdoored model", total=cfg.train.epochs, info="")
+        defense_task = bar.add_task(f"defense {cfg.defense.name}", total=cfg.defense.epochs,
+                                    info="")
+
+        def on_attack_epoch(epoch: int, logs: dict[str, float]) -> None:
+            bar.update(attack_task, completed=epoch, info=f"loss {logs.get('loss', 0):.3f}")
+
+        def report(row: dict[str, Any]) -> None:
+            bar.update(attack_task, completed=cfg.train.epochs)
+            bar.update(defense_task, completed=row["epoch"],
+                       info=f"ACC {row['acc']:.3f} ASR {row['asr']:.3f}")
+            if mlrun is not None:
+                mlrun.call(lambda: mlrun.client.log_batch(
+                    mlrun.run_id, metrics=tracking.metric_batch([row], timestamp_ms=_now_ms())))
+
+        try:
+            result = run_trial(cfg, report=report, cache=cache, on_attack_epoch=on_attack_epoch)
+        except BaseException:
+            if mlrun is not None:
+                mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FAILED"))
+            raise
+        bar.update(attack_task, completed=cfg.train.epochs)
+    total = time.perf_counter() - total_start
+
+    weights = out / "defended.safetensors"
+    save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
+              str(weights))
+    record = {"config": to_dict(cfg), "metrics": result.metrics, "history": result.history,
+              "seconds": {**result.seconds, "total": total}, "cache_key": result.cache_key,
+              "cache_hit": result.cache_hit}
+    (out / "result.json").write_text(json.dumps(record, indent=1))
+
+    if mlrun is not None:
+        from mlflow.entities import Metric
+
+        final = [Metric(k, float(v), _now_ms(), 0) for k, v in result.metrics.items()]
+        final += [Metric(f"seconds_{k}", float(v), _now_ms(), 0)
+                  for k, v in record["seconds"].items()]
+        mlrun.call(lambda: mlrun.client.log_batch(mlrun.run_id, metrics=final, tags=[
+            _tag("d3tune.cache_key", result.cache_key),
+            _tag("d3tune.cache_hit", str(result.cache_hit))]))
+        mlrun.call(lambda: mlrun.client.log_artifact(mlrun.run_id, str(weights)))
+        mlrun.call(lambda: mlrun.client.log_artifact(mlrun.run_id, str(out / "result.json")))
+        mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FINISHED"))
+
+    print_console = Console()
+    print_console.print(summary_table(cfg, result))
+    print_console.print(f"total {total:.1f}s; results in {out}")
+    if mlrun is not None and mlrun.ok:
+        print_console.print(f"MLflow run {mlrun.run_id} in experiment {experiment!r}")
+        print_console.print(tracking.ui_hint(mlrun.uri, mlrun.exp_id), soft_wrap=True)
+    return 0
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_digits():
+    """A small slice of the default dataset, so trial-level tests run in seconds."""
+    from d3tune.data import Dataset, load_dataset
+
+    d = load_dataset("digits")
+    return Dataset(d.name, d.x_train[:400], d.y_train[:400], d.x_test[:150], d.y_test[:150],
+                   d.num_classes, d.mean, d.std, d.hflip)

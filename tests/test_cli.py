@@ -1,0 +1,79 @@
+"""The command line: the default run end to end, and bad input as one line with exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from d3tune.cli import main
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["D3TUNE_CACHE_DIR"] = str(tmp_path / "cache")
+    return env
+
+
+def _metrics(db: Path) -> dict[str, float]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select key, value from latest_metrics").fetchall()
+        steps = con.execute("select count(*) from metrics where key = 'asr'").fetchone()[0]
+    return {**dict(rows), "_asr_steps": steps}
+
+
+def test_default_run_end_to_end_logs_to_sqlite_mlflow(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "d3tune", "run", "--attack", "badnets",
+                           "--defense", "d3"], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    m = _metrics(tmp_path / "mlflow.db")
+    for key in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der"):
+        assert key in m
+    assert m["asr_before"] >= 0.9 and m["asr_after"] <= 0.2
+    assert m["acc_before"] - m["acc_after"] <= 0.08
+    assert m["_asr_steps"] == 40  # one per defense epoch
+    result = next((tmp_path / "d3tune_results" / "runs").glob("*/result.json"))
+    assert json.loads(result.read_text())["metrics"]["asr_after"] == pytest.approx(m["asr_after"])
+    artifacts = list((tmp_path / "mlartifacts").rglob("defended.safetensors"))
+    assert len(artifacts) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "--attack", "badnet"], "badnet"),
+    (["run", "--arch", "resnet9000"], "resnet9000"),
+    (["run", "--dataset", "mnist"], "mnist"),
+    (["run", "--clean-ratio", "1.5"], "data.clean_ratio"),
+    (["run", "--set", "attack.ratio=-0.1"], "attack.ratio"),
+    (["run", "--set", "defense.lr=0"], "defense.lr"),
+    (["run", "--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["run", "--dataset", "gtsrb"], "data-dir"),
+    (["run", "--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["run", "--set", "defense.epz=1"], "defense.epz"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "d3tune", "run", "--attack", "badnet"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "did you mean 'badnets'" in proc.stderr
+
+
+def test_list_names_registries(capsys):
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    assert "badnets" in out and "blended" in out
