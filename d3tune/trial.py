@@ -153,7 +153,8 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
         now = evaluate(model, sets if epoch == last else epoch_sets)
         lap("evaluate")
         row = {"epoch": epoch, **now,
-               "der": der(before["acc"], before["asr"], now["acc"], now["asr"]), **logs}
+               "der": der(before["acc"], before["asr"], now["acc"], now["asr"]), **logs,
+               **{f"{k}_before": v for k, v in before.items()}}
         history.append(row)
         if report is not None and report(row) and epoch != last:
             stopped = True

@@ -273,4 +273,5 @@ def seed_from(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
-from d3tune.attacks import badnets, blended  # noqa: E402,F401  (importing registers)
+from d3tune.attacks import (  # noqa: E402,F401  (importing registers)
+    badnets, blended, bpp, input_aware, lc, lf, sig, trojan, wanet)

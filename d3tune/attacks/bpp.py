@@ -36,26 +36,36 @@ def quantise(v: torch.Tensor, levels: int) -> torch.Tensor:
     return (v / step).round().clamp(0, levels - 1) * step
 
 
-def floyd_steinberg(x: torch.Tensor, levels: int) -> torch.Tensor:
-    """Floyd-Steinberg dithering of a float (N, C, H, W) batch on 0..255, wavefront-parallel."""
-    n, c, h, w = x.shape
-    img = x.permute(2, 3, 0, 1).reshape(h, w, n * c).clone()  # a pixel's batch is one row
-    rows = torch.arange(h, device=img.device)
+def _wavefronts(h: int, w: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Per anti-diagonal step t: the flat indices of its pixels and, for each of the four error
+    shares (below-left, below, below-right, right), which of them have that neighbour and where."""
+    steps = []
+    rows = torch.arange(h)
     for t in range(w + 2 * (h - 1)):
         i = rows[(t - 2 * rows >= 0) & (t - 2 * rows < w)]
         j = t - 2 * i
-        old = img[i, j]
+        shares = []
+        for di, dj in ((1, -1), (1, 0), (1, 1), (0, 1)):
+            ok = (i + di < h) & (j + dj >= 0) & (j + dj < w)
+            shares += [ok.nonzero().flatten(), (i[ok] + di) * w + j[ok] + dj]
+        steps.append(tuple(v.to(device) for v in (i * w + j, *shares)))
+    return steps
+
+
+def floyd_steinberg(x: torch.Tensor, levels: int) -> torch.Tensor:
+    """Floyd-Steinberg dithering of a float (N, C, H, W) batch on 0..255, wavefront-parallel."""
+    n, c, h, w = x.shape
+    img = x.permute(2, 3, 0, 1).reshape(h * w, n * c).clone()  # one row per pixel position
+    for at, *shares in _wavefronts(h, w, x.device):
+        old = img.index_select(0, at)
         new = quantise(old, levels)
-        img[i, j] = new
+        img.index_copy_(0, at, new)
         err = old - new
-        down = i + 1 < h
         # Order matters for bit-exactness: (i, j) gets the below-left share of (i-1, j+1) before
-        # the right share of (i, j-1), as in the raster loop. Within one statement all targets
-        # are distinct, so plain indexed += is exact.
-        for di, dj, weight in ((1, -1, 3 / 16), (1, 0, 5 / 16), (1, 1, 1 / 16), (0, 1, 7 / 16)):
-            ok = (down if di else torch.ones_like(down)) & (j + dj >= 0) & (j + dj < w)
-            if ok.any():
-                img[i[ok] + di, j[ok] + dj] += err[ok] * weight
+        # the right share of (i, j-1), as in the raster loop; the list order ensures it.
+        for (src, dst), weight in zip(zip(shares[::2], shares[1::2]), (3 / 16, 5 / 16, 1 / 16, 7 / 16)):
+            if len(src):
+                img.index_add_(0, dst, err.index_select(0, src) * weight)
     return img.reshape(h, w, n, c).permute(2, 3, 0, 1)
 
 

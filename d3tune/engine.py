@@ -1,0 +1,178 @@
+"""Ray Tune engine: a RunPlan (sweep or ablation) -> a Tuner -> results, resumable.
+
+Sweeps use OptunaSearch (seeded TPE; several objectives through lists of metrics and modes)
+behind a ConcurrencyLimiter, with its study persisted in SQLite next to Tune's experiment state,
+and ASHA on one scalar (DER by default) even when the search is multi-objective. Ablations are a
+grid of cells. Either way every trial is ``trial.run_trial`` reporting each defense epoch, and
+MLflow logging happens on the driver (``tracking_tune.MlflowSweepCallback``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from d3tune.config import flatten, resolve, trial_config, unflatten
+from d3tune.errors import UsageError
+from d3tune.spec import RunPlan
+
+log = logging.getLogger(__name__)
+
+OPTUNA_DB = "optuna.db"
+
+
+def experiment_dir(plan: RunPlan) -> Path:
+    return Path(plan.storage).expanduser().resolve() / plan.name
+
+
+def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Tune's config -> flat dotted trial overrides (grid cells arrive under 'cell')."""
+    out = {k: v for k, v in config.items() if k != "cell"}
+    out.update(config.get("cell") or {})
+    return out
+
+
+def trial_from_tune(base: dict[str, Any], config: dict[str, Any]):
+    return resolve(trial_config(unflatten({**flatten(base), **trial_overrides(config)})))
+
+
+def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None,
+                   threads: int) -> None:
+    """The function Tune runs per trial (on any node). Reports every evaluated defense epoch."""
+    import ray
+    import torch
+    from ray import tune
+
+    from d3tune.cache import ModelCache
+    from d3tune.trial import run_trial
+
+    torch.set_num_threads(max(1, threads))
+    cfg = trial_from_tune(base, config)
+    node = ray.get_runtime_context().get_node_id()
+    cache = ModelCache(cache_dir)
+
+    def report(row: dict[str, Any]) -> bool:
+        tune.report({**row, "node_id": node, "cache_builds": cache.builds})
+        return False  # ASHA stops a trial by ending its actor, not through this flag
+
+    run_trial(cfg, report=report, cache=cache)
+
+
+def max_epochs(plan: RunPlan) -> int:
+    """ASHA's max_t: the largest number of defense epochs any trial can run."""
+    best = resolve(trial_config(plan.base)).defense.epochs
+    for d in plan.space:
+        if d.path == "defense.epochs":
+            best = max(best, *[int(v) for v in d.extremes()])
+    for cell in plan.cells:
+        best = max(best, trial_from_tune(plan.base, {"cell": cell}).defense.epochs)
+    return int(best)
+
+
+def _check_address(address: str) -> None:
+    """Fail in a second, with one line, when --address points at nothing."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address: expected auto or HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answered ({exc.strerror or exc})") \
+            from None
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to (address) or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        _check_address(address)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # clusters keep token auth on (VERIFIED.md)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UsageError(f"--address {address}: could not join the Ray cluster "
+                             f"({str(exc).splitlines()[0]})") from None
+    else:
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    return True
+
+
+def make_searcher(plan: RunPlan, exp_dir: Path):
+    from ray.tune.search import ConcurrencyLimiter
+
+    if plan.kind == "ablation":
+        return None
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
+    metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
+    mode = list(plan.mode) if plan.multi_objective else plan.mode[0]
+    sampler = optuna.samplers.TPESampler(seed=plan.search_seed)  # TPE handles both cases
+    searcher = OptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
+                            study_name=plan.name)
+    return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
+
+
+def make_scheduler(plan: RunPlan):
+    if plan.scheduler.name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=plan.scheduler.metric,
+                         mode=plan.scheduler.mode, max_t=max_epochs(plan),
+                         grace_period=plan.scheduler.grace_period,
+                         reduction_factor=plan.scheduler.reduction_factor)
+
+
+def param_space(plan: RunPlan) -> dict[str, Any]:
+    from ray import tune
+
+    if plan.kind == "ablation":
+        return {"cell": tune.grid_search(list(plan.cells))}
+    return {d.path: d.tune_domain() for d in plan.space}
+
+
+def trainable_for(plan: RunPlan):
+    from ray import tune
+
+    threads = max(1, int(plan.resources.cpu))
+    fn = tune.with_parameters(tune_trainable, base=plan.base, cache_dir=plan.cache_dir,
+                              threads=threads)
+    return tune.with_resources(fn, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
+
+
+def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
+    from ray import tune
+
+    exp_dir = experiment_dir(plan)
+    trainable = trainable_for(plan)
+    if resume:
+        if not tune.Tuner.can_restore(str(exp_dir)):
+            raise UsageError(f"--resume: no interrupted run at {exp_dir} (spec name {plan.name!r})")
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True, param_space=param_space(plan))
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise UsageError(f"{exp_dir} already holds a run named {plan.name!r}: pass --resume to "
+                         "continue it, or change the spec's name/storage")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    searcher = make_searcher(plan, exp_dir)
+    tune_config = tune.TuneConfig(
+        search_alg=searcher, scheduler=make_scheduler(plan),
+        num_samples=plan.num_samples if plan.kind == "sweep" else 1,
+        max_concurrent_trials=plan.max_concurrent if searcher is None else None,
+        trial_name_creator=lambda t: f"{plan.name}_{t.trial_id}",
+        trial_dirname_creator=lambda t: t.trial_id)
+    run_config = tune.RunConfig(
+        name=plan.name, storage_path=str(exp_dir.parent), callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1)
+    return tune.Tuner(trainable, param_space=param_space(plan), tune_config=tune_config,
+                      run_config=run_config)

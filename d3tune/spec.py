@@ -1,0 +1,265 @@
+"""Sweep and ablation specs: YAML -> frozen dataclasses, validated before Ray starts.
+
+A sweep searches trial fields with Optuna (TPE, one or several objectives) under ASHA; an
+ablation is a grid: axes of trial fields crossed with attacks, datasets, architectures and
+seeds, every cell one Tune trial. Both compile to the same engine run (``RunPlan``).
+Every space path and every grid value is checked by building the trial config it would
+produce, so a typo or an out-of-range bound fails at load time naming the spec field.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from d3tune.config import build, flatten, trial_config, unflatten
+from d3tune.errors import UsageError, did_you_mean
+from d3tune.yamlio import load_yaml
+
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
+REPORTED_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
+
+
+@dataclass(frozen=True)
+class Dist:
+    path: str  # dotted trial field, e.g. defense.lr
+    kind: str
+    args: tuple[Any, ...]
+
+    def tune_domain(self):
+        from ray import tune
+
+        if self.kind == "uniform":
+            return tune.uniform(*self.args)
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.args)
+        if self.kind == "int":
+            return tune.randint(self.args[0], self.args[1] + 1)  # inclusive upper bound
+        if self.kind == "logint":
+            return tune.lograndint(self.args[0], self.args[1] + 1)
+        return tune.choice(list(self.args))
+
+    def extremes(self) -> list[Any]:
+        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str = field(default="asha", metadata={"choices": ("asha", "none")})
+    grace_period: int = field(default=5, metadata={"ge": 1})
+    reduction_factor: float = field(default=2.0, metadata={"gt": 1.0})
+    metric: str = field(default="der", metadata={"choices": REPORTED_METRICS})
+    mode: str = field(default="max", metadata={"choices": ("max", "min")})
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    cpu: float = field(default=1.0, metadata={"gt": 0.0})
+    gpu: float = field(default=0.0, metadata={"ge": 0.0})  # fractions pack several trials/GPU
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the engine needs, for sweeps and ablations alike."""
+
+    kind: str  # "sweep" | "ablation"
+    name: str
+    source: str  # the spec's path (logged as an artifact)
+    base: dict[str, Any]  # nested trial dict (validated)
+    space: tuple[Dist, ...] = ()
+    cells: tuple[dict[str, Any], ...] = ()  # ablation: one flat override dict per cell
+    metric: tuple[str, ...] = ("der",)
+    mode: tuple[str, ...] = ("max",)
+    num_samples: int = 1
+    search_seed: int = 0
+    scheduler: SchedulerSpec = SchedulerSpec()
+    resources: ResourceSpec = ResourceSpec()
+    max_concurrent: int = 2
+    max_failures: int = 1
+    storage: str = "d3tune_results/sweeps"
+    experiment: str = "d3tune"
+    cache_dir: str | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metric) > 1
+
+
+_COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "storage",
+           "experiment", "cache_dir", "metric", "mode"}
+SWEEP_KEYS = _COMMON | {"space", "num_samples", "seeds", "search_seed", "scheduler"}
+ABLATION_KEYS = _COMMON | {"axes", "attacks", "datasets", "archs", "seeds", "scheduler"}
+
+
+def _expect(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise UsageError(f"{where}: {what}")
+
+
+def _int(value: Any, where: str, low: int) -> int:
+    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= low, where,
+            f"expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_override(base: dict[str, Any], overrides: Mapping[str, Any], where: str) -> None:
+    """Build the trial config these overrides would give; errors name the spec field."""
+    merged = unflatten({**flatten(base), **overrides})
+    try:
+        trial_config(merged)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _parse_dist(path: str, raw: Any, where: str) -> Dist:
+    _expect(isinstance(raw, Mapping) and len(raw) == 1, where,
+            f"expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
+    (kind, args), = raw.items()
+    _expect(kind in DISTRIBUTIONS, where, f"unknown distribution {kind!r}"
+            f"{did_you_mean(str(kind), DISTRIBUTIONS)}; use one of {', '.join(DISTRIBUTIONS)}")
+    _expect(isinstance(args, list) and len(args) >= (1 if kind == "choice" else 2), where,
+            f"{kind} expects a list " + ("of values" if kind == "choice" else "[low, high]"))
+    if kind != "choice":
+        _expect(len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                       and math.isfinite(a) for a in args), where,
+                f"{kind} expects [low, high] numbers, got {args!r}")
+        _expect(args[0] < args[1], where, f"low must be < high, got {args!r}")
+        if kind in ("loguniform", "logint"):
+            _expect(args[0] > 0, where, f"{kind} needs low > 0, got {args[0]!r}")
+        if kind in ("int", "logint"):
+            _expect(all(float(a).is_integer() for a in args), where,
+                    f"{kind} expects integer bounds, got {args!r}")
+            args = [int(a) for a in args]
+    return Dist(path, kind, tuple(args))
+
+
+def _objectives(data: Mapping[str, Any], source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    metric, mode = data.get("metric", "der"), data.get("mode", "max")
+    metrics = tuple(metric) if isinstance(metric, list) else (metric,)
+    modes = tuple(mode) if isinstance(mode, list) else (mode,)
+    _expect(len(metrics) == len(modes) and len(metrics) >= 1, f"{source}: metric/mode",
+            f"need as many modes as metrics, got {list(metrics)} and {list(modes)}")
+    for m in metrics:
+        _expect(m in REPORTED_METRICS, f"{source}: metric", f"{m!r} is not reported by trials"
+                f"{did_you_mean(str(m), REPORTED_METRICS)}; trials report "
+                f"{', '.join(REPORTED_METRICS)}")
+    for m in modes:
+        _expect(m in ("max", "min"), f"{source}: mode", f"expected max or min, got {m!r}")
+    return metrics, modes
+
+
+def _common(data: Mapping[str, Any], source: str, allowed: set[str]) -> dict[str, Any]:
+    _expect(isinstance(data, Mapping), source,
+            f"expected a mapping at the top of the spec, got {type(data).__name__}")
+    for key in data:
+        _expect(key in allowed, f"{source}: {key}",
+                f"unknown field{did_you_mean(str(key), allowed)}; known: {', '.join(sorted(allowed))}")
+    base = data.get("base") or {}
+    _expect(isinstance(base, Mapping), f"{source}: base", "expected a mapping of trial fields")
+    try:
+        trial_config(base)
+    except UsageError as exc:
+        raise UsageError(f"{source}: base.{exc}") from None
+    metric, mode = _objectives(data, source)
+    name = data.get("name", Path(source).stem)
+    _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
+            f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
+    for key in ("storage", "experiment", "cache_dir"):
+        _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
+                f"expected a string, got {data.get(key)!r}")
+    res = build(ResourceSpec, data.get("resources"), f"{source}: resources")
+    _expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
+            f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
+    return dict(
+        name=name, source=source, base=dict(base), metric=metric, mode=mode, resources=res,
+        max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
+        max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),
+        storage=data.get("storage") or RunPlan.storage,
+        experiment=data.get("experiment") or RunPlan.experiment,
+        cache_dir=data.get("cache_dir"),
+        scheduler=build(SchedulerSpec, data.get("scheduler"), f"{source}: scheduler"),
+    )
+
+
+def _seeds(data: Mapping[str, Any], where: str) -> list[int]:
+    seeds = data.get("seeds", [0])
+    _expect(isinstance(seeds, list) and seeds, where, f"expected a non-empty list, got {seeds!r}")
+    return [_int(s, where, 0) for s in seeds]
+
+
+def sweep_plan(data: Any, source: str, num_samples: int | None = None) -> RunPlan:
+    common = _common(data, source, SWEEP_KEYS)
+    space_raw = data.get("space") or {}
+    _expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
+            "expected a mapping of trial fields to distributions")
+    space = []
+    for path, raw in flatten_space(space_raw).items():
+        dist = _parse_dist(path, raw, f"{source}: space.{path}")
+        for value in dist.extremes():
+            _check_override(common["base"], {path: value}, f"{source}: space.{path}")
+        space.append(dist)
+    seeds = _seeds(data, f"{source}: seeds")
+    if len(seeds) > 1:  # Optuna then sees the seed as a parameter (importance shows its weight)
+        space.append(Dist("seed", "choice", tuple(seeds)))
+    else:
+        common["base"] = unflatten({**flatten(common["base"]), "seed": seeds[0]})
+    n = num_samples if num_samples is not None else data.get("num_samples", 8)
+    return RunPlan(kind="sweep", space=tuple(space), num_samples=_int(n, f"{source}: num_samples", 1),
+                   search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
+                   **common)
+
+
+def flatten_space(space: Mapping[str, Any]) -> dict[str, Any]:
+    """Allow both `defense.lr: {...}` and nested `defense: {lr: {...}}` spellings."""
+    out: dict[str, Any] = {}
+    for key, value in space.items():
+        if isinstance(value, Mapping) and not (len(value) == 1 and next(iter(value)) in DISTRIBUTIONS):
+            out.update({f"{key}.{k}": v for k, v in flatten_space(value).items()})
+        else:
+            out[str(key)] = value
+    return out
+
+
+def ablation_plan(data: Any, source: str) -> RunPlan:
+    common = _common(data, source, ABLATION_KEYS)
+    axes_raw = data.get("axes") or {}
+    _expect(isinstance(axes_raw, Mapping), f"{source}: axes", "expected a mapping field -> values")
+    axes: list[list[dict[str, Any]]] = []
+    for path, values in axes_raw.items():
+        where = f"{source}: axes.{path}"
+        _expect(isinstance(values, list) and values, where, f"expected a non-empty list, got {values!r}")
+        if path == "zip":  # values are dicts of fields that move together (e.g. arch + layer)
+            _expect(all(isinstance(v, Mapping) and v for v in values), where,
+                    "zip expects a list of mappings")
+            axes.append([dict(flatten(v)) for v in values])
+        else:
+            axes.append([{str(path): v} for v in values])
+    for key, path in (("attacks", "attack.name"), ("datasets", "data.name"), ("archs", "model.arch")):
+        if key in data:
+            values = data[key]
+            _expect(isinstance(values, list) and values, f"{source}: {key}",
+                    f"expected a non-empty list, got {values!r}")
+            axes.append([{path: v} for v in values])
+    axes.append([{"seed": s} for s in _seeds(data, f"{source}: seeds")])
+    cells = []
+    for combo in itertools.product(*axes):
+        cell: dict[str, Any] = {}
+        for part in combo:
+            cell.update(part)
+        cells.append(cell)
+    checked: set[str] = set()
+    for cell in cells:  # validate each distinct cell once (cheap: no data is loaded)
+        sig = repr(sorted(cell.items(), key=lambda kv: kv[0]))
+        if sig not in checked:
+            checked.add(sig)
+            _check_override(common["base"], cell, f"{source}: axes")
+    return RunPlan(kind="ablation", cells=tuple(cells), num_samples=1, **common)
+
+
+def load_plan(path: str | Path, kind: str, num_samples: int | None = None) -> RunPlan:
+    data = load_yaml(path)
+    _expect(data is not None, str(path), "empty spec")
+    return sweep_plan(data, str(path), num_samples) if kind == "sweep" else ablation_plan(data, str(path))

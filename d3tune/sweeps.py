@@ -1,0 +1,160 @@
+"""``d3tune sweep`` and ``d3tune ablate``: run a plan on Ray, then summarise it.
+
+The summary (every trial's final row, the best trials or the Pareto front, Optuna's importance
+and parallel-coordinate plots) is printed and logged to the sweep's parent MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from d3tune import engine, tracking
+from d3tune.spec import RunPlan
+from d3tune.tracking_tune import MlflowSweepCallback
+
+log = logging.getLogger(__name__)
+
+SUMMARY_COLUMNS = ("acc", "asr", "ra", "der", "epoch", "acc_before", "asr_before")
+
+
+def pareto_front(df: pd.DataFrame, metrics: tuple[str, ...], modes: tuple[str, ...]) -> pd.DataFrame:
+    """Rows no other row dominates (at least as good in every objective, better in one)."""
+    signs = [1 if m == "max" else -1 for m in modes]
+    values = df[list(metrics)].to_numpy(dtype=float) * signs
+    keep = []
+    for i, row in enumerate(values):
+        dominated = ((values >= row).all(axis=1) & (values > row).any(axis=1)).any()
+        keep.append(not dominated)
+    return df[keep]
+
+
+def results_frame(results: Any) -> pd.DataFrame:
+    """One row per trial: its overrides and its last reported metrics."""
+    rows = []
+    for r in results:
+        if r.metrics is None or "acc" not in r.metrics:
+            continue
+        overrides = engine.trial_overrides(r.config or {})
+        rows.append({"trial_id": r.metrics.get("trial_id"), **overrides,
+                     **{k: r.metrics.get(k) for k in SUMMARY_COLUMNS},
+                     "node_id": r.metrics.get("node_id"), "error": bool(r.error)})
+    return pd.DataFrame(rows)
+
+
+def best_rows(plan: RunPlan, df: pd.DataFrame, top: int = 5) -> pd.DataFrame:
+    if df.empty:
+        return df
+    if plan.multi_objective:
+        return pareto_front(df, plan.metric, plan.mode).sort_values(plan.metric[0],
+                                                                    ascending=plan.mode[0] == "min")
+    return df.sort_values(plan.metric[0], ascending=plan.mode[0] == "min").head(top)
+
+
+def _table(title: str, df: pd.DataFrame) -> Table:
+    t = Table(title=title)
+    for col in df.columns:
+        t.add_column(str(col), justify="right")
+    for _, row in df.iterrows():
+        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    return t
+
+
+def optuna_plots(plan: RunPlan, exp_dir: Path, out: Path) -> list[Path]:
+    """Hyperparameter importance and parallel coordinates from the persisted study."""
+    if plan.kind != "sweep":
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    study = optuna.load_study(study_name=plan.name,
+                              storage=f"sqlite:///{exp_dir / engine.OPTUNA_DB}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    paths = []
+    target = (lambda t: t.values[0]) if plan.multi_objective else None
+    name = plan.metric[0]
+    for fname, plot in (("importance.png", ovm.plot_param_importances),
+                        ("parallel_coordinates.png", ovm.plot_parallel_coordinate)):
+        if len(done) < 2:
+            break
+        try:
+            plot(study, target=target, target_name=name)
+            plt.gcf().set_size_inches(9, 5)
+            plt.tight_layout()
+            plt.savefig(out / fname, dpi=110)
+            paths.append(out / fname)
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. one distinct value
+            log.warning("could not draw %s: %s", fname, exc)
+        finally:
+            plt.close("all")
+    return paths
+
+
+def finish_parent(cb: MlflowSweepCallback, plan: RunPlan, df: pd.DataFrame,
+                  best: pd.DataFrame, plots: list[Path], out: Path) -> None:
+    if cb.client is None or cb.parent_id is None:
+        return
+    from mlflow.entities import Metric
+
+    df.to_csv(out / "trials.csv", index=False)
+    best.to_csv(out / ("pareto_front.csv" if plan.multi_objective else "best_trials.csv"),
+                index=False)
+    if not best.empty:
+        top = best.iloc[0].to_dict()
+        (out / "best_config.json").write_text(json.dumps(
+            {k: v for k, v in top.items() if k not in SUMMARY_COLUMNS}, indent=1, default=str))
+        cb._call("parent metrics", lambda: cb.client.log_batch(cb.parent_id, metrics=[
+            Metric(f"best_{m}", float(top[m]), 0, 0) for m in plan.metric]))
+    for path in sorted(out.iterdir()):
+        cb._call("parent artifact", lambda p=path: cb.client.log_artifact(cb.parent_id, str(p)))
+    status = "FINISHED" if not df.empty and not df["error"].any() else "FAILED"
+    cb._call("parent status", lambda: cb.client.set_terminated(cb.parent_id, status))
+
+
+def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
+             console: Console | None = None) -> pd.DataFrame:
+    import ray
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    exp_dir = engine.experiment_dir(plan)
+
+    started = engine.init_ray(address)
+    try:
+        tuner = engine.build_tuner(plan, resume=resume,
+                                   callbacks=[MlflowSweepCallback(plan, exp_dir)])
+        results = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    callback = MlflowSweepCallback(plan, exp_dir)  # Tune ran its own (possibly restored) copy
+    callback.setup()
+    df = results_frame(results)
+    best = best_rows(plan, df)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        plots = optuna_plots(plan, exp_dir, out) if not df.empty else []
+        finish_parent(callback, plan, df, best, plots, out)
+    title = ("Pareto front (" + " vs ".join(f"{m} {d}" for m, d in zip(plan.metric, plan.mode))
+             + ")") if plan.multi_objective else f"best trials by {plan.metric[0]} ({plan.mode[0]})"
+    shown = [c for c in best.columns if c not in ("node_id", "error", "acc_before", "asr_before")]
+    console.print(_table(f"{plan.name}: {len(df)} trials; {title}", best[shown]))
+    if callback.client is not None and callback.parent_id:
+        console.print(f"MLflow parent run {callback.parent_id} ({len(callback.state['children'])} "
+                      f"child runs) in experiment {plan.experiment!r}")
+        console.print(tracking.ui_hint(callback.uri, callback.exp_id), soft_wrap=True)
+    console.print(f"Tune results: {exp_dir}")
+    return df

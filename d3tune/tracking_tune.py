@@ -1,0 +1,172 @@
+"""MLflow for sweeps: one parent run per sweep, one child run per trial, logged from the driver.
+
+Why a callback of our own: Ray's MLflow integration logs flat runs from the workers; users ask
+for nested runs, and logging on the driver means workers never touch the store (a SQLite file on
+the head node works on a cluster). The parent run id and the trial -> child-run map are kept in
+the experiment folder, so a resumed sweep reuses them: no duplicate runs, no repeated steps.
+A failing store costs a warning, never the sweep: Tune's own storage keeps every result.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from d3tune import tracking
+from d3tune.config import flatten, to_dict
+from d3tune.spec import RunPlan
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "mlflow_state.json"
+EPOCH_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
+FINAL_KEYS = {"acc": "acc_after", "asr": "asr_after", "ra": "ra_after", "der": "der",
+              "acc_before": "acc_before", "asr_before": "asr_before", "ra_before": "ra_before"}
+
+
+def trial_params(plan: RunPlan, config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved trial config as flat MLflow params (what exactly ran)."""
+    from d3tune.engine import trial_from_tune
+
+    return flatten(to_dict(trial_from_tune(plan.base, config)))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self, plan: RunPlan, exp_dir: Path) -> None:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        self.plan = plan
+        self.exp_dir = exp_dir
+        self.state_path = exp_dir / STATE_FILE
+        self.state: dict[str, Any] = {}
+        self.uri = tracking.tracking_uri()
+        self.client = None
+        self.exp_id: str | None = None
+        self.failures = 0
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        os.replace(tmp, self.state_path)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # keep the sweep going; Tune's storage keeps the results
+            self.failures += 1
+            log.warning("MLflow %s failed (%s); results stay in %s", what,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.exp_dir)
+            return None
+
+    def connect(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.uri)
+        self.exp_id = tracking.experiment_id(self.client, self.plan.experiment, self.uri)
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.state.get("parent")
+
+    # -- Tune hooks --------------------------------------------------------------------------
+
+    def load_state(self) -> None:
+        """Read the run map from disk: after a resume this object may be an old unpickled copy."""
+        self.state = {"parent": None, "children": {}, "steps": {}, "done": []}
+        if self.state_path.exists():
+            self.state.update(json.loads(self.state_path.read_text()))
+
+    def setup(self, **info: Any) -> None:
+        self.load_state()
+        if self._call("connect", self.connect) is None and self.client is None:
+            return
+        if self.parent_id is None:
+            run = self._call("parent run", lambda: self.client.create_run(
+                self.exp_id, run_name=self.plan.name,
+                tags={"d3tune.kind": self.plan.kind, "d3tune.spec": self.plan.source}))
+            if run is None:
+                return
+            self.state["parent"] = run.info.run_id
+            self._save()
+            params = {f"base.{k}": v for k, v in flatten(self.plan.base).items()}
+            params.update({"kind": self.plan.kind, "metric": ",".join(self.plan.metric),
+                           "mode": ",".join(self.plan.mode), "num_samples": self.plan.num_samples,
+                           "cells": len(self.plan.cells)})
+            self._log_params(self.parent_id, params)
+            if Path(self.plan.source).is_file():
+                self._call("spec artifact", lambda: self.client.log_artifact(
+                    self.parent_id, self.plan.source, "spec"))
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in tracking.params_for_mlflow(params).items()]
+        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
+            self._call("params", lambda chunk=items[i:i + 90]: self.client.log_batch(
+                run_id, params=chunk))
+
+    def _child(self, trial: Any) -> str | None:
+        tid = trial.trial_id
+        if tid in self.state["children"]:
+            return self.state["children"][tid]
+        if self.client is None or self.parent_id is None:
+            return None
+        run = self._call("child run", lambda: self.client.create_run(
+            self.exp_id, run_name=str(trial),
+            tags={"mlflow.parentRunId": self.parent_id, "d3tune.trial_id": tid}))
+        if run is None:
+            return None
+        self.state["children"][tid] = run.info.run_id
+        self._save()
+        params = self._call("trial config", lambda: trial_params(self.plan, trial.config)) or {}
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._child(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        run_id = self._child(trial)
+        step = int(result.get("epoch", 0))
+        if run_id is None or step <= self.state["steps"].get(trial.trial_id, 0):
+            return  # a retried trial re-reports epochs already logged
+        rows = [{"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}]
+        self._call("metrics", lambda: self.client.log_batch(
+            run_id, metrics=tracking.metric_batch(rows, timestamp_ms=_now_ms())))
+        self.state["steps"][trial.trial_id] = step
+        self._save()
+
+    def _finish(self, trial: Any, status: str) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self._child(trial)
+        if run_id is None or trial.trial_id in self.state["done"]:
+            return
+        last = trial.last_result or {}
+        metrics = [Metric(name, float(last[k]), _now_ms(), 0) for k, name in FINAL_KEYS.items()
+                   if isinstance(last.get(k), (int, float))]
+        tags = [RunTag("d3tune.last_epoch", str(last.get("epoch", ""))),
+                RunTag("d3tune.node_id", str(last.get("node_id", "")))]
+        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics, tags=tags))
+        self._call("status", lambda: self.client.set_terminated(run_id, status))
+        self.state["done"].append(trial.trial_id)
+        self._save()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "FAILED")
