@@ -10,6 +10,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.spec, "sweep", num_samples=args.num_samples)
     plan = _with_overrides(plan, args)
+    check_data_dirs(plan)
     run_plan(plan, resume=args.resume, address=args.address)
     return 0
 
@@ -19,8 +20,63 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from d3tune.sweeps import run_plan
 
     plan = _with_overrides(load_plan(args.spec, "ablation"), args)
+    check_data_dirs(plan)
     run_plan(plan, resume=args.resume, address=args.address)
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from d3tune.report import make_report
+
+    out = make_report(args.run, args.out)
+    print(f"report written to {out / 'report.md'} (also logged to the parent run under report/)")
+    return 0
+
+
+def cmd_defaults(args: argparse.Namespace) -> int:
+    from d3tune.report import find_defaults
+
+    res, importance = find_defaults(args.runs, args.max_acc_drop, args.out)
+    b = res.best
+    print(f"robust default ({res.admissible} of {res.considered} settings keep mean ACC drop "
+          f"<= {args.max_acc_drop:.3f}):")
+    print(f"  {b.setting}")
+    print(f"  worst-case DER {b.worst_der:.4f}, mean DER {b.mean_der:.4f}, "
+          f"mean ACC drop {b.mean_acc_drop:.4f}, over {b.n} trials")
+    if res.runner_up is not None:
+        r = res.runner_up
+        print(f"runner-up: {r.setting}")
+        print(f"  worst-case DER {r.worst_der:.4f} (margin {res.margin:+.4f}), "
+              f"mean ACC drop {r.mean_acc_drop:.4f}")
+    for run, imp in importance.items():
+        print(f"Optuna importance ({run}): " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
+    print(f"wrote {args.out}: use it with `d3tune run --config {args.out}` or as a spec's base")
+    return 0
+
+
+def check_data_dirs(plan) -> None:
+    """Every dataset a trial of the plan can use (base, grid cells, `choice` values) has its
+    local folder: a missing data_dir fails here, in one line, before Ray starts."""
+    import itertools
+
+    from d3tune.config import DataConfig, TrialConfig, flatten, unflatten
+    from d3tune.errors import UsageError
+    from d3tune.runner import check_paths
+
+    overrides = list(plan.cells)
+    if plan.kind == "sweep":
+        dists = [d for d in plan.space if d.path in ("data", "data.name", "data.data_dir")]
+        overrides = [{d.path: v for d, v in zip(dists, combo)}
+                     for combo in itertools.product(*(d.extremes() for d in dists))]
+    pairs = set()
+    for cell in overrides or [{}]:
+        data = unflatten({**flatten(plan.base), **cell}).get("data") or {}
+        pairs.add((data.get("name", DataConfig.name), data.get("data_dir")))
+    for name, data_dir in sorted(pairs, key=repr):
+        try:
+            check_paths(TrialConfig(data=DataConfig(name=name, data_dir=data_dir)))
+        except UsageError as exc:
+            raise UsageError(f"{plan.source}: {exc}") from None
 
 
 def _with_overrides(plan, args: argparse.Namespace):
@@ -69,3 +125,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ablate = sub.add_parser("ablate", help="run an ablation grid (axes x attacks x seeds)")
     _shared(ablate)
     ablate.set_defaults(func=cmd_ablate)
+    report = sub.add_parser("report", help="tables and plots of a sweep or ablation from MLflow")
+    report.add_argument("run", help="MLflow parent run id, or an experiment name (latest parent)")
+    report.add_argument("--out", help="output folder (default d3tune_results/reports/NAME)")
+    report.set_defaults(func=cmd_report)
+    defaults = sub.add_parser("defaults", help="robust defaults: best worst-case DER across "
+                              "attacks, datasets, architectures and seeds")
+    defaults.add_argument("runs", nargs="+", help="MLflow parent run ids or experiment names")
+    defaults.add_argument("--max-acc-drop", type=float, default=0.02,
+                          help="largest mean ACC drop allowed (fraction, default 0.02)")
+    defaults.add_argument("--out", default="d3tune_results/robust_defaults.yaml",
+                          help="YAML file of the chosen setting (trial fields)")
+    defaults.set_defaults(func=cmd_defaults)

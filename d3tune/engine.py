@@ -169,6 +169,7 @@ def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
         search_alg=searcher, scheduler=make_scheduler(plan),
         num_samples=plan.num_samples if plan.kind == "sweep" else 1,
         max_concurrent_trials=plan.max_concurrent if searcher is None else None,
+        reuse_actors=True,  # skip a worker start (torch import) per trial
         trial_name_creator=lambda t: f"{plan.name}_{t.trial_id}",
         trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(

@@ -256,6 +256,8 @@ def ablation_plan(data: Any, source: str) -> RunPlan:
         if sig not in checked:
             checked.add(sig)
             _check_override(common["base"], cell, f"{source}: axes")
+    if "scheduler" not in data:  # a grid wants every cell to finish
+        common["scheduler"] = SchedulerSpec(name="none")
     return RunPlan(kind="ablation", cells=tuple(cells), num_samples=1, **common)
 
 

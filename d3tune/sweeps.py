@@ -46,7 +46,8 @@ def results_frame(results: Any) -> pd.DataFrame:
         overrides = engine.trial_overrides(r.config or {})
         rows.append({"trial_id": r.metrics.get("trial_id"), **overrides,
                      **{k: r.metrics.get(k) for k in SUMMARY_COLUMNS},
-                     "node_id": r.metrics.get("node_id"), "error": bool(r.error)})
+                     "node_id": r.metrics.get("node_id"),
+                     "cache_builds": r.metrics.get("cache_builds", 0), "error": bool(r.error)})
     return pd.DataFrame(rows)
 
 
@@ -85,7 +86,9 @@ def optuna_plots(plan: RunPlan, exp_dir: Path, out: Path) -> list[Path]:
                               storage=f"sqlite:///{exp_dir / engine.OPTUNA_DB}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     paths = []
-    target = (lambda t: t.values[0]) if plan.multi_objective else None
+    # The importance evaluator ranks params for *low* target values: negate a maximised one.
+    sign = -1.0 if plan.mode[0] == "max" else 1.0
+    target = (lambda t: sign * t.values[0]) if plan.multi_objective else None
     name = plan.metric[0]
     for fname, plot in (("importance.png", ovm.plot_param_importances),
                         ("parallel_coordinates.png", ovm.plot_parallel_coordinate)):
@@ -150,7 +153,8 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
         finish_parent(callback, plan, df, best, plots, out)
     title = ("Pareto front (" + " vs ".join(f"{m} {d}" for m, d in zip(plan.metric, plan.mode))
              + ")") if plan.multi_objective else f"best trials by {plan.metric[0]} ({plan.mode[0]})"
-    shown = [c for c in best.columns if c not in ("node_id", "error", "acc_before", "asr_before")]
+    shown = [c for c in best.columns
+             if c not in ("node_id", "error", "acc_before", "asr_before", "cache_builds")]
     console.print(_table(f"{plan.name}: {len(df)} trials; {title}", best[shown]))
     if callback.client is not None and callback.parent_id:
         console.print(f"MLflow parent run {callback.parent_id} ({len(callback.state['children'])} "

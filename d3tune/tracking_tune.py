@@ -95,7 +95,7 @@ class MlflowSweepCallback(Callback):
         if self.parent_id is None:
             run = self._call("parent run", lambda: self.client.create_run(
                 self.exp_id, run_name=self.plan.name,
-                tags={"d3tune.kind": self.plan.kind, "d3tune.spec": self.plan.source}))
+                tags=self._parent_tags()))
             if run is None:
                 return
             self.state["parent"] = run.info.run_id
@@ -108,6 +108,16 @@ class MlflowSweepCallback(Callback):
             if Path(self.plan.source).is_file():
                 self._call("spec artifact", lambda: self.client.log_artifact(
                     self.parent_id, self.plan.source, "spec"))
+
+    def _parent_tags(self) -> dict[str, str]:
+        tags = {"d3tune.kind": self.plan.kind, "d3tune.spec": self.plan.source,
+                "d3tune.tune_dir": str(self.exp_dir)}
+        if self.plan.kind == "sweep":
+            from d3tune.engine import OPTUNA_DB
+
+            tags.update({"d3tune.study": self.plan.name,
+                         "d3tune.optuna_storage": f"sqlite:///{self.exp_dir / OPTUNA_DB}"})
+        return tags
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -1,0 +1,228 @@
+"""The Ray Tune engine on a real local Ray: sweeps, MLflow parent/child runs, ASHA, cache reuse."""
+from __future__ import annotations
+
+import sqlite3
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from d3tune.spec import load_plan  # noqa: E402
+from d3tune.sweeps import pareto_front, run_plan  # noqa: E402
+
+TINY_BASE = """
+base:
+  data: {name: digits}
+  attack: {name: badnets}
+  train: {epochs: 3}
+  defense: {name: d3, epochs: 4}
+  eval: {subset: 100}
+"""
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def write_spec(tmp_path: Path, body: str, name: str = "spec") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: {name}
+        storage: {tmp_path / 'tune'}
+        cache_dir: {tmp_path / 'cache'}
+        experiment: test
+        max_concurrent: 2
+        """) + TINY_BASE + textwrap.dedent(body))
+    return p
+
+
+def mlflow_runs(db: Path) -> tuple[list[str], dict[str, str], dict[str, int]]:
+    with sqlite3.connect(db) as con:
+        runs = [r[0] for r in con.execute("select run_uuid from runs")]
+        parents = dict(con.execute("select run_uuid, value from tags where key='mlflow.parentRunId'"))
+        steps = dict(con.execute("select run_uuid, count(distinct step) from metrics "
+                                 "where key='acc' group by run_uuid"))
+    return runs, parents, steps
+
+
+@pytest.fixture
+def mlflow_db(tmp_path, monkeypatch) -> Path:
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    return db
+
+
+def test_four_trial_sweep_logs_one_parent_four_children(local_ray, tmp_path, mlflow_db):
+    spec = write_spec(tmp_path, """
+        space:
+          defense.lr: {loguniform: [0.005, 0.05]}
+          defense.eps: {uniform: [0.0, 0.3]}
+        metric: der
+        mode: max
+        num_samples: 4
+        scheduler: {name: none}
+        """)
+    df = run_plan(load_plan(spec, "sweep"))
+    assert len(df) == 4 and not df["error"].any()
+    runs, parents, steps = mlflow_runs(mlflow_db)
+    assert len(runs) == 5
+    parent_ids = set(parents.values())
+    assert len(parent_ids) == 1 and len(parents) == 4
+    assert all(steps[child] == 4 for child in parents)  # per-epoch metrics, one per epoch
+    # four defense trials on one attack: the backdoored model was trained once
+    assert int(df["cache_builds"].sum()) == 1
+    assert len(list((tmp_path / "cache").rglob("model.safetensors"))) == 1
+    assert (tmp_path / "tune" / "spec" / "optuna.db").exists()
+
+
+def test_multi_objective_sweep_reports_a_pareto_front(local_ray, tmp_path, mlflow_db):
+    spec = write_spec(tmp_path, """
+        space:
+          defense.lr: {loguniform: [0.0005, 0.05]}
+          defense.radius: {uniform: [0.5, 2.0]}
+        metric: [acc, asr]
+        mode: [max, min]
+        num_samples: 4
+        scheduler: {name: asha, grace_period: 2, metric: der, mode: max}
+        """, name="multi")
+    plan = load_plan(spec, "sweep")
+    df = run_plan(plan)
+    assert {"acc", "asr"} <= set(df.columns) and len(df) == 4
+    front = pareto_front(df, plan.metric, plan.mode)
+    assert len(front) >= 1
+    for _, a in front.iterrows():  # nothing in the sweep dominates a front member
+        better = df[(df.acc >= a.acc) & (df.asr <= a.asr) & ((df.acc > a.acc) | (df.asr < a.asr))]
+        assert better.empty
+    import optuna
+
+    study = optuna.load_study(study_name="multi",
+                              storage=f"sqlite:///{tmp_path / 'tune' / 'multi' / 'optuna.db'}")
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+
+
+def test_asha_stops_weak_trials_early(local_ray, tmp_path, mlflow_db):
+    spec = write_spec(tmp_path, """
+        space:
+          defense.lr: {choice: [0.00001, 0.02]}
+        metric: der
+        mode: max
+        num_samples: 6
+        scheduler: {name: asha, grace_period: 1, reduction_factor: 2, metric: der, mode: max}
+        """, name="asha")
+    df = run_plan(load_plan(spec, "sweep"))
+    assert len(df) == 6
+    assert (df["epoch"] < 4).any()  # stopped before the last of 4 epochs
+
+
+def test_pareto_front_on_hand_made_rows():
+    import pandas as pd
+
+    df = pd.DataFrame({"acc": [0.9, 0.8, 0.95, 0.7], "asr": [0.1, 0.05, 0.5, 0.6]})
+    front = pareto_front(df, ("acc", "asr"), ("max", "min"))
+    assert sorted(front.index) == [0, 1, 2]
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
+    """Kill the driver (and the local Ray it started) after a trial finished; --resume ends the
+    sweep with every trial once in Tune, MLflow and the Optuna study."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import optuna
+
+    spec = write_spec(tmp_path, """
+        space:
+          defense.lr: {loguniform: [0.005, 0.05]}
+        metric: der
+        mode: max
+        num_samples: 4
+        max_concurrent: 1
+        scheduler: {name: none}
+        """, name="resume")
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    state = tmp_path / "tune" / "resume" / "mlflow_state.json"
+    cmd = [sys.executable, "-m", "d3tune", "sweep", str(spec)]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        finished = _wait_for(lambda: state.exists() and
+                             len(json.loads(state.read_text())["done"]) >= 1, 600)
+        assert finished, "no trial finished before the kill"
+        done_before = json.loads(state.read_text())["done"]
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        first.wait(30)
+    assert first.returncode == -signal.SIGKILL
+
+    proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs, parents, steps = mlflow_runs(db)
+    assert len(set(parents.values())) == 1 and len(runs) == 1 + len(parents)
+    final = json.loads(state.read_text())
+    assert len(final["done"]) == 4 and len(set(final["done"])) == 4
+    assert set(done_before) <= set(final["done"])
+    assert len(parents) == 4  # one child per trial: none lost, none duplicated
+    assert all(steps[c] == 4 for c in parents)
+    study = optuna.load_study(study_name="resume",
+                              storage=f"sqlite:///{tmp_path / 'tune' / 'resume' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 4 and len(complete) >= len(done_before)
+
+
+def test_ablation_report_numbers_equal_mlflow_metrics(local_ray, tmp_path, mlflow_db):
+    from mlflow.tracking import MlflowClient
+
+    from d3tune.report import make_report
+
+    spec = tmp_path / "abl.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: abl
+        storage: {tmp_path / 'tune'}
+        cache_dir: {tmp_path / 'cache'}
+        experiment: abl-exp
+        """) + TINY_BASE + textwrap.dedent("""
+        axes:
+          defense.radius: [0.5, 1.5]
+        seeds: [0]
+        """))
+    df = run_plan(load_plan(spec, "ablation"))
+    assert len(df) == 2
+    out = make_report("abl-exp", tmp_path / "report")
+    for name in ("report.md", "summary.csv", "trials.csv", "acc_vs_asr.png",
+                 "defense_radius.png"):
+        assert (out / name).stat().st_size > 0
+    import pandas as pd
+
+    summary = pd.read_csv(out / "summary.csv")
+    client = MlflowClient(f"sqlite:///{mlflow_db}")
+    exp = client.get_experiment_by_name("abl-exp")
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2
+    for r in children:
+        radius = float(r.data.params["defense.radius"])
+        row = summary[summary["defense.radius"] == radius].iloc[0]
+        assert row["der_mean"] == pytest.approx(r.data.metrics["der"])
+        assert row["asr_after_mean"] == pytest.approx(r.data.metrics["asr_after"])
+
