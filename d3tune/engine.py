@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,24 @@ def experiment_dir(plan: RunPlan) -> Path:
 
 
 def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
-    """Tune's config -> flat dotted trial overrides (grid cells arrive under 'cell')."""
-    out = {k: v for k, v in config.items() if k != "cell"}
+    """Tune's config -> flat dotted trial overrides (grid cells arrive under 'cell'; per-defense
+    knobs as 'field@defense')."""
+    out = {k.split("@", 1)[0]: v for k, v in config.items() if k != "cell"}
     out.update(config.get("cell") or {})
     return out
+
+
+def define_by_run(space: tuple, trial: Any) -> None:
+    """Optuna samples the common knobs, then the chosen defense's own knobs."""
+    chosen = None
+    for d in space:
+        if d.only_for is None:
+            value = d.suggest(trial)
+            if d.path == "defense.name":
+                chosen = value
+    for d in space:
+        if d.only_for is not None and d.only_for == chosen:
+            d.suggest(trial)
 
 
 def trial_from_tune(base: dict[str, Any], config: dict[str, Any]):
@@ -117,7 +132,9 @@ def make_searcher(plan: RunPlan, exp_dir: Path):
     metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
     mode = list(plan.mode) if plan.multi_objective else plan.mode[0]
     sampler = optuna.samplers.TPESampler(seed=plan.search_seed)  # TPE handles both cases
-    searcher = OptunaSearch(metric=metric, mode=mode, sampler=sampler, storage=storage,
+    conditional = any(d.only_for for d in plan.space)
+    searcher = OptunaSearch(space=partial(define_by_run, plan.space) if conditional else None,
+                            metric=metric, mode=mode, sampler=sampler, storage=storage,
                             study_name=plan.name)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
 
@@ -138,6 +155,8 @@ def param_space(plan: RunPlan) -> dict[str, Any]:
 
     if plan.kind == "ablation":
         return {"cell": tune.grid_search(list(plan.cells))}
+    if any(d.only_for for d in plan.space):
+        return {}  # the searcher samples define-by-run
     return {d.path: d.tune_domain() for d in plan.space}
 
 

@@ -28,6 +28,23 @@ class Dist:
     path: str  # dotted trial field, e.g. defense.lr
     kind: str
     args: tuple[Any, ...]
+    only_for: str | None = None  # a defense name: the knob exists only when that defense runs
+
+    @property
+    def param_name(self) -> str:
+        """Optuna's name: per-defense knobs get their own (same field, other meaning)."""
+        return f"{self.path}@{self.only_for}" if self.only_for else self.path
+
+    def suggest(self, trial: Any) -> Any:
+        """Define-by-run sampling (conditional spaces such as per-defense knobs)."""
+        name, a = self.param_name, self.args
+        if self.kind == "uniform":
+            return trial.suggest_float(name, a[0], a[1])
+        if self.kind == "loguniform":
+            return trial.suggest_float(name, a[0], a[1], log=True)
+        if self.kind in ("int", "logint"):
+            return trial.suggest_int(name, a[0], a[1], log=self.kind == "logint")
+        return trial.suggest_categorical(name, list(a))
 
     def tune_domain(self):
         from ray import tune
@@ -90,7 +107,8 @@ class RunPlan:
 
 _COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "storage",
            "experiment", "cache_dir", "metric", "mode"}
-SWEEP_KEYS = _COMMON | {"space", "num_samples", "seeds", "search_seed", "scheduler"}
+SWEEP_KEYS = _COMMON | {"space", "per_defense", "num_samples", "seeds", "search_seed",
+                        "scheduler"}
 ABLATION_KEYS = _COMMON | {"axes", "attacks", "datasets", "archs", "seeds", "scheduler"}
 
 
@@ -114,6 +132,13 @@ def _check_override(base: dict[str, Any], overrides: Mapping[str, Any], where: s
         raise UsageError(f"{where}: {exc}") from None
 
 
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 def _parse_dist(path: str, raw: Any, where: str) -> Dist:
     _expect(isinstance(raw, Mapping) and len(raw) == 1, where,
             f"expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
@@ -124,7 +149,7 @@ def _parse_dist(path: str, raw: Any, where: str) -> Dist:
             f"{kind} expects a list " + ("of values" if kind == "choice" else "[low, high]"))
     if kind != "choice":
         _expect(len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                                       and math.isfinite(a) for a in args), where,
+                                       and _finite(a) for a in args), where,
                 f"{kind} expects [low, high] numbers, got {args!r}")
         _expect(args[0] < args[1], where, f"low must be < high, got {args!r}")
         if kind in ("loguniform", "logint"):
@@ -201,6 +226,7 @@ def sweep_plan(data: Any, source: str, num_samples: int | None = None) -> RunPla
         for value in dist.extremes():
             _check_override(common["base"], {path: value}, f"{source}: space.{path}")
         space.append(dist)
+    space += _per_defense(data, common["base"], source, space)
     seeds = _seeds(data, f"{source}: seeds")
     if len(seeds) > 1:  # Optuna then sees the seed as a parameter (importance shows its weight)
         space.append(Dist("seed", "choice", tuple(seeds)))
@@ -210,6 +236,30 @@ def sweep_plan(data: Any, source: str, num_samples: int | None = None) -> RunPla
     return RunPlan(kind="sweep", space=tuple(space), num_samples=_int(n, f"{source}: num_samples", 1),
                    search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
                    **common)
+
+
+def _per_defense(data: Mapping[str, Any], base: dict[str, Any], source: str,
+                 space: list[Dist]) -> list[Dist]:
+    """`per_defense: {NAME: {field: dist}}`: knobs sampled only when defense NAME is chosen;
+    `defense.name` must be a choice in `space` covering every NAME."""
+    raw = data.get("per_defense")
+    if raw is None:
+        return []
+    where = f"{source}: per_defense"
+    _expect(isinstance(raw, Mapping), where, "expected a mapping defense -> {field: dist}")
+    names = next((d.args for d in space if d.path == "defense.name" and d.kind == "choice"), ())
+    out = []
+    for defense, knobs in raw.items():
+        _expect(defense in names, f"{where}.{defense}",
+                f"not among space.defense.name's choices {list(names)}")
+        _expect(isinstance(knobs, Mapping), f"{where}.{defense}", "expected {field: dist}")
+        for path, dist_raw in flatten_space(knobs).items():
+            d = _parse_dist(path, dist_raw, f"{where}.{defense}.{path}")
+            for value in d.extremes():
+                _check_override(base, {"defense.name": defense, path: value},
+                                f"{where}.{defense}.{path}")
+            out.append(Dist(d.path, d.kind, d.args, only_for=str(defense)))
+    return out
 
 
 def flatten_space(space: Mapping[str, Any]) -> dict[str, Any]:
