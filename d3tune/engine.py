@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from d3tune.spec import RunPlan
 log = logging.getLogger(__name__)
 
 OPTUNA_DB = "optuna.db"
+CHECKPOINT_FILE = "defense_state.pt"
 
 
 def experiment_dir(plan: RunPlan) -> Path:
@@ -67,12 +69,28 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     cfg = trial_from_tune(base, config)
     node = ray.get_runtime_context().get_node_id()
     cache = ModelCache(cache_dir)
+    resume = None
+    restored = tune.get_checkpoint()
+    if restored is not None:  # a retried trial: continue from its last reported epoch
+        with restored.as_directory() as d:
+            resume = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+    pending: dict[str, Any] = {}
+
+    def save(state: dict[str, Any]) -> None:
+        pending["state"] = state
 
     def report(row: dict[str, Any]) -> bool:
-        tune.report({**row, "node_id": node, "cache_builds": cache.builds})
+        metrics = {**row, "node_id": node, "cache_builds": cache.builds}
+        state = pending.pop("state", None)
+        if state is None or state["epoch"] != row["epoch"]:
+            tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         return False  # ASHA stops a trial by ending its actor, not through this flag
 
-    run_trial(cfg, report=report, cache=cache)
+    run_trial(cfg, report=report, cache=cache, resume=resume, save=save)
 
 
 def max_epochs(plan: RunPlan) -> int:
@@ -193,6 +211,7 @@ def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
         trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
         name=plan.name, storage_path=str(exp_dir.parent), callbacks=callbacks,
-        failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1)
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
     return tune.Tuner(trainable, param_space=param_space(plan), tune_config=tune_config,
                       run_config=run_config)

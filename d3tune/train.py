@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,9 +80,23 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
         aug: Augment, generator: torch.Generator, loss_fn: LossFn = cross_entropy,
         after_step: Callable[[], None] | None = None,
         on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
-        start_epoch: int = 0) -> None:
+        resume: dict[str, Any] | None = None,
+        save: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Train in place. ``on_epoch(epoch, mean_logs)`` runs after each epoch (1-based); returning
-    True stops early (a scheduler such as ASHA said so)."""
+    True stops early (a scheduler such as ASHA said so).
+
+    ``save`` receives the full training state after every epoch (model, optimiser, schedule,
+    generator, epoch); passing such a state back as ``resume`` continues bit-identically, which
+    is how a restarted Tune trial picks up where it died.
+    """
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        generator.set_state(resume["generator"])
+        start_epoch = int(resume["epoch"])
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
         totals: dict[str, float] = {}
@@ -99,6 +114,10 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
             steps += 1
         if scheduler is not None:
             scheduler.step()
+        if save is not None:
+            save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                  "generator": generator.get_state()})
         if on_epoch is not None and on_epoch(epoch, {k: v / max(1, steps) for k, v in totals.items()}):
             return
 

@@ -98,8 +98,10 @@ def clean_subset(cfg: TrialConfig, data: Dataset) -> tuple[torch.Tensor, torch.T
 
 def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache | None = None,
               on_attack_epoch: Callable[[int, dict[str, float]], None] | None = None,
-              data: Dataset | None = None) -> TrialResult:
-    """Run one resolved trial (see config.resolve)."""
+              data: Dataset | None = None, resume: dict[str, Any] | None = None,
+              save: Callable[[dict[str, Any]], None] | None = None) -> TrialResult:
+    """Run one resolved trial (see config.resolve). ``save``/``resume`` checkpoint the defense
+    after every epoch and continue from such a checkpoint (defenses built on ``fit``)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -164,7 +166,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     ctx = DefenseContext(num_classes=data.num_classes, head=MODELS[cfg.model.arch].head,
                          aug=Augment(hflip=data.hflip),
                          generator=generator(cfg.seed, "defense"), device=device,
-                         on_epoch=on_epoch)
+                         on_epoch=on_epoch, resume=resume, save=save)
     DEFENSES[cfg.defense.name].run(model, x_clean, y_clean, cfg.defense, ctx)
     lap("defense")
     after = evaluate(model, sets) if stopped or not history or history[-1]["epoch"] != last \

@@ -171,3 +171,39 @@ def test_on_epoch_is_called_every_epoch_and_can_stop():
          gen=torch.Generator().manual_seed(0), on_epoch=lambda e, logs: seen.append((e, logs)) or e == 2)
     assert [e for e, _ in seen] == [1, 2]
     assert {"loss", "loss_clean", "loss_dist"} <= set(seen[0][1])
+
+
+def test_checkpoint_and_resume_continue_bit_identically():
+    """A defense stopped after epoch 2 and resumed from its saved state ends where an
+    uninterrupted run ends (how a retried Tune trial continues)."""
+    x, y = make_data()
+    torch.manual_seed(0)
+    full, part = Tiny(), Tiny()
+    part.load_state_dict(full.state_dict())
+    start = {k: v.clone() for k, v in full.state_dict().items()}
+    kw = dict(layer="linear", init="random", p=2.0, lmd=0.5, eps=0.1, lr=0.05, epochs=4)
+    ours(full, x, y, gen=torch.Generator().manual_seed(3), **kw)
+
+    states = []
+    prm = d3.Params(eps=0.1, lmd=0.5, p=2.0, init="random", select_layer="linear")
+    cfg = DefenseConfig(name="d3", epochs=4, lr=0.05, batch_size=len(x), params=prm)
+    ctx = DefenseContext(num_classes=3, head="linear", aug=Augment(pad=0),
+                         generator=torch.Generator().manual_seed(3), device=torch.device("cpu"),
+                         on_epoch=lambda e, logs: e == 2, save=states.append)
+    d3.run(part, x, y, cfg, ctx)
+    assert [s["epoch"] for s in states] == [1, 2]
+    import copy
+    import io
+
+    buf = io.BytesIO()
+    torch.save(states[-1], buf)  # the checkpoint must load with weights_only=True
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = Tiny()
+    resumed.load_state_dict(start)  # a fresh process: the poisoned weights again (W0)
+    ctx2 = DefenseContext(num_classes=3, head="linear", aug=Augment(pad=0),
+                          generator=torch.Generator().manual_seed(99), device=torch.device("cpu"),
+                          on_epoch=lambda e, logs: None, resume=copy.deepcopy(saved))
+    d3.run(resumed, x, y, cfg, ctx2)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name

@@ -106,4 +106,5 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
 
     fit(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
         scheduler=sched, aug=ctx.aug, generator=ctx.generator, loss_fn=loss_fn,
-        after_step=lambda: project(weights, norms, prm.p), on_epoch=ctx.on_epoch)
+        after_step=lambda: project(weights, norms, prm.p), on_epoch=ctx.on_epoch,
+        resume=ctx.resume, save=ctx.save)

@@ -17,4 +17,5 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     opt, sched = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs)
     fit(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
-        scheduler=sched, aug=ctx.aug, generator=ctx.generator, on_epoch=ctx.on_epoch)
+        scheduler=sched, aug=ctx.aug, generator=ctx.generator, on_epoch=ctx.on_epoch,
+        resume=ctx.resume, save=ctx.save)
