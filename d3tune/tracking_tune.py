@@ -25,6 +25,7 @@ from d3tune.spec import RunPlan
 log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_state.json"
+RETRY_AFTER_S = 30
 EPOCH_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
 FINAL_KEYS = {"acc": "acc_after", "asr": "asr_after", "ra": "ra_after", "der": "der",
               "acc_before": "acc_before", "asr_before": "asr_before", "ra_before": "ra_before"}
@@ -53,6 +54,8 @@ class MlflowSweepCallback(Callback):
         self.client = None
         self.exp_id: str | None = None
         self.failures = 0
+        self.skipped = 0
+        self.down_until = 0.0
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -62,12 +65,19 @@ class MlflowSweepCallback(Callback):
         os.replace(tmp, self.state_path)
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one MLflow call; on failure warn, and skip calls for a while (a store that is
+        down would otherwise cost its full retry/timeout on every epoch of every trial)."""
+        if time.monotonic() < self.down_until:
+            self.skipped += 1
+            return None
         try:
             return fn()
         except Exception as exc:  # keep the sweep going; Tune's storage keeps the results
             self.failures += 1
-            log.warning("MLflow %s failed (%s); results stay in %s", what,
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, self.exp_dir)
+            self.down_until = time.monotonic() + RETRY_AFTER_S
+            log.warning("MLflow %s failed (%s); results stay in %s; retrying MLflow in %d s",
+                        what, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                        self.exp_dir, RETRY_AFTER_S)
             return None
 
     def connect(self) -> None:
