@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         if args.debug:
             raise
-        print(f"d3tune: error: {exc}", file=sys.stderr)
+        print(f"d3tune: error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         print("d3tune: interrupted", file=sys.stderr)

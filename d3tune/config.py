@@ -102,7 +102,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer beyond float range
+                finite = False
+            if not finite:
                 raise UsageError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:

@@ -266,7 +266,11 @@ def flatten_space(space: Mapping[str, Any]) -> dict[str, Any]:
     """Allow both `defense.lr: {...}` and nested `defense: {lr: {...}}` spellings."""
     out: dict[str, Any] = {}
     for key, value in space.items():
-        if isinstance(value, Mapping) and not (len(value) == 1 and next(iter(value)) in DISTRIBUTIONS):
+        # {kind: [args]} is a distribution (an unknown kind is reported as such); other
+        # mappings are sections of nested field names.
+        is_dist = isinstance(value, Mapping) and len(value) == 1 and (
+            next(iter(value)) in DISTRIBUTIONS or isinstance(next(iter(value.values())), list))
+        if isinstance(value, Mapping) and not is_dist:
             out.update({f"{key}.{k}": v for k, v in flatten_space(value).items()})
         else:
             out[str(key)] = value

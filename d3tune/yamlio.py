@@ -32,6 +32,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         if duplicate:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
+        if isinstance(key, str) and not key.isprintable():  # no field has one; it would break
+            raise yaml.constructor.ConstructorError(  # the one-line error naming that key
+                None, None, f"control character or line break in key {key!r}", key_node.start_mark)
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
