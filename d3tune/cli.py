@@ -53,8 +53,10 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, show_time=False)], force=True)
+    root = logging.getLogger()
+    if not root.handlers:  # leave a host application's (or pytest's) handlers alone
+        root.addHandler(RichHandler(show_path=False, show_time=False))
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("alembic", "mlflow", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

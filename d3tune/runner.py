@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,15 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
     out = Path(out_dir) / run_name
     out.mkdir(parents=True, exist_ok=True)
     params = flatten(to_dict(cfg))
-    mlrun = MlflowRun(experiment, run_name, params) if use_mlflow else None
+    mlrun = None
+    if use_mlflow:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        try:
+            mlrun = MlflowRun(experiment, run_name, params)
+        except Exception as exc:  # an unreachable store must not cost the trial
+            log.warning("MLflow unavailable (%s); results go to %s only",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, out)
     console = Console(stderr=True)
     cache = ModelCache(cache_dir) if use_cache else None
     total_start = time.perf_counter()

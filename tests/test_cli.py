@@ -77,3 +77,16 @@ def test_list_names_registries(capsys):
     assert main(["list", "attacks"]) == 0
     out = capsys.readouterr().out
     assert "badnets" in out and "blended" in out
+
+
+def test_run_without_a_reachable_mlflow_store_keeps_its_results(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("D3TUNE_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        rc = main(["run", "--set", "train.epochs=2", "--epochs", "2", "--set", "eval.subset=50"])
+    assert rc == 0
+    result = next((tmp_path / "d3tune_results" / "runs").glob("*/result.json"))
+    assert "der" in json.loads(result.read_text())["metrics"]
+    assert any("MLflow unavailable" in r.getMessage() for r in caplog.records)
