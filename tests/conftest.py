@@ -15,3 +15,12 @@ def tiny_digits():
     d = load_dataset("digits")
     return Dataset(d.name, d.x_train[:400], d.y_train[:400], d.x_test[:150], d.y_test[:150],
                    d.num_classes, d.mean, d.std, d.hflip)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray for a test module (2 CPUs, like CI's machine); stopped afterwards."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

@@ -22,13 +22,6 @@ base:
 """
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def write_spec(tmp_path: Path, body: str, name: str = "spec") -> Path:
     p = tmp_path / f"{name}.yaml"
     p.write_text(textwrap.dedent(f"""

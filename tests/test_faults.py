@@ -30,13 +30,6 @@ base:
 """
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def _spec(tmp_path: Path, name: str, extra: str) -> Path:
     p = tmp_path / f"{name}.yaml"
     p.write_text(textwrap.dedent(f"""

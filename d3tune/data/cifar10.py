@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from d3tune.data import Dataset, Profile, from_uint8_arrays, register
+from d3tune.data.images import one_line
 from d3tune.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,6 @@ class _BatchUnpickler(pickle.Unpickler):
         return getter()
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     bad = f"{NAME}: {path} is not a CIFAR-10 python batch"
     if not path.is_file():
@@ -81,13 +78,13 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise UsageError(f"{NAME}: cannot read {path}: {_one_line(e.strerror or e)}") from None
+        raise UsageError(f"{NAME}: cannot read {path}: {one_line(e.strerror or e)}") from None
     try:
         batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _Refused as e:
         raise UsageError(f"{bad}: refusing to unpickle {str(e)!r}") from None
     except Exception as e:  # noqa: BLE001 -- any failure to parse a user's file is a usage error
-        raise UsageError(f"{bad}: {type(e).__name__}: {_one_line(e)}") from None
+        raise UsageError(f"{bad}: {type(e).__name__}: {one_line(e)}") from None
 
     if not isinstance(batch, dict):
         raise UsageError(f"{bad}: expected a dict, got {type(batch).__name__}")

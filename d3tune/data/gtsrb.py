@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from d3tune.data import Dataset, Profile, from_uint8_arrays, register
+from d3tune.data.images import decode_images, one_line
 from d3tune.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -36,11 +34,6 @@ MEAN = (0.3403, 0.3121, 0.3214)
 STD = (0.2724, 0.2608, 0.2669)
 PROFILE = Profile()  # the paper's defaults
 LAYOUT = "expected the official GTSRB layout (GTSRB/Final_Training/Images/<class>/GT-<class>.csv)"
-CHUNK = 256  # images per thread-pool task: enough to amortise the task overhead
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _root(data_dir: Path) -> Path:
@@ -85,40 +78,8 @@ def _read_csv(path: Path, folder: Path) -> tuple[list[Path], list[int]]:
                 labels.append(y)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise UsageError(f"{NAME}: cannot read {path} as a ';'-separated CSV: "
-                         f"{_one_line(e)}") from None
+                         f"{one_line(e)}") from None
     return paths, labels
-
-
-def _decode_into(out: np.ndarray, paths: Sequence[Path], start: int) -> None:
-    from PIL import Image
-
-    for i, p in enumerate(paths, start):
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (SIDE, SIDE):
-                    im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-        except FileNotFoundError:
-            raise UsageError(f"{NAME}: {p} not found (listed in its CSV): {LAYOUT}") from None
-        except Exception as e:  # noqa: BLE001 -- a bad image file is the user's, not a bug
-            raise UsageError(f"{NAME}: {p} is not a readable image: {type(e).__name__}: "
-                             f"{_one_line(e)}") from None
-
-
-def _decode_all(paths: Sequence[Path]) -> np.ndarray:
-    """Decode + resize in threads: PIL releases the GIL while decoding and resampling."""
-    out = np.empty((len(paths), 3, SIDE, SIDE), dtype=np.uint8)
-    starts = range(0, len(paths), CHUNK)
-    workers = max(1, min(32, os.cpu_count() or 1, len(starts)))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gtsrb-decode")
-    try:
-        futures = [pool.submit(_decode_into, out, paths[s:s + CHUNK], s) for s in starts]
-        for fut in futures:
-            fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return out
 
 
 def _training_set(root: Path) -> tuple[list[Path], list[int]]:
@@ -168,8 +129,8 @@ def load(data_dir: Path | None) -> Dataset:
     if not train_paths or not test_paths:
         empty = root / ("Final_Training" if not train_paths else "Final_Test") / "Images"
         raise UsageError(f"{NAME}: {empty} lists no images in its CSVs: {LAYOUT}")
-    x_train = _decode_all(train_paths)
-    x_test = _decode_all(test_paths)
+    x_train = decode_images(train_paths, SIDE, NAME, "its CSV")
+    x_test = decode_images(test_paths, SIDE, NAME, "its CSV")
     log.info("gtsrb: %d train / %d test images from %s", len(x_train), len(x_test), root)
     return from_uint8_arrays(NAME, x_train, np.asarray(y_train), x_test, np.asarray(y_test),
                              num_classes=NUM_CLASSES, mean=MEAN, std=STD, hflip=False)

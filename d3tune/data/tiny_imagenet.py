@@ -14,14 +14,12 @@ Layout, with data_dir either the parent of ``tiny-imagenet-200/`` or that folder
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from d3tune.data import Dataset, Profile, from_uint8_arrays, register
+from d3tune.data.images import decode_images, one_line
 from d3tune.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -35,11 +33,6 @@ STD = (0.2302, 0.2265, 0.2262)
 PROFILE = Profile(arch="preactresnet18")  # the paper's defaults
 LAYOUT = (f"expected the official {FOLDER} layout (wnids.txt, train/<wnid>/images/*.JPEG, "
           f"val/images/*.JPEG, val/val_annotations.txt)")
-CHUNK = 256  # images per thread-pool task: enough to amortise the task overhead
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _root(data_dir: Path) -> Path:
@@ -55,7 +48,7 @@ def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{NAME}: cannot read {path} as text: {_one_line(e)}") from None
+        raise UsageError(f"{NAME}: cannot read {path} as text: {one_line(e)}") from None
 
 
 def _wnids(root: Path) -> list[str]:
@@ -115,39 +108,6 @@ def _val_set(root: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def _decode_into(out: np.ndarray, paths: Sequence[Path], start: int) -> None:
-    from PIL import Image
-
-    for i, p in enumerate(paths, start):
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")  # a few Tiny-ImageNet JPEGs are greyscale
-                if im.size != (SIDE, SIDE):
-                    im = im.resize((SIDE, SIDE), Image.Resampling.BILINEAR)
-                out[i] = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-        except FileNotFoundError:
-            raise UsageError(f"{NAME}: {p} not found (listed in val_annotations.txt): "
-                             f"{LAYOUT}") from None
-        except Exception as e:  # noqa: BLE001 -- a bad image file is the user's, not a bug
-            raise UsageError(f"{NAME}: {p} is not a readable image: {type(e).__name__}: "
-                             f"{_one_line(e)}") from None
-
-
-def _decode_all(paths: Sequence[Path]) -> np.ndarray:
-    """Decode in threads: PIL releases the GIL while decoding JPEG."""
-    out = np.empty((len(paths), 3, SIDE, SIDE), dtype=np.uint8)
-    starts = range(0, len(paths), CHUNK)
-    workers = max(1, min(32, os.cpu_count() or 1, len(starts)))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tinyimagenet-decode")
-    try:
-        futures = [pool.submit(_decode_into, out, paths[s:s + CHUNK], s) for s in starts]
-        for fut in futures:
-            fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return out
-
-
 @register(NAME, PROFILE, needs_data_dir=True)
 def load(data_dir: Path | None) -> Dataset:
     if data_dir is None:
@@ -161,8 +121,8 @@ def load(data_dir: Path | None) -> Dataset:
     if not test_paths:
         raise UsageError(f"{NAME}: {root / 'val' / 'val_annotations.txt'} lists no images: "
                          f"{LAYOUT}")
-    x_train = _decode_all(train_paths)
-    x_test = _decode_all(test_paths)
+    x_train = decode_images(train_paths, SIDE, NAME, "val_annotations.txt")
+    x_test = decode_images(test_paths, SIDE, NAME, "val_annotations.txt")
     log.info("tiny-imagenet: %d train / %d val images, %d classes from %s", len(x_train),
              len(x_test), len(wnids), root)
     return from_uint8_arrays(NAME, x_train, np.asarray(y_train), x_test, np.asarray(y_test),
