@@ -97,6 +97,9 @@ def _with_overrides(plan, args: argparse.Namespace):
         raise UsageError(f"--dataset/--data-dir: {exc}") from None
     changes = {"base": unflatten(base)}
     if args.storage:
+        if "://" in args.storage:
+            raise UsageError(f"--storage {args.storage!r}: URIs are not supported yet; use a "
+                             "folder, shared by all nodes on a cluster (e.g. NFS)")
         changes["storage"] = args.storage
     if args.cache_dir:
         changes["cache_dir"] = args.cache_dir

@@ -127,12 +127,21 @@ def init_ray(address: str | None) -> bool:
         return False
     if address:
         _check_address(address)
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # clusters keep token auth on (VERIFIED.md)
+        if "RAY_AUTH_MODE" not in os.environ:  # clusters keep token auth on (VERIFIED.md)
+            os.environ["RAY_AUTH_MODE"] = "token"
+            try:  # Ray read RAY_AUTH_MODE at import: make it re-read (as Ray does)
+                from ray._raylet import Config
+
+                Config.initialize("")
+            except (ImportError, AttributeError):  # pragma: no cover - other Ray versions
+                pass
         try:
             ray.init(address=address, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UsageError(f"--address {address}: could not join the Ray cluster "
-                             f"({str(exc).splitlines()[0]})") from None
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise UsageError(f"--address {address}: could not join the Ray cluster ({why}); "
+                             "check the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token) "
+                             "and its Ray version") from None
     else:
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
     return True

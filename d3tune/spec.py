@@ -195,6 +195,10 @@ def _common(data: Mapping[str, Any], source: str, allowed: set[str]) -> dict[str
     for key in ("storage", "experiment", "cache_dir"):
         _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
                 f"expected a string, got {data.get(key)!r}")
+    if isinstance(data.get("storage"), str) and "://" in data["storage"]:
+        raise UsageError(f"{source}: storage: {data['storage']!r}: URIs are not supported yet "
+                         "(the Optuna study and the MLflow run map live beside Tune's state); "
+                         "use a folder, shared by all nodes on a cluster (e.g. NFS)")
     res = build(ResourceSpec, data.get("resources"), f"{source}: resources")
     _expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
             f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
