@@ -45,6 +45,8 @@ class DefenseContext:
     generator: torch.Generator
     device: torch.device
     on_epoch: Callable[[int, dict[str, float]], bool | None]
+    resume: dict[str, Any] | None = None  # a state ``save`` produced: continue from there
+    save: Callable[[dict[str, Any]], None] | None = None  # checkpoint after every epoch
 
 
 DefenseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, DefenseConfig, DefenseContext], None]
@@ -71,4 +73,4 @@ def params_of(cfg: DefenseConfig) -> Any:
     return cfg.params if cfg.params is not None else DEFENSES[cfg.name].params()
 
 
-from d3tune.defenses import d3, ft  # noqa: E402,F401  (importing registers)
+from d3tune.defenses import anp, d3, fp, fst, ft, ft_sam, ibau, nad, sau  # noqa: E402,F401  (importing registers)

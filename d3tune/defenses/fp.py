@@ -42,8 +42,10 @@ MASK = "fp_channel_mask"  # non-persistent buffer on the masked module: 1 keep, 
 
 @dataclass(frozen=True)
 class Params:
-    acc_ratio: float = field(default=0.1, metadata={"gt": 0.0, "le": 1.0})  # tolerated relative drop
-    prune_step: float = field(default=0.01, metadata={"gt": 0.0, "le": 1.0})  # share of channels per step
+    # tolerated relative drop of clean-set accuracy
+    acc_ratio: float = field(default=0.1, metadata={"gt": 0.0, "le": 1.0})
+    # share of the channels added per pruning step (BackdoorBench once_prune_ratio)
+    prune_step: float = field(default=0.01, metadata={"gt": 0.0, "le": 1.0})
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
     opt, sched = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs)
     try:
         fit(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
-            scheduler=sched, aug=ctx.aug, generator=ctx.generator, on_epoch=on_epoch)
+            scheduler=sched, aug=ctx.aug, generator=ctx.generator, on_epoch=on_epoch,
+            resume=ctx.resume, save=ctx.save)
     finally:
         fold_mask(point, mask)

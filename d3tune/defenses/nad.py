@@ -92,7 +92,8 @@ def default_layers(model: nn.Module, probe: torch.Tensor) -> list[str]:
         for name, child in module.named_children():
             full = prefix + name
             shape = shapes.get(full)
-            if shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1 and has_conv(child):
+            spatial = shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+            if spatial and has_conv(child):
                 chosen.append(full)
             elif has_conv(child):
                 visit(full + ".", child)
@@ -160,4 +161,4 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
 
         fit(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
             scheduler=sched, aug=ctx.aug, generator=ctx.generator, loss_fn=loss_fn,
-            on_epoch=ctx.on_epoch)
+            on_epoch=ctx.on_epoch, resume=ctx.resume, save=ctx.save)
