@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +107,12 @@ def _load_record(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_safe_numpy_globals()):
             record = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _fail(path, f"refused to load: it holds something other than tensors, numpy "
-                          f"arrays and plain values, so it is not a genuine BackdoorBench record "
-                          f"or needs code to load ({first[:200]})") from None
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed|\.? Please|$)",
+                          str(exc), flags=re.MULTILINE)
+        why = found.group(1).strip() if found else "not a weights-only checkpoint"
+        raise _fail(path, f"refused to load: it needs code beyond tensors, numpy arrays and "
+                          f"plain values, so it is not a genuine BackdoorBench record ({why[:160]})"
+                    ) from None
     except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
         raise _fail(path, f"not a readable torch checkpoint ({type(exc).__name__}: "
                           f"{str(exc)[:200]})") from None

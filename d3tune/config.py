@@ -120,7 +120,7 @@ def _check_rules(value: Any, meta: Mapping[str, Any], where: str) -> None:
         return
     if "choices" in meta and value not in meta["choices"]:
         raise UsageError(f"{where}: {value!r} is not one of {', '.join(map(str, meta['choices']))}"
-                         f"{did_you_mean(value, meta['choices'])}")
+                         f"{did_you_mean(str(value), [str(c) for c in meta['choices']])}")
     for key, ok, words in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
         if key in meta and not ok(value, meta[key]):

@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from d3tune.attacks import Backdoor, split_state, with_state
+from d3tune.attacks import Backdoor, Trainer, split_state, with_state
 from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
 from d3tune.data import Dataset, load_dataset
 from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
 from d3tune.models import MODELS, ModelSpec, build_model
-from d3tune.train import Augment, LossFn, cross_entropy, fit, make_sgd
+from d3tune.train import Augment, LossFn, cross_entropy, fit, make_sgd, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def model_for(cfg: TrialConfig, data: Dataset, device: torch.device) -> nn.Modul
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
     c, h, w = data.shape
     spec = ModelSpec(data.num_classes, c, min(h, w), data.mean, data.std)
-    return build_model(cfg.model.arch, spec).to(device)
+    return prepare_model(build_model(cfg.model.arch, spec), device)  # channels_last on CUDA
 
 
 def train_backdoored(cfg: TrialConfig, data: Dataset, x: torch.Tensor, y: torch.Tensor,
@@ -120,8 +120,9 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     key = cache_key(attack_settings(cfg))
 
     def build() -> Entry:
-        model, state = backdoor.train(lambda x, y, **hooks: train_backdoored(
-            cfg, data, x, y, device, on_attack_epoch, **hooks))
+        model, state = backdoor.train(Trainer(lambda x, y, **hooks: train_backdoored(
+            cfg, data, x, y, device, on_attack_epoch, **hooks), cfg.train.epochs,
+            cfg.train.batch_size))
         return Entry(with_state(model.state_dict(), state), {"settings": attack_settings(cfg)})
 
     if cache is not None:

@@ -65,20 +65,32 @@ class StatefulTrigger:
         return self.apply(x)
 
 
-TrainFn = Callable[..., nn.Module]
-"""``train(x, y, loss_fn=None, after_step=None) -> model``: the trial's backdoored-model training
-(a fresh model, the trial's optimiser, schedule, augmentation and seed) on the set ``x, y``;
-``loss_fn`` and ``after_step`` go to ``d3tune.train.fit``."""
+@dataclass(frozen=True)
+class Trainer:
+    """The trial's backdoored-model training, handed to the attack: ``trainer(x, y, loss_fn=None,
+    after_step=None) -> model`` trains a fresh model with the trial's optimiser, schedule,
+    augmentation and seed on ``x, y`` (``loss_fn``/``after_step`` go to ``d3tune.train.fit``).
+    ``epochs`` and ``batch_size`` let an attack schedule what it trains alongside."""
+
+    run: Callable[..., nn.Module]
+    epochs: int
+    batch_size: int
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, **hooks: Any) -> nn.Module:
+        return self.run(x, y, **hooks)
+
 
 PoisonTrainFn = Callable[[AttackContext, Trigger, torch.Tensor, torch.Tensor], torch.Tensor]
 ExtraTrainFn = Callable[[AttackContext, Trigger, torch.Tensor, torch.Tensor, torch.Tensor,
                          torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-TrainBackdoorFn = Callable[[AttackContext, "AttackConfig", TrainFn], tuple[nn.Module, Trigger]]
+TrainBackdoorFn = Callable[[AttackContext, "AttackConfig", Trainer], tuple[nn.Module, Trigger]]
 RestoreFn = Callable[[AttackContext, Mapping[str, torch.Tensor]], Trigger]
 
 
 @dataclass(frozen=True)
 class AttackEntry:
+    """A registered attack: its trigger factory, Params, and the optional hooks (module doc)."""
+
     make: Callable[[AttackContext], Trigger]
     params: type = NoParams
     clean_label: bool = False  # poison only target-class samples and keep their labels
@@ -227,7 +239,7 @@ class Backdoor:
             mask = torch.cat([mask, mask.new_zeros(len(y) - len(mask))])
         return x, y, mask
 
-    def train(self, train: TrainFn) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    def train(self, train: Trainer) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """Build the backdoored model with the trial's ``train``; returns it and the trigger
         state to cache."""
         if self.entry.train_backdoor is not None:
@@ -264,7 +276,7 @@ def scaled(size: int, base: int, at: int = 32) -> int:
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float pixels on the 0..255 scale -> uint8, rounded and clipped (every trigger's last step)."""
+    """Float pixels on the 0..255 scale -> uint8, rounded and clipped (a trigger's last step)."""
     return x.round().clamp_(0, 255).to(torch.uint8)
 
 

@@ -30,6 +30,9 @@ class Params:
     dither: bool = True  # Floyd-Steinberg error diffusion (the paper); False: plain rounding
 
 
+WEIGHTS = (3 / 16, 5 / 16, 1 / 16, 7 / 16)  # below-left, below, below-right, right
+
+
 def quantise(v: torch.Tensor, levels: int) -> torch.Tensor:
     """Nearest of ``levels`` evenly spaced values on 0..255 (float in, float out)."""
     step = 255.0 / (levels - 1)
@@ -63,7 +66,7 @@ def floyd_steinberg(x: torch.Tensor, levels: int) -> torch.Tensor:
         err = old - new
         # Order matters for bit-exactness: (i, j) gets the below-left share of (i-1, j+1) before
         # the right share of (i, j-1), as in the raster loop; the list order ensures it.
-        for (src, dst), weight in zip(zip(shares[::2], shares[1::2]), (3 / 16, 5 / 16, 1 / 16, 7 / 16)):
+        for (src, dst), weight in zip(zip(shares[::2], shares[1::2]), WEIGHTS):
             if len(src):
                 img.index_add_(0, dst, err.index_select(0, src) * weight)
     return img.reshape(h, w, n, c).permute(2, 3, 0, 1)

@@ -20,7 +20,10 @@ from d3tune.attacks import AttackContext, Trigger, register, to_uint8
 
 @dataclass(frozen=True)
 class Params:
-    eps: float = field(default=24.0, metadata={"gt": 0.0, "le": 255.0})  # L_inf budget, 0..255
+    # L_inf budget on 0..255. A seeded smooth pattern carries less signal than the paper's
+    # adversarial one, so it needs more amplitude: at 24 a 30-epoch digits CNN reached only
+    # ASR 0.83 (seed 0), at 32 (12.5 % of the range) it is learned reliably.
+    eps: float = field(default=32.0, metadata={"gt": 0.0, "le": 255.0})
     cutoff: float = field(default=3.0, metadata={"gt": 0.0})  # kept frequencies, cycles/image
     pattern_seed: int = 0
 

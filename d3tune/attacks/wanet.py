@@ -15,6 +15,7 @@ The field is drawn from the trial's poisoning generator: one field per seed.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +59,8 @@ def _trigger(grid: torch.Tensor) -> Trigger:
 
 
 def extra_train(ctx: AttackContext, trigger: Trigger, x: torch.Tensor, y: torch.Tensor,
-                mask: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Append the noise-mode cross samples: clean images warped with grid + noise, true labels."""
     n_cross = int(round(ctx.params.cross_ratio * int(mask.sum())))
     pool = (~mask).nonzero().flatten().cpu()
@@ -72,7 +74,7 @@ def extra_train(ctx: AttackContext, trigger: Trigger, x: torch.Tensor, y: torch.
     return torch.cat([x, warp(x[pick], (grid + noise).clamp(-1, 1))]), torch.cat([y, y[pick]])
 
 
-def restore(ctx: AttackContext, state) -> Trigger:
+def restore(ctx: AttackContext, state: Mapping[str, torch.Tensor]) -> Trigger:
     return _trigger(state["grid"])
 
 
