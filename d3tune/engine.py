@@ -30,6 +30,13 @@ def experiment_dir(plan: RunPlan) -> Path:
     return Path(plan.storage).expanduser().resolve() / plan.name
 
 
+def state_dir(plan: RunPlan) -> Path:
+    """d3tune's own state (Optuna study, MLflow run map) beside Tune's experiment folder, not
+    inside it: a restored Tune run syncs a copy of its folder taken at restore time back over
+    it when it ends, which would roll these files back."""
+    return experiment_dir(plan).parent / f"{plan.name}.d3tune"
+
+
 def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """Tune's config -> flat dotted trial overrides (grid cells arrive under 'cell'; per-defense
     knobs as 'field@defense')."""
@@ -147,7 +154,7 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def make_searcher(plan: RunPlan, exp_dir: Path):
+def make_searcher(plan: RunPlan):
     from ray.tune.search import ConcurrencyLimiter
 
     if plan.kind == "ablation":
@@ -155,7 +162,7 @@ def make_searcher(plan: RunPlan, exp_dir: Path):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / OPTUNA_DB}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir(plan) / OPTUNA_DB}")
     metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
     mode = list(plan.mode) if plan.multi_objective else plan.mode[0]
     sampler = optuna.samplers.TPESampler(seed=plan.search_seed)  # TPE handles both cases
@@ -197,6 +204,8 @@ def trainable_for(plan: RunPlan):
 
 
 def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
+    # Per-epoch checkpoints snapshot the experiment often on purpose (resume loses nothing).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
     exp_dir = experiment_dir(plan)
@@ -204,13 +213,20 @@ def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise UsageError(f"--resume: no interrupted run at {exp_dir} (spec name {plan.name!r})")
-        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                  resume_errored=True, param_space=param_space(plan))
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space(plan))
+        # The restored run config carries a pickled copy of our callback that Tune 2.60 does not
+        # call; hand it the live one (checked by the SIGKILL/--resume test).
+        internal = getattr(tuner, "_local_tuner", None)
+        if internal is not None and getattr(internal, "_run_config", None) is not None:
+            internal._run_config.callbacks = callbacks
+        return tuner
     if exp_dir.exists() and any(exp_dir.iterdir()):
         raise UsageError(f"{exp_dir} already holds a run named {plan.name!r}: pass --resume to "
                          "continue it, or change the spec's name/storage")
     exp_dir.mkdir(parents=True, exist_ok=True)
-    searcher = make_searcher(plan, exp_dir)
+    state_dir(plan).mkdir(parents=True, exist_ok=True)
+    searcher = make_searcher(plan)
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=make_scheduler(plan),
         num_samples=plan.num_samples if plan.kind == "sweep" else 1,

@@ -69,7 +69,7 @@ def _table(title: str, df: pd.DataFrame) -> Table:
     return t
 
 
-def optuna_plots(plan: RunPlan, exp_dir: Path, out: Path) -> list[Path]:
+def optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
     """Hyperparameter importance and parallel coordinates from the persisted study."""
     if plan.kind != "sweep":
         return []
@@ -83,7 +83,7 @@ def optuna_plots(plan: RunPlan, exp_dir: Path, out: Path) -> list[Path]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.load_study(study_name=plan.name,
-                              storage=f"sqlite:///{exp_dir / engine.OPTUNA_DB}")
+                              storage=f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     paths = []
     # The importance evaluator ranks params for *low* target values: negate a maximised one.
@@ -138,18 +138,19 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
     started = engine.init_ray(address)
     try:
         tuner = engine.build_tuner(plan, resume=resume,
-                                   callbacks=[MlflowSweepCallback(plan, exp_dir)])
+                                   callbacks=[MlflowSweepCallback(plan, exp_dir, engine.state_dir(plan))])
         results = tuner.fit()
     finally:
         if started:
             ray.shutdown()
-    callback = MlflowSweepCallback(plan, exp_dir)  # Tune ran its own (possibly restored) copy
+    callback = MlflowSweepCallback(plan, exp_dir, engine.state_dir(plan))  # for the summary
     callback.setup()
+    callback.close_unfinished()
     df = results_frame(results)
     best = best_rows(plan, df)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        plots = optuna_plots(plan, exp_dir, out) if not df.empty else []
+        plots = optuna_plots(plan, out) if not df.empty else []
         finish_parent(callback, plan, df, best, plots, out)
     title = ("Pareto front (" + " vs ".join(f"{m} {d}" for m, d in zip(plan.metric, plan.mode))
              + ")") if plan.multi_objective else f"best trials by {plan.metric[0]} ({plan.mode[0]})"

@@ -43,12 +43,13 @@ def _now_ms() -> int:
 
 
 class MlflowSweepCallback(Callback):
-    def __init__(self, plan: RunPlan, exp_dir: Path) -> None:
+    def __init__(self, plan: RunPlan, exp_dir: Path, state_dir: Path) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.plan = plan
         self.exp_dir = exp_dir
-        self.state_path = exp_dir / STATE_FILE
+        self.state_dir = state_dir
+        self.state_path = state_dir / STATE_FILE
         self.state: dict[str, Any] = {}
         self.uri = tracking.tracking_uri()
         self.client = None
@@ -94,6 +95,7 @@ class MlflowSweepCallback(Callback):
 
     def load_state(self) -> None:
         """Read the run map from disk: after a resume this object may be an old unpickled copy."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state = {"parent": None, "children": {}, "steps": {}, "done": []}
         if self.state_path.exists():
             self.state.update(json.loads(self.state_path.read_text()))
@@ -126,7 +128,7 @@ class MlflowSweepCallback(Callback):
             from d3tune.engine import OPTUNA_DB
 
             tags.update({"d3tune.study": self.plan.name,
-                         "d3tune.optuna_storage": f"sqlite:///{self.exp_dir / OPTUNA_DB}"})
+                         "d3tune.optuna_storage": f"sqlite:///{self.state_dir / OPTUNA_DB}"})
         return tags
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -154,11 +156,18 @@ class MlflowSweepCallback(Callback):
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def _ensure_setup(self) -> None:
+        """Tune does not call ``setup`` on a callback restored by ``Tuner.restore``."""
+        if not self.state:
+            self.setup()
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ensure_setup()
         self._child(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
+        self._ensure_setup()
         run_id = self._child(trial)
         step = int(result.get("epoch", 0))
         if run_id is None or step <= self.state["steps"].get(trial.trial_id, 0):
@@ -172,6 +181,7 @@ class MlflowSweepCallback(Callback):
     def _finish(self, trial: Any, status: str) -> None:
         from mlflow.entities import Metric, RunTag
 
+        self._ensure_setup()
         run_id = self._child(trial)
         if run_id is None or trial.trial_id in self.state["done"]:
             return
@@ -184,6 +194,16 @@ class MlflowSweepCallback(Callback):
         self._call("status", lambda: self.client.set_terminated(run_id, status))
         self.state["done"].append(trial.trial_id)
         self._save()
+
+    def close_unfinished(self) -> int:
+        """After a sweep ends, a child run whose trial never finished (killed with the driver
+        and not continued by Tune) is marked KILLED rather than left RUNNING forever."""
+        closed = 0
+        for tid, run_id in self.state.get("children", {}).items():
+            if tid not in self.state.get("done", []) and self.client is not None:
+                self._call("close run", lambda r=run_id: self.client.set_terminated(r, "KILLED"))
+                closed += 1
+        return closed
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FINISHED")

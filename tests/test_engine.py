@@ -22,14 +22,14 @@ base:
 """
 
 
-def write_spec(tmp_path: Path, body: str, name: str = "spec") -> Path:
+def write_spec(tmp_path: Path, body: str, name: str = "spec", concurrent: int = 2) -> Path:
     p = tmp_path / f"{name}.yaml"
     p.write_text(textwrap.dedent(f"""
         name: {name}
         storage: {tmp_path / 'tune'}
         cache_dir: {tmp_path / 'cache'}
         experiment: test
-        max_concurrent: 2
+        max_concurrent: {concurrent}
         """) + TINY_BASE + textwrap.dedent(body))
     return p
 
@@ -70,7 +70,7 @@ def test_four_trial_sweep_logs_one_parent_four_children(local_ray, tmp_path, mlf
     # four defense trials on one attack: the backdoored model was trained once
     assert int(df["cache_builds"].sum()) == 1
     assert len(list((tmp_path / "cache").rglob("model.safetensors"))) == 1
-    assert (tmp_path / "tune" / "spec" / "optuna.db").exists()
+    assert (tmp_path / "tune" / "spec.d3tune" / "optuna.db").exists()
 
 
 def test_multi_objective_sweep_reports_a_pareto_front(local_ray, tmp_path, mlflow_db):
@@ -94,7 +94,7 @@ def test_multi_objective_sweep_reports_a_pareto_front(local_ray, tmp_path, mlflo
     import optuna
 
     study = optuna.load_study(study_name="multi",
-                              storage=f"sqlite:///{tmp_path / 'tune' / 'multi' / 'optuna.db'}")
+                              storage=f"sqlite:///{tmp_path / 'tune' / 'multi.d3tune' / 'optuna.db'}")
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
 
 
@@ -148,19 +148,20 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
         metric: der
         mode: max
         num_samples: 4
-        max_concurrent: 1
         scheduler: {name: none}
-        """, name="resume")
+        """, name="resume", concurrent=1)
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    state = tmp_path / "tune" / "resume" / "mlflow_state.json"
+    state = tmp_path / "tune" / "resume.d3tune" / "mlflow_state.json"
     cmd = [sys.executable, "-m", "d3tune", "sweep", str(spec)]
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        finished = _wait_for(lambda: state.exists() and
-                             len(json.loads(state.read_text())["done"]) >= 1, 600)
-        assert finished, "no trial finished before the kill"
+        finished = _wait_for(lambda: first.poll() is not None or (
+            state.exists() and len(json.loads(state.read_text())["done"]) >= 1), 600)
+        assert finished and first.poll() is None, log.read_text()[-3000:]
         done_before = json.loads(state.read_text())["done"]
         os.killpg(first.pid, signal.SIGKILL)
     finally:
@@ -175,10 +176,18 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
     final = json.loads(state.read_text())
     assert len(final["done"]) == 4 and len(set(final["done"])) == 4
     assert set(done_before) <= set(final["done"])
-    assert len(parents) == 4  # one child per trial: none lost, none duplicated
-    assert all(steps[c] == 4 for c in parents)
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        status = dict(con.execute("select run_uuid, status from runs"))
+    finished = [c for c in parents if status[c] == "FINISHED"]
+    # one finished child per finished trial (none lost, none duplicated); a trial that was in
+    # flight at the kill and not continued is closed as KILLED, not left RUNNING
+    assert sorted(finished) == sorted(final["children"][t] for t in final["done"])
+    assert all(status[c] == "KILLED" for c in parents if c not in finished)
+    assert all(steps[c] == 4 for c in finished)
     study = optuna.load_study(study_name="resume",
-                              storage=f"sqlite:///{tmp_path / 'tune' / 'resume' / 'optuna.db'}")
+                              storage=f"sqlite:///{tmp_path / 'tune' / 'resume.d3tune' / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= 4 and len(complete) >= len(done_before)
 

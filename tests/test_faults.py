@@ -75,7 +75,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path,
         num_samples: 2
         max_failures: 2
         """)
-    state = tmp_path / "tune" / "retry" / "mlflow_state.json"
+    state = tmp_path / "tune" / "retry.d3tune" / "mlflow_state.json"
     killed: list[int] = []
 
     def killer() -> None:  # SIGKILL the first trial's worker once it reported epoch >= 2
@@ -147,7 +147,7 @@ def test_mlflow_store_lost_mid_sweep_keeps_results_and_completes(local_ray, tmp_
               defense.lr: {loguniform: [0.005, 0.05]}
             num_samples: 3
             """)
-        state = tmp_path / "tune" / "outage" / "mlflow_state.json"
+        state = tmp_path / "tune" / "outage.d3tune" / "mlflow_state.json"
 
         def stop_server() -> None:  # the store goes away once the first trial is logging
             end = time.monotonic() + 600
