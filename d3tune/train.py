@@ -7,7 +7,9 @@ LR schedule identical across methods, so comparisons measure the methods, not th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+# Logs may be floats or 0-dim tensors (read once per epoch, so a GPU is not synced every step).
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor],
+                  tuple[torch.Tensor, dict[str, float | torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,52 @@ class Augment:
     hflip: bool = False
 
 
+# ---------------------------------------------------------------------------------------------
+# Device and precision. Every switch is off on CPU by default, so CPU numerics stay as they were;
+# environment variables because they are properties of the machine, not of the experiment.
+
+AMP_ENV = "D3TUNE_AMP"  # "bf16": bfloat16 autocast of forward passes (default: off)
+CHANNELS_LAST_ENV = "D3TUNE_CHANNELS_LAST"  # "auto" (default: on CUDA only) | "1" | "0"
+COMPILE_ENV = "D3TUNE_COMPILE"  # "1": torch.compile the model in place (default: off)
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip().lower()
+
+
+def autocast_dtype() -> torch.dtype | None:
+    value = _env(AMP_ENV)
+    if value in ("", "0", "off", "none", "fp32", "float32"):
+        return None
+    if value in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    raise ValueError(f"{AMP_ENV}={value!r}: expected bf16 or off")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move to ``device``; channels_last on CUDA (or where D3TUNE_CHANNELS_LAST=1); compile in
+    place (state-dict keys unchanged) where D3TUNE_COMPILE=1."""
+    model = model.to(device)
+    cl = _env(CHANNELS_LAST_ENV, "auto")
+    if cl in ("1", "on", "true") or (cl == "auto" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+    if _env(COMPILE_ENV) in ("1", "on", "true"):
+        model.compile()
+    return model
+
+
 def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Pad by ``pad`` and cut a random HxW window per sample: one gather, no Python loop."""
     if pad <= 0:
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device, non_blocking=True)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device, non_blocking=True)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     batch = torch.arange(n, device=x.device)[:, None, None, None]
@@ -45,7 +87,7 @@ def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.
 
 
 def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device, non_blocking=True)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
@@ -56,7 +98,7 @@ def augment(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.
 
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     loss = F.cross_entropy(model(x), y)
-    return loss, {"loss": loss.item()}
+    return loss, {"loss": loss.detach()}  # a tensor: fit reads it once per epoch, not per step
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None,
@@ -64,7 +106,7 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None,
     """Index batches over n samples, shuffled when a generator is given; the last may be short
     (the reference keeps it: with tiny clean sets dropping it would drop the data)."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(device)
+    order = order.to(device, non_blocking=True)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
 
@@ -97,20 +139,22 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
             scheduler.load_state_dict(resume["scheduler"])
         generator.set_state(resume["generator"])
         start_epoch = int(resume["epoch"])
+    amp = autocast_dtype()
     for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
-        totals: dict[str, float] = {}
+        totals: dict[str, list[float | torch.Tensor]] = {}
         steps = 0
         for idx in batches(len(x), batch_size, generator, x.device):
             xb = augment(x[idx], aug, generator)
-            loss, logs = loss_fn(model, xb, y[idx])
+            with autocast(x.device, amp):
+                loss, logs = loss_fn(model, xb, y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if after_step is not None:
                 after_step()
-            for k, v in logs.items():
-                totals[k] = totals.get(k, 0.0) + v
+            for k, v in logs.items():  # tensors stay on the device: no sync per step
+                totals.setdefault(k, []).append(v)
             steps += 1
         if scheduler is not None:
             scheduler.step()
@@ -118,16 +162,22 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batc
             save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict() if scheduler is not None else {},
                   "generator": generator.get_state()})
-        if on_epoch is not None and on_epoch(epoch, {k: v / max(1, steps) for k, v in totals.items()}):
+        means = {k: sum(float(v) for v in vs) / max(1, steps) for k, vs in totals.items()}
+        if on_epoch is not None and on_epoch(epoch, means):
             return
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Predicted labels in eval mode (BatchNorm uses running statistics)."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Predicted labels in eval mode (BatchNorm uses running statistics). Default batch: 1024 on
+    a GPU; 128 on a CPU, where it stays in cache and is 10-40 % faster than 1024 with the same
+    logits (benchmarks/README.md)."""
+    batch_size = batch_size or (1024 if x.device.type == "cuda" else 128)
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]) \
-        if len(x) else torch.empty(0, dtype=torch.int64, device=x.device)
+    with autocast(x.device, autocast_dtype()):
+        out = torch.cat([model(x[i:i + batch_size]).argmax(1)
+                         for i in range(0, len(x), batch_size)]) \
+            if len(x) else torch.empty(0, dtype=torch.int64, device=x.device)
     model.train(was_training)
     return out
