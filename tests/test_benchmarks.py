@@ -1,0 +1,242 @@
+"""The benchmarks compare like with like: the BackdoorBench-style pipeline in
+benchmarks/d3_pipeline.py computes what d3tune computes (loss, augmentation, metrics), and the
+GPU-path switches in d3tune.train leave CPU runs working. No timed assertions."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import transforms
+
+from d3tune.attacks import Backdoor
+from d3tune.config import resolve, trial_config
+from d3tune.data import Dataset, load_dataset
+from d3tune.defenses import d3
+from d3tune.metrics import EvalSets, evaluate
+from d3tune.models import ModelSpec, Normalize, build_model
+from d3tune.train import (AMP_ENV, CHANNELS_LAST_ENV, Augment, augment, autocast_dtype,
+                          cross_entropy, fit, make_sgd, predict, prepare_model)
+from d3tune.trial import clean_subset, generator, model_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+dp = _load("d3_pipeline")
+tp = _load("trial_phases")
+CPU = torch.device("cpu")
+
+
+def small_cnn(channels: int = 1, size: int = 16, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("cnn", ModelSpec(10, channels, size, (0.3,) * channels, (0.3,) * channels))
+
+
+@pytest.fixture(scope="module")
+def small_digits() -> Dataset:
+    d = load_dataset("digits")
+    return Dataset(d.name, d.x_train[:300], d.y_train[:300], d.x_test[:120], d.y_test[:120],
+                   d.num_classes, d.mean, d.std, d.hflip)
+
+
+@pytest.fixture(scope="module")
+def setup(small_digits) -> "dp.Setup":
+    """A Setup like d3_pipeline's, on a slice of digits, with a briefly trained model."""
+    cfg = resolve(trial_config({"device": "cpu", "data": {"clean_count": 32},
+                                "defense": {"epochs": 2, "batch_size": 32}}))
+    data = small_digits
+    backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"))
+    x, y, _ = backdoor.training_set()
+    model = model_for(cfg, data, CPU)
+    opt, sched = make_sgd(model.parameters(), 0.05, epochs=1)
+    fit(model, x, y, epochs=1, batch_size=32, optimizer=opt, scheduler=sched, aug=Augment(),
+        generator=torch.Generator().manual_seed(0))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:  # exact BatchNorm statistics, so a short training predicts varied classes
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    for m in bns:
+        m.momentum = 0.1
+    sets = EvalSets(data.x_test, data.y_test, *backdoor.test_set())
+    x_clean, y_clean = clean_subset(cfg, data)
+    return dp.Setup(cfg, data, model.state_dict(), sets, x_clean, y_clean, CPU)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference-style pipeline computes what d3tune computes
+
+
+@pytest.mark.parametrize("layer", ["linear", "features"])
+@pytest.mark.parametrize("lmd,p", [(0.5, 2.0), (2.0, 1.0)])
+def test_reference_loss_and_projection_match_d3tune(layer, lmd, p):
+    model = small_cnn()
+    ref_layers = dp.ref_select(model, layer)
+    ours = [m.weight for m in d3.selected_modules(model, layer)]
+    assert [m.weight for m in ref_layers] == ours
+    w0 = [w.detach().clone() for w in ours]
+    with torch.no_grad():
+        for w in ours:
+            w.add_(0.05 * torch.randn_like(w))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (12, 1, 16, 16), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (12,), generator=g)
+    prm = d3.Params(eps=0.1, lmd=lmd, p=p)
+
+    logits = model(x)
+    ref_loss, ref_clean, ref_dist = dp.ref_loss(logits, y, ref_layers, w0, lmd, 0.1, p)
+    dist = d3.distance(ours, w0, p)
+    loss, clean = d3.d3_loss(logits, y, dist, prm)
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(clean, ref_clean)
+    torch.testing.assert_close(dist, ref_dist)
+    ref_grads = torch.autograd.grad(ref_loss, ours, retain_graph=True)
+    grads = torch.autograd.grad(loss, ours)
+    for a, b in zip(ref_grads, grads):
+        torch.testing.assert_close(a, b)
+
+    before = [w.detach().clone() for w in ours]
+    d3.project(ours, [w.norm(p) for w in w0], p)
+    mine = [w.detach().clone() for w in ours]
+    with torch.no_grad():
+        for w, b in zip(ours, before):
+            w.copy_(b)
+    dp.ref_project(ref_layers, w0, p)
+    for a, m in zip(ref_layers, mine):
+        torch.testing.assert_close(a.weight.detach(), m)
+
+
+@pytest.mark.parametrize("channels,hflip", [(1, False), (3, True)])
+def test_reference_transforms_match_batched_augmentation(monkeypatch, channels, hflip):
+    """Same crop offsets and flips -> the same normalised images, pixel for pixel."""
+    n, size = 24, 12
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    y = torch.zeros(n, dtype=torch.int64)
+    mean, std = (0.4,) * channels, (0.2,) * channels
+    data = Dataset("t", x, y, x, y, 10, mean, std, hflip)
+
+    gen = torch.Generator().manual_seed(5)
+    probe = torch.Generator()
+    probe.set_state(gen.get_state())  # the offsets and flips augment() is about to draw
+    dy = torch.randint(0, 9, (n,), generator=probe)
+    dx = torch.randint(0, 9, (n,), generator=probe)
+    flip = torch.rand(n, generator=probe) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    ours = Normalize(mean, std)(augment(x, Augment(pad=4, hflip=hflip), gen))
+
+    tf = dp.ref_transform(data, train=True)
+    flips = [t for t in tf.transforms if isinstance(t, transforms.RandomHorizontalFlip)]
+    assert len(flips) == int(hflip)
+    pil = dp.to_pil(x)
+    for i in range(n):
+        monkeypatch.setattr(transforms.RandomCrop, "get_params", staticmethod(
+            lambda img, out, i=i: (int(dy[i]), int(dx[i]), size, size)))
+        for f in flips:
+            f.p = 1.0 if flip[i] else 0.0
+        torch.testing.assert_close(tf(pil[i]), ours[i], rtol=0, atol=1e-6)
+    assert {0, 8} & set(dy.tolist()) and (flip.any() or not hflip)  # borders and flips occurred
+
+
+def test_both_evaluations_agree(setup):
+    model = dp.model_for_eval(setup)
+    ours = evaluate(model, setup.sets)
+    rd = dp.ref_data(setup)
+    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True)  # noqa: E731
+    ref = dp.ref_eval_step(dp.ref_model(setup), loader(rd.clean_test), loader(rd.bd_test), CPU)
+    assert ours == pytest.approx(ref, abs=1e-6)  # same counts (float32 vs float64 division)
+    assert len(predict(model, setup.sets.x_clean).unique()) >= 3  # not one constant class
+
+
+def test_both_pipelines_run_and_report_metrics(setup):
+    a = dp.run_d3tune(setup)
+    b = dp.run_reference(setup, dp.ref_data(setup))
+    for r in (a, b):
+        assert set(r.final) == {"acc", "asr", "ra"}
+        assert all(0.0 <= v <= 1.0 for v in r.final.values())
+        assert 0.0 < r.eval_seconds < r.seconds
+
+
+# --------------------------------------------------------------------------------------------
+# GPU-path switches, exercised on the CPU
+
+
+def test_switches_are_off_by_default_on_cpu(monkeypatch):
+    for name in (AMP_ENV, CHANNELS_LAST_ENV, "D3TUNE_COMPILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert autocast_dtype() is None
+    model = prepare_model(small_cnn(), CPU)
+    conv = model.features[0][0].weight
+    assert conv.is_contiguous() and not getattr(model, "_compiled_call_impl", None)
+    monkeypatch.setenv(AMP_ENV, "fp8")
+    with pytest.raises(ValueError, match=AMP_ENV):
+        autocast_dtype()
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (32, 3, 16, 16), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (32,), generator=g)
+    reference = predict(small_cnn(3), x)
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "1")
+    model = prepare_model(small_cnn(3), CPU)
+    assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert (predict(model, x) == reference).float().mean() > 0.95  # same model, other layout
+    monkeypatch.setenv(AMP_ENV, "bf16")
+    assert autocast_dtype() is torch.bfloat16
+    seen = []
+    opt, sched = make_sgd(model.parameters(), 0.01, epochs=2)
+    fit(model, x, y, epochs=2, batch_size=32, optimizer=opt, scheduler=sched,
+        aug=Augment(hflip=True), generator=torch.Generator().manual_seed(0),
+        on_epoch=lambda e, logs: seen.append(logs["loss"]))
+    assert len(seen) == 2 and all(math.isfinite(v) for v in seen)
+    assert predict(model, x).shape == (32,)
+
+
+def test_tensor_logs_give_the_same_epoch_means_as_float_logs():
+    """fit reads tensor logs once per epoch; the means equal the per-step .item() version."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (40, 1, 16, 16), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 10, (40,), generator=g)
+
+    def run(loss_fn):
+        model = small_cnn()
+        opt, sched = make_sgd(model.parameters(), 0.01, epochs=1)
+        seen = []
+        fit(model, x, y, epochs=1, batch_size=16, optimizer=opt, scheduler=sched, aug=Augment(),
+            generator=torch.Generator().manual_seed(0), loss_fn=loss_fn,
+            on_epoch=lambda e, logs: seen.append(logs))
+        return seen
+
+    def as_floats(model, xb, yb):
+        loss, logs = cross_entropy(model, xb, yb)
+        return loss, {k: float(v) for k, v in logs.items()}
+
+    assert run(cross_entropy) == run(as_floats)
+
+
+# --------------------------------------------------------------------------------------------
+# trial_phases.py
+
+
+def test_trial_phases_measures_a_small_trial(tmp_path, small_digits):
+    r = tp.measure({"device": "cpu", "train": {"epochs": 1}, "defense": {"epochs": 1}},
+                   str(tmp_path), data=small_digits)
+    assert {"load", "attack_train", "poison", "defense", "evaluate"} <= set(r["seconds"])
+    assert r["rss_peak_mib"] >= r["rss_base_mib"] > 0 and r["vram_peak_mib"] is None
+    assert r["n_train"] == 300 and r["n_clean"] == 30
+    out = tp.phase_table(r)
+    assert "| **total** |" in out and "peak RSS" in out
+    row = tp.growth_row(0.1, r)
+    assert len(row) == len(tp.GROWTH_HEADER) and row[3] == 1  # 30 images in batches of 32
