@@ -28,6 +28,7 @@ defense epoch and at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -184,7 +185,8 @@ def packing(spec: dict[str, Any], ks: list[int], n_trials: int, cpus_per_trial: 
                 run_config=tune.RunConfig(storage_path=str(Path(cache_dir) / "ray"),
                                           name=f"pack{k}"))
             start = time.perf_counter()
-            results = tuner.fit()
+            with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: keep stdout Markdown
+                results = tuner.fit()
             wall = time.perf_counter() - start
             errors = sum(1 for r in results if r.error)
         finally:
