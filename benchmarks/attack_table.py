@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from d3tune.attacks import ATTACKS, Backdoor, split_state
+from d3tune.attacks import ATTACKS, Backdoor, split_state, trained_attacks
 from d3tune.cache import ModelCache
 from d3tune.config import TrialConfig, resolve, trial_config
 from d3tune.data import Dataset, load_dataset
@@ -38,8 +38,8 @@ ACC_SLACK = 0.03
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--attacks", default=",".join(ATTACKS.names()),
-                    help="comma-separated attack names (default: all registered)")
+    ap.add_argument("--attacks", default=",".join(trained_attacks()),
+                    help="comma-separated attack names (default: all that train a model)")
     ap.add_argument("--data", default="digits", help="comma-separated datasets (default: digits)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from d3tune.attacks import ATTACKS
+from d3tune.attacks import ATTACKS, trained_attacks
 from d3tune.cache import ModelCache
 from d3tune.config import resolve, trial_config
 from d3tune.data import load_dataset
@@ -41,15 +41,15 @@ METRICS = ("acc", "asr", "ra", "der", "seconds")
 NO_EPOCH_EVAL = 10**9  # eval.every: evaluate only at the last epoch (and at the end)
 
 
-def names(arg: str | None, registry) -> list[str]:
+def names(arg: str | None, registry, default: list[str] | None = None) -> list[str]:
     if not arg:
-        return registry.names()
+        return default if default is not None else registry.names()
     return [registry.check(n.strip()) for n in arg.split(",") if n.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--attacks", help="comma-separated attack names (default: all registered)")
+    ap.add_argument("--attacks", help="comma-separated attack names (default: all that train a model)")
     ap.add_argument("--defenses", help="comma-separated defense names (default: all registered)")
     ap.add_argument("--data", default="digits", help="dataset (default: digits)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default: 1)")
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    attacks, defenses = names(args.attacks, ATTACKS), names(args.defenses, DEFENSES)
+    attacks, defenses = names(args.attacks, ATTACKS, trained_attacks()), names(args.defenses, DEFENSES)
     data = load_dataset(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         cache = ModelCache(Path(args.cache) if args.cache else Path(tmp))

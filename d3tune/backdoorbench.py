@@ -204,6 +204,44 @@ def _poison_train_index(record: Mapping[str, Any]) -> torch.Tensor | None:
     return torch.from_numpy(np.flatnonzero(indicator == 1).astype(np.int64))
 
 
+@dataclass(frozen=True)
+class Header:
+    """What a record says about its model and data, without reading the poisoned test images:
+    enough to fill a trial's dataset and architecture and to check them (``d3tune run``)."""
+
+    model_name: str
+    arch: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    clean_data: str
+    dataset: str | None
+    data_path: str
+
+
+def _header(record: Mapping[str, Any], path: Path) -> Header:
+    model_name = str(_field(record, path, "model_name"))
+    if model_name in UNSUPPORTED_MODELS:
+        raise _fail(path, f"model {model_name!r} is not supported: "
+                          f"{UNSUPPORTED_MODELS[model_name]}")
+    if model_name not in MODEL_NAMES:
+        raise _fail(path, f"model {model_name!r} is not supported; supported BackdoorBench "
+                          f"models: {', '.join(sorted(MODEL_NAMES))}")
+    try:
+        num_classes = int(_field(record, path, "num_classes"))
+    except (TypeError, ValueError):
+        raise _fail(path, "field 'num_classes' is not an integer") from None
+    shape = _image_shape(_field(record, path, "img_size"), path)
+    clean_data = str(_field(record, path, "clean_data"))
+    return Header(model_name, MODEL_NAMES[model_name], num_classes, shape, clean_data,
+                  DATASET_NAMES.get(clean_data), str(record.get("data_path", "")))
+
+
+def read_header(path: str | Path) -> Header:
+    """The record's model and data description (safe load; the PNGs are not read)."""
+    path = Path(path).expanduser()
+    return _header(_load_record(path), path)
+
+
 def load_attack_result(path: str | Path) -> AttackResult:
     """Load ``attack_result.pt`` (and its ``bd_test_dataset`` PNGs) without running its code.
 
@@ -213,29 +251,18 @@ def load_attack_result(path: str | Path) -> AttackResult:
     """
     path = Path(path).expanduser()
     record = _load_record(path)
-    model_name = str(_field(record, path, "model_name"))
-    if model_name in UNSUPPORTED_MODELS:
-        raise _fail(path, f"model {model_name!r} is not supported: "
-                          f"{UNSUPPORTED_MODELS[model_name]}")
-    if model_name not in MODEL_NAMES:
-        raise _fail(path, f"model {model_name!r} is not supported; supported BackdoorBench "
-                          f"models: {', '.join(sorted(MODEL_NAMES))}")
+    head = _header(record, path)
     state = _field(record, path, "model")
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise _fail(path, "field 'model' is not a state dict of tensors")
-    try:
-        num_classes = int(_field(record, path, "num_classes"))
-    except (TypeError, ValueError):
-        raise _fail(path, "field 'num_classes' is not an integer") from None
-    shape = _image_shape(_field(record, path, "img_size"), path)
-    clean_data = str(_field(record, path, "clean_data"))
-    x, y_target, y_true, index = _bd_test(record, shape, path.parent, path)
-    mean, std = NORMALIZATION.get(clean_data, (None, None))
-    log.info("loaded %s: %s on %s, %d poisoned test images", path, model_name, clean_data, len(x))
+    x, y_target, y_true, index = _bd_test(record, head.image_shape, path.parent, path)
+    mean, std = NORMALIZATION.get(head.clean_data, (None, None))
+    log.info("loaded %s: %s on %s, %d poisoned test images", path, head.model_name,
+             head.clean_data, len(x))
     return AttackResult(
-        path=path, state_dict=dict(state), model_name=model_name, arch=MODEL_NAMES[model_name],
-        num_classes=num_classes, image_shape=shape, clean_data=clean_data,
-        dataset=DATASET_NAMES.get(clean_data), data_path=str(record.get("data_path", "")),
-        mean=mean, std=std, x_bd_test=x, y_bd_target=y_target, y_bd_true=y_true,
-        bd_test_index=index, poison_train_index=_poison_train_index(record))
+        path=path, state_dict=dict(state), model_name=head.model_name, arch=head.arch,
+        num_classes=head.num_classes, image_shape=head.image_shape, clean_data=head.clean_data,
+        dataset=head.dataset, data_path=head.data_path, mean=mean, std=std, x_bd_test=x,
+        y_bd_target=y_target, y_bd_true=y_true, bd_test_index=index,
+        poison_train_index=_poison_train_index(record))

@@ -47,7 +47,30 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "defense.epochs": args.epochs, "defense.lr": args.lr, "device": args.device}
     base.update({k: v for k, v in flags.items() if v is not None})
     base.update(dict(_kv(s) for s in args.set or []))
+    if getattr(args, "attack_result", None):
+        base.update(_imported_fields(args.attack_result, base))
     return unflatten(base)
+
+
+def _imported_fields(path: str, base: dict[str, Any]) -> dict[str, Any]:
+    """--attack-result PATH: the BackdoorBench record's attack; its dataset and architecture
+    unless given (a mismatch is reported by the input check that follows)."""
+    from pathlib import Path
+
+    from d3tune.attacks.imported import NAME
+    from d3tune.backdoorbench import read_header
+
+    if base.get("attack.name", NAME) != NAME:
+        raise UsageError(f"--attack-result: the record brings its own attack; drop --attack "
+                         f"{base['attack.name']}")
+    full = str(Path(path).expanduser().absolute())
+    header = read_header(full)
+    out: dict[str, Any] = {"attack.name": NAME, "attack.result": full}
+    if "data.name" not in base and header.dataset is not None:
+        out["data.name"] = header.dataset
+    if "model.arch" not in base:
+        out["model.arch"] = header.arch
+    return out
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -107,6 +130,9 @@ def _add_trial_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="defense epochs")
     p.add_argument("--lr", type=float, help="defense learning rate")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--attack-result", metavar="PATH",
+                   help="defend a BackdoorBench model: its attack_result.pt (bd_test_dataset/ "
+                   "beside it); the clean data comes from --data-dir")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any trial field, e.g. --set defense.eps=0.2 (repeatable)")
 

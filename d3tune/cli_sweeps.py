@@ -10,7 +10,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.spec, "sweep", num_samples=args.num_samples)
     plan = _with_overrides(plan, args)
-    check_data_dirs(plan)
+    check_inputs(plan)
     run_plan(plan, resume=args.resume, address=args.address)
     return 0
 
@@ -20,7 +20,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from d3tune.sweeps import run_plan
 
     plan = _with_overrides(load_plan(args.spec, "ablation"), args)
-    check_data_dirs(plan)
+    check_inputs(plan)
     run_plan(plan, resume=args.resume, address=args.address)
     return 0
 
@@ -54,27 +54,33 @@ def cmd_defaults(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_data_dirs(plan) -> None:
-    """Every dataset a trial of the plan can use (base, grid cells, `choice` values) has its
-    local folder: a missing data_dir fails here, in one line, before Ray starts."""
+INPUT_FIELDS = ("data.name", "data.data_dir", "attack.name", "attack.result", "model.arch")
+
+
+def check_inputs(plan) -> None:
+    """Every dataset folder and imported model a trial of the plan can use (base, grid cells,
+    `choice` values) exists and fits: a problem fails here, in one line, before Ray starts."""
     import itertools
 
-    from d3tune.config import DataConfig, TrialConfig, flatten, unflatten
+    from d3tune.config import flatten, resolve, trial_config, unflatten
     from d3tune.errors import UsageError
     from d3tune.runner import check_paths
 
     overrides = list(plan.cells)
     if plan.kind == "sweep":
-        dists = [d for d in plan.space if d.path in ("data", "data.name", "data.data_dir")]
+        dists = [d for d in plan.space if d.path in INPUT_FIELDS or d.path in ("data", "attack")]
         overrides = [{d.path: v for d, v in zip(dists, combo)}
                      for combo in itertools.product(*(d.extremes() for d in dists))]
-    pairs = set()
+    seen: set[str] = set()
     for cell in overrides or [{}]:
-        data = unflatten({**flatten(plan.base), **cell}).get("data") or {}
-        pairs.add((data.get("name", DataConfig.name), data.get("data_dir")))
-    for name, data_dir in sorted(pairs, key=repr):
+        flat = {**flatten(plan.base), **cell}
+        inputs = {k: v for k, v in flat.items() if k in INPUT_FIELDS or k.startswith("data.")}
+        sig = repr(sorted(inputs.items()))
+        if sig in seen:
+            continue
+        seen.add(sig)
         try:
-            check_paths(TrialConfig(data=DataConfig(name=name, data_dir=data_dir)))
+            check_paths(resolve(trial_config(unflatten(flat))))
         except UsageError as exc:
             raise UsageError(f"{plan.source}: {exc}") from None
 
@@ -85,12 +91,13 @@ def _with_overrides(plan, args: argparse.Namespace):
 
     from d3tune.config import flatten, trial_config, unflatten
     from d3tune.errors import UsageError
+    from d3tune.spec import absolute
 
     base = flatten(plan.base)
     if args.dataset:
         base["data.name"] = args.dataset
     if args.data_dir:
-        base["data.data_dir"] = args.data_dir
+        base["data.data_dir"] = absolute(args.data_dir)
     try:
         trial_config(unflatten(base))
     except UsageError as exc:
@@ -102,7 +109,7 @@ def _with_overrides(plan, args: argparse.Namespace):
                              "folder, shared by all nodes on a cluster (e.g. NFS)")
         changes["storage"] = args.storage
     if args.cache_dir:
-        changes["cache_dir"] = args.cache_dir
+        changes["cache_dir"] = absolute(args.cache_dir)
     if args.experiment:
         changes["experiment"] = args.experiment
     return replace(plan, **changes)

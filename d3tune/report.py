@@ -23,7 +23,7 @@ from d3tune.errors import UsageError
 log = logging.getLogger(__name__)
 
 FINAL_METRICS = ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der")
-POPULATION = ("attack.name", "data.name", "model.arch", "seed")  # what a default must hold across
+POPULATION = ("attack.name", "attack.result", "data.name", "model.arch", "seed")  # held across
 IGNORED = {"device", "data.data_dir"}
 
 

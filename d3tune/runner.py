@@ -14,25 +14,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from d3tune import tracking
+from d3tune.attacks import ATTACKS
 from d3tune.cache import ModelCache
 from d3tune.config import TrialConfig, flatten, to_dict
 from d3tune.data import DATASETS
 from d3tune.errors import UsageError
-from d3tune.trial import TrialResult, run_trial
+from d3tune.trial import TrialResult, check_import, imported_model, run_trial
 
 log = logging.getLogger(__name__)
 
 
 def check_paths(cfg: TrialConfig) -> None:
-    """Fail on a missing data folder before anything is trained."""
+    """Fail on a missing data folder, or an imported model that cannot be read or does not fit
+    the trial, before anything is trained (``cfg`` resolved)."""
+    entry = ATTACKS[cfg.attack.name]
+    imported = entry.load_backdoor(cfg.attack.params) if entry.load_backdoor else None
+    if imported is not None:
+        check_import(cfg, imported)
+        imported_model(cfg, imported, torch.device("cpu"))  # the weights fit the architecture
     if DATASETS[cfg.data.name].needs_data_dir:
+        hint = f" (the imported model was trained on {imported.data_hint})" if imported else ""
         if not cfg.data.data_dir:
-            raise UsageError(f"data.data_dir: dataset {cfg.data.name!r} needs --data-dir")
+            raise UsageError(f"data.data_dir: dataset {cfg.data.name!r} needs --data-dir{hint}")
         if not Path(cfg.data.data_dir).expanduser().is_dir():
             raise UsageError(f"data.data_dir: {cfg.data.data_dir!r} is not a directory")
 
@@ -68,9 +77,16 @@ def _param(key: str, value: str):
     return Param(key, value)
 
 
+def attack_label(cfg: TrialConfig) -> str:
+    """The attack's name, or for an imported model the record it came from."""
+    result = getattr(cfg.attack.params, "result", None)
+    return f"{cfg.attack.name} ({Path(result).parent.name}/{Path(result).name})" if result \
+        else cfg.attack.name
+
+
 def summary_table(cfg: TrialConfig, result: TrialResult) -> Table:
     m = result.metrics
-    t = Table(title=f"{cfg.attack.name} on {cfg.data.name} ({cfg.model.arch}), defense "
+    t = Table(title=f"{attack_label(cfg)} on {cfg.data.name} ({cfg.model.arch}), defense "
               f"{cfg.defense.name}, seed {cfg.seed}")
     for col in ("", "ACC", "ASR", "RA"):
         t.add_column(col, justify="right")

@@ -319,7 +319,30 @@ def ablation_plan(data: Any, source: str) -> RunPlan:
     return RunPlan(kind="ablation", cells=tuple(cells), num_samples=1, **common)
 
 
+PATH_FIELDS = ("data.data_dir", "attack.result")  # trial fields naming local files or folders
+
+
+def absolute(value: Any) -> Any:
+    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value
+
+
+def with_absolute_paths(plan: RunPlan) -> RunPlan:
+    """Relative paths in a spec mean the folder the user ran d3tune from; Tune runs each trial
+    in its own folder, so they are made absolute here, on the driver."""
+    from dataclasses import replace
+
+    fix = lambda flat: {k: absolute(v) if k in PATH_FIELDS else v  # noqa: E731
+                        for k, v in flat.items()}
+    space = tuple(replace(d, args=tuple(absolute(a) for a in d.args))
+                  if d.path in PATH_FIELDS and d.kind == "choice" else d for d in plan.space)
+    return replace(plan, base=unflatten(fix(flatten(plan.base))),
+                   cells=tuple(fix(c) for c in plan.cells), space=space,
+                   cache_dir=absolute(plan.cache_dir))
+
+
 def load_plan(path: str | Path, kind: str, num_samples: int | None = None) -> RunPlan:
     data = load_yaml(path)
     _expect(data is not None, str(path), "empty spec")
-    return sweep_plan(data, str(path), num_samples) if kind == "sweep" else ablation_plan(data, str(path))
+    plan = sweep_plan(data, str(path), num_samples) if kind == "sweep" \
+        else ablation_plan(data, str(path))
+    return with_absolute_paths(plan)

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from d3tune.attacks import Backdoor, Trainer, split_state, with_state
+from d3tune.attacks import ATTACKS, Backdoor, ImportedBackdoor, Trainer, split_state, with_state
 from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
 from d3tune.data import Dataset, load_dataset
+from d3tune.errors import UsageError
 from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
 from d3tune.models import MODELS, ModelSpec, build_model
@@ -64,11 +65,103 @@ def attack_settings(cfg: TrialConfig) -> dict[str, Any]:
             "attack": d["attack"], "arch": cfg.model.arch, "train": d["train"], "seed": cfg.seed}
 
 
-def model_for(cfg: TrialConfig, data: Dataset, device: torch.device) -> nn.Module:
+def model_for(cfg: TrialConfig, data: Dataset, device: torch.device,
+              normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+              ) -> nn.Module:
     torch.manual_seed(derive_seed(cfg.seed, "model-init"))
     c, h, w = data.shape
-    spec = ModelSpec(data.num_classes, c, min(h, w), data.mean, data.std)
+    mean, std = normalization or (data.mean, data.std)
+    spec = ModelSpec(data.num_classes, c, min(h, w), mean, std)
     return prepare_model(build_model(cfg.model.arch, spec), device)  # channels_last on CUDA
+
+
+def check_import(cfg: TrialConfig, imported: ImportedBackdoor,
+                 data: Dataset | None = None) -> None:
+    """An imported model fits the trial: its data is the trial's dataset (the defender's clean
+    subset and the clean test set come from there) and its architecture the trial's."""
+    src = imported.source
+    if imported.dataset is None:
+        raise UsageError(f"attack.result: {src} was trained on {imported.data_hint}, for which "
+                         "d3tune has no loader")
+    if cfg.data.name != imported.dataset:
+        raise UsageError(f"data.name: {cfg.data.name!r}, but {src} holds a model trained on "
+                         f"{imported.data_hint}: use --dataset {imported.dataset} and its "
+                         f"--data-dir")
+    if cfg.model.arch != imported.arch:
+        raise UsageError(f"model.arch: {cfg.model.arch!r}, but {src} holds a "
+                         f"{imported.arch!r}: use --arch {imported.arch}")
+    if data is not None and (data.num_classes, data.shape) != (imported.num_classes,
+                                                               imported.image_shape):
+        raise UsageError(f"data.data_dir: {data.name!r} there has {data.num_classes} classes of "
+                         f"{data.shape} images, {src} expects {imported.num_classes} of "
+                         f"{imported.image_shape}")
+
+
+def imported_model(cfg: TrialConfig, imported: ImportedBackdoor, device: torch.device,
+                   normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+                   ) -> nn.Module:
+    """Our architecture with the imported weights, normalising inputs as the other tool did
+    (``normalization`` when the file does not say). Only ``normalize.*`` may be missing from the
+    file (it lives in the other tool's data pipeline); anything else missing or extra means the
+    layouts differ, and is refused rather than half-loaded."""
+    c, h, w = imported.image_shape
+    if imported.mean is not None and imported.std is not None:
+        normalization = (imported.mean, imported.std)
+    mean, std = normalization or ((0.0,) * c, (1.0,) * c)
+    model = build_model(cfg.model.arch, ModelSpec(imported.num_classes, c, min(h, w), mean, std))
+    try:
+        missing, unexpected = model.load_state_dict(imported.state_dict, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise UsageError(f"attack.result: {imported.source}: its weights do not fit d3tune's "
+                         f"{cfg.model.arch!r} ({' '.join(str(exc).split())[:300]})") from None
+    missing = [k for k in missing if not k.startswith("normalize.")]
+    if missing or unexpected:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
+        what = "; ".join(p for p in (f"missing {few(missing)}" if missing else "",
+                                     f"unexpected {few(unexpected)}" if unexpected else "") if p)
+        raise UsageError(f"attack.result: {imported.source}: its weights do not fit d3tune's "
+                         f"{cfg.model.arch!r} ({what})")
+    return prepare_model(model, device)
+
+
+def backdoored_model(cfg: TrialConfig, data: Dataset, device: torch.device,
+                     cache: ModelCache | None,
+                     on_attack_epoch: Callable[[int, dict[str, float]], None] | None
+                     ) -> tuple[nn.Module, Callable[[], EvalSets], str, str]:
+    """(backdoored model, a function giving the evaluation sets, cache key, where the model came
+    from: "attack_train", "cache_load" or "import"): trained by the attack (through the cache),
+    or imported from a file for an attack that brings its own (``load_backdoor``)."""
+    entry = ATTACKS[cfg.attack.name]
+    if entry.load_backdoor is not None:
+        imported = entry.load_backdoor(cfg.attack.params)
+        check_import(cfg, imported, data)
+        model = imported_model(cfg, imported, device, (data.mean, data.std))
+        bd = tuple(t.to(device) for t in (imported.x_bd_test, imported.y_bd_target,
+                                          imported.y_bd_true))
+        return model, lambda: EvalSets(data.x_test, data.y_test, *bd), imported.key, "import"
+    # The attack is lazy: poisoning the training set (and any trigger optimisation) happens only
+    # when the backdoored model is built; a cache hit restores a stateful trigger instead.
+    backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"), device)
+    key = cache_key(attack_settings(cfg))
+
+    def build() -> Entry:
+        model, state = backdoor.train(Trainer(lambda x, y, **hooks: train_backdoored(
+            cfg, data, x, y, device, on_attack_epoch, **hooks), cfg.train.epochs,
+            cfg.train.batch_size))
+        return Entry(with_state(model.state_dict(), state), {"settings": attack_settings(cfg)})
+
+    if cache is not None:
+        cached, built = cache.get_or_build(key, build)
+    else:
+        cached, built = build(), True
+    weights, state = split_state(cached.tensors)
+    model = model_for(cfg, data, device)
+    model.load_state_dict(weights)
+    if not built:
+        backdoor.restore({k: v.to(device) for k, v in state.items()})
+    return (model, lambda: EvalSets(data.x_test, data.y_test, *backdoor.test_set()), key,
+            "attack_train" if built else "cache_load")
 
 
 def train_backdoored(cfg: TrialConfig, data: Dataset, x: torch.Tensor, y: torch.Tensor,
@@ -114,28 +207,9 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     device = pick_device(cfg.device)
     data = (data or load_dataset(cfg.data.name, cfg.data.data_dir)).to(device)
     lap("load")
-    # The attack is lazy: poisoning the training set (and any trigger optimisation) happens only
-    # when the backdoored model is built; a cache hit restores a stateful trigger instead.
-    backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"), device)
-    key = cache_key(attack_settings(cfg))
-
-    def build() -> Entry:
-        model, state = backdoor.train(Trainer(lambda x, y, **hooks: train_backdoored(
-            cfg, data, x, y, device, on_attack_epoch, **hooks), cfg.train.epochs,
-            cfg.train.batch_size))
-        return Entry(with_state(model.state_dict(), state), {"settings": attack_settings(cfg)})
-
-    if cache is not None:
-        entry, built = cache.get_or_build(key, build)
-    else:
-        entry, built = build(), True
-    weights, state = split_state(entry.tensors)
-    model = model_for(cfg, data, device)
-    model.load_state_dict(weights)
-    if not built:
-        backdoor.restore({k: v.to(device) for k, v in state.items()})
-    lap("attack_train" if built else "cache_load")
-    sets = EvalSets(data.x_test, data.y_test, *backdoor.test_set())
+    model, test_sets, key, origin = backdoored_model(cfg, data, device, cache, on_attack_epoch)
+    lap(origin)
+    sets = test_sets()
     lap("poison")
 
     before = evaluate(model, sets)
@@ -176,4 +250,4 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     metrics = {**{f"{k}_before": v for k, v in before.items()},
                **{f"{k}_after": v for k, v in after.items()},
                "der": der(before["acc"], before["asr"], after["acc"], after["asr"])}
-    return TrialResult(metrics, history, seconds, key, not built, model, stopped)
+    return TrialResult(metrics, history, seconds, key, origin == "cache_load", model, stopped)

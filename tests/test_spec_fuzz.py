@@ -8,7 +8,7 @@ Three generators, 200 examples each (fixed seed, so CI sees the same inputs ever
 - the same documents handed to the plan builders as Python objects (no YAML in between);
 - random text and random bytes fed to ``parse_yaml``.
 Everything that parses goes through ``sweep_plan``, ``ablation_plan`` and the pre-Ray data
-folder check (``cli_sweeps.check_data_dirs``). No Ray is started and no file is written.
+folder check (``cli_sweeps.check_inputs``). No Ray is started and no file is written.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from d3tune.attacks import ATTACKS, AttackConfig
-from d3tune.cli_sweeps import check_data_dirs
+from d3tune.cli_sweeps import check_inputs
 from d3tune.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from d3tune.data import DATASETS
 from d3tune.defenses import DEFENSES, DefenseConfig
@@ -165,7 +165,7 @@ def _plans(data) -> None:
     for make in (lambda: sweep_plan(data, SOURCE), lambda: sweep_plan(data, SOURCE, 3),
                  lambda: ablation_plan(data, SOURCE)):
         try:
-            check_data_dirs(make())
+            check_inputs(make())
         except UsageError as exc:
             _one_line(exc)
 
@@ -204,10 +204,10 @@ def test_valid_specs_still_load():
     """The oracle is not vacuous: good specs load and pass the folder check; a bad one fails."""
     text = ("name: ok\nbase: {defense: {name: d3}}\nspace:\n  defense: {lr: {loguniform: "
             "[0.002, 0.05]}}\n  defense.eps: {uniform: [0.0, 0.5]}\n")
-    check_data_dirs(sweep_plan(parse_yaml(text, SOURCE), SOURCE))
+    check_inputs(sweep_plan(parse_yaml(text, SOURCE), SOURCE))
     plan = ablation_plan(parse_yaml("axes: {defense.eps: [0.0, 0.1]}\nattacks: [badnets, blended]\n",
                                     SOURCE), SOURCE)
-    check_data_dirs(plan)
+    check_inputs(plan)
     assert len(plan.cells) == 4
     with pytest.raises(UsageError, match="defense.eps"):
         ablation_plan(parse_yaml("axes: {defense.eps: [-1]}\n", SOURCE), SOURCE)

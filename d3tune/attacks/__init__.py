@@ -17,6 +17,9 @@ than a fixed trigger plug in through optional hooks on ``AttackEntry`` instead o
   model cache under ``attack.`` and a cache hit rebuilds the trigger with ``restore``, so the
   evaluation applies exactly the trigger the model was trained with. Attacks whose trigger is
   merely expensive to compute (TrojanNN) use ``restore`` alone to skip the work on a cache hit.
+- ``load_backdoor``: the backdoored model was trained elsewhere and is read from a file
+  (``backdoorbench``: a BackdoorBench ``attack_result.pt``), together with its poisoned test set;
+  nothing is poisoned or trained, and the trigger itself is never needed.
 
 ``Backdoor`` runs these steps lazily for one trial; ``poison`` is the one-shot form.
 """
@@ -88,6 +91,34 @@ RestoreFn = Callable[[AttackContext, Mapping[str, torch.Tensor]], Trigger]
 
 
 @dataclass(frozen=True)
+class ImportedBackdoor:
+    """A backdoored model trained outside d3tune, with the poisoned test set it was judged on.
+
+    ``state_dict`` uses d3tune's parameter names for ``arch`` but may lack the ``normalize.*``
+    buffers (the other tool normalised in its data pipeline): the trial builds the model with
+    ``mean``/``std`` (the dataset's own when None). ``key`` (a content hash of the file) stands
+    in for the cache key in results.
+    """
+
+    source: str
+    key: str
+    state_dict: dict[str, torch.Tensor]
+    arch: str
+    dataset: str | None  # d3tune's name for the data it was trained on (None: no loader)
+    data_hint: str  # the tool's own name/path for that data, for error messages
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    x_bd_test: torch.Tensor  # uint8 (N, C, H, W)
+    y_bd_target: torch.Tensor
+    y_bd_true: torch.Tensor
+
+
+LoadBackdoorFn = Callable[[Any], ImportedBackdoor]
+
+
+@dataclass(frozen=True)
 class AttackEntry:
     """A registered attack: its trigger factory, Params, and the optional hooks (module doc)."""
 
@@ -104,6 +135,8 @@ class AttackEntry:
     train_backdoor: TrainBackdoorFn | None = None
     # (ctx, state) -> trigger: rebuilds a StatefulTrigger from its cached state
     restore: RestoreFn | None = None
+    # (params) -> ImportedBackdoor: the model comes from a file instead of being trained
+    load_backdoor: LoadBackdoorFn | None = None
 
 
 ATTACKS: Registry[AttackEntry] = Registry("attack")
@@ -111,13 +144,20 @@ ATTACKS: Registry[AttackEntry] = Registry("attack")
 
 def register(name: str, params: type = NoParams, clean_label: bool = False, all2all: bool = True,
              *, poison_train: PoisonTrainFn | None = None, extra_train: ExtraTrainFn | None = None,
-             train_backdoor: TrainBackdoorFn | None = None, restore: RestoreFn | None = None):
+             train_backdoor: TrainBackdoorFn | None = None, restore: RestoreFn | None = None,
+             load_backdoor: LoadBackdoorFn | None = None):
     def add(make: Callable[[AttackContext], Trigger]):
         ATTACKS.add(name, AttackEntry(make, params, clean_label, all2all, poison_train,
-                                      extra_train, train_backdoor, restore))
+                                      extra_train, train_backdoor, restore, load_backdoor))
         return make
 
     return add
+
+
+def trained_attacks() -> list[str]:
+    """Attacks that poison data and train a model (every one but the importers): what a
+    benchmark over "all attacks" means."""
+    return [n for n in ATTACKS.names() if ATTACKS[n].load_backdoor is None]
 
 
 @dataclass(frozen=True)
@@ -286,4 +326,4 @@ def seed_from(generator: torch.Generator) -> int:
 
 
 from d3tune.attacks import (  # noqa: E402,F401  (importing registers)
-    badnets, blended, bpp, input_aware, lc, lf, sig, trojan, wanet)
+    badnets, blended, bpp, imported, input_aware, lc, lf, sig, trojan, wanet)
