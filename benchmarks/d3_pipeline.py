@@ -84,9 +84,10 @@ def setup(dataset: str, arch: str | None, clean_ratio: float | None, epochs: int
     def build() -> Entry:
         model, state = backdoor.train(lambda x, y, **hooks: train_backdoored(
             cfg, data, x, y, dev, **hooks))
-        return Entry(with_state(model.state_dict(), state), {"settings": attack_settings(cfg)})
+        return Entry(with_state(model.state_dict(), state),
+                     {"settings": attack_settings(cfg, data)})
 
-    entry, built = cache.get_or_build(cache_key(attack_settings(cfg)), build)
+    entry, built = cache.get_or_build(cache_key(attack_settings(cfg, data)), build)
     weights, state = split_state(entry.tensors)
     if not built:
         backdoor.restore({k: v.to(dev) for k, v in state.items()})

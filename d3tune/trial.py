@@ -58,10 +58,12 @@ class TrialResult:
     stopped_early: bool = False
 
 
-def attack_settings(cfg: TrialConfig) -> dict[str, Any]:
-    """Everything the backdoored model depends on, and nothing else (the cache key)."""
+def attack_settings(cfg: TrialConfig, data: Dataset) -> dict[str, Any]:
+    """Everything the backdoored model depends on, and nothing else (the cache key): the data's
+    content fingerprint rather than only its name, so changed data never hits a stale model."""
     d = to_dict(cfg)
-    return {"data": {"name": cfg.data.name, "data_dir": cfg.data.data_dir},
+    return {"data": {"name": cfg.data.name, "data_dir": cfg.data.data_dir,
+                     "fingerprint": data.fingerprint()},
             "attack": d["attack"], "arch": cfg.model.arch, "train": d["train"], "seed": cfg.seed}
 
 
@@ -143,13 +145,14 @@ def backdoored_model(cfg: TrialConfig, data: Dataset, device: torch.device,
     # The attack is lazy: poisoning the training set (and any trigger optimisation) happens only
     # when the backdoored model is built; a cache hit restores a stateful trigger instead.
     backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"), device)
-    key = cache_key(attack_settings(cfg))
+    settings = attack_settings(cfg, data)
+    key = cache_key(settings)
 
     def build() -> Entry:
         model, state = backdoor.train(Trainer(lambda x, y, **hooks: train_backdoored(
             cfg, data, x, y, device, on_attack_epoch, **hooks), cfg.train.epochs,
             cfg.train.batch_size))
-        return Entry(with_state(model.state_dict(), state), {"settings": attack_settings(cfg)})
+        return Entry(with_state(model.state_dict(), state), {"settings": settings})
 
     if cache is not None:
         cached, built = cache.get_or_build(key, build)

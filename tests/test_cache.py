@@ -59,3 +59,27 @@ def test_two_processes_build_one_key_once(tmp_path):
         p.join(60)
     results = sorted(q.get(timeout=5) for _ in procs)
     assert results == [False, True]
+
+
+def test_changed_data_never_hits_a_stale_model(tmp_path, tiny_digits):
+    """Same config, different data (a smaller synthetic size, another copy of a folder): the
+    cache key follows the data's content, so the second trial trains its own model; the same
+    data again is a hit."""
+    from d3tune.config import resolve, trial_config
+    from d3tune.data import Dataset
+    from d3tune.trial import run_trial
+
+    cfg = resolve(trial_config({"train": {"epochs": 1}, "defense": {"name": "ft", "epochs": 1},
+                                "device": "cpu"}))
+    d = tiny_digits
+    smaller = Dataset(d.name, d.x_train[:300], d.y_train[:300], d.x_test, d.y_test,
+                      d.num_classes, d.mean, d.std, d.hflip)
+    changed = Dataset(d.name, d.x_train.flip(-1), d.y_train, d.x_test, d.y_test,
+                      d.num_classes, d.mean, d.std, d.hflip)
+    cache = ModelCache(tmp_path)
+    keys = []
+    for data, hit in ((d, False), (smaller, False), (changed, False), (d, True)):
+        res = run_trial(cfg, cache=cache, data=data)
+        assert res.cache_hit is hit
+        keys.append(res.cache_key)
+    assert len(set(keys)) == 3 and keys[0] == keys[3] and cache.builds == 3

@@ -34,6 +34,20 @@ class Dataset:
         c, h, w = self.x_train.shape[1:]
         return int(c), int(h), int(w)
 
+    def fingerprint(self) -> str:
+        """A short content hash: shapes, every label and a strided sample of training and test
+        images. Why: a cached backdoored model must not be reused when the data changed (a
+        different synthetic size, another copy of a dataset folder), and hashing every pixel of
+        a large set would cost more than it protects."""
+        import hashlib
+
+        h = hashlib.sha256(repr((self.name, tuple(self.x_train.shape),
+                                 tuple(self.x_test.shape), self.num_classes)).encode())
+        for t in (self.y_train, self.y_test, self.x_train[:: max(1, len(self.x_train) // 64)],
+                  self.x_test[:: max(1, len(self.x_test) // 16)]):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def to(self, device: torch.device | str) -> "Dataset":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Dataset(self.name, move(self.x_train), move(self.y_train), move(self.x_test),

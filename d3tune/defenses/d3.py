@@ -102,7 +102,9 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
     def loss_fn(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
         l_dist = distance(weights, w0, prm.p)
         loss, l_clean = d3_loss(m(xb), yb, l_dist, prm)
-        return loss, {"loss": loss.item(), "loss_clean": l_clean.item(), "loss_dist": l_dist.item()}
+        # Detached tensors, not floats: fit averages them on the device (no host sync per step).
+        return loss, {"loss": loss.detach(), "loss_clean": l_clean.detach(),
+                      "loss_dist": l_dist.detach()}
 
     fit(model, x, y, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
         scheduler=sched, aug=ctx.aug, generator=ctx.generator, loss_fn=loss_fn,
