@@ -87,7 +87,9 @@ def measure(spec: dict[str, Any], cache_dir: str | None = None, data=None) -> di
     if cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - start
-    rss_peak = rss_peak_mib()
+    # The kernel updates the high-water mark lazily, so it can trail a fresh VmRSS reading by a
+    # few pages; the peak is at least every RSS we saw.
+    rss_peak = max(rss_peak_mib(), base_rss, rss_now_mib())
     vram_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     n_train = len((data or load_dataset(cfg.data.name, cfg.data.data_dir)).y_train)
     n_clean = cfg.data.clean_count or max(1, int(round(cfg.data.clean_ratio * n_train)))
