@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,15 @@ def trial_from_tune(base: dict[str, Any], config: dict[str, Any]):
     return resolve(trial_config(unflatten({**flatten(base), **trial_overrides(config)})))
 
 
+def checkpoint_due(last: float | None, now: float, every_s: float) -> bool:
+    return every_s <= 0 or (last is not None and now - last >= every_s)
+
+
 def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None,
-                   threads: int) -> None:
-    """The function Tune runs per trial (on any node). Reports every evaluated defense epoch."""
+                   threads: int, checkpoint_every_s: float = 0.0) -> None:
+    """The function Tune runs per trial (on any node). Reports every evaluated defense epoch;
+    attaches a defense checkpoint at most every ``checkpoint_every_s`` seconds (0: every epoch),
+    because each one is a model-sized write that Tune then copies into its storage."""
     import ray
     import torch
     from ray import tune
@@ -82,19 +89,27 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
         with restored.as_directory() as d:
             resume = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
     pending: dict[str, Any] = {}
+    last_checkpoint: list[float] = []  # the clock starts with the defense, not the attack build
 
     def save(state: dict[str, Any]) -> None:
         pending["state"] = state
+        if not last_checkpoint:
+            last_checkpoint.append(time.monotonic())
 
     def report(row: dict[str, Any]) -> bool:
         metrics = {**row, "node_id": node, "cache_builds": cache.builds}
         state = pending.pop("state", None)
-        if state is None or state["epoch"] != row["epoch"]:
+        # The last epoch always checkpoints: that forces Tune to snapshot the experiment, so a
+        # driver killed right after a trial ends does not re-run it on --resume.
+        due = row.get("epoch") == cfg.defense.epochs or checkpoint_due(
+            last_checkpoint[0] if last_checkpoint else None, time.monotonic(), checkpoint_every_s)
+        if state is None or state["epoch"] != row["epoch"] or not due:
             tune.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, Path(d) / CHECKPOINT_FILE)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            last_checkpoint[:] = [time.monotonic()]
         return False  # ASHA stops a trial by ending its actor, not through this flag
 
     run_trial(cfg, report=report, cache=cache, resume=resume, save=save)
@@ -160,7 +175,8 @@ def make_searcher(plan: RunPlan):
     if plan.kind == "ablation":
         return None
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
+
+    from d3tune.optuna_search import ResumableOptunaSearch as OptunaSearch
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{state_dir(plan) / OPTUNA_DB}")
     metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
@@ -199,7 +215,7 @@ def trainable_for(plan: RunPlan):
 
     threads = max(1, int(plan.resources.cpu))
     fn = tune.with_parameters(tune_trainable, base=plan.base, cache_dir=plan.cache_dir,
-                              threads=threads)
+                              threads=threads, checkpoint_every_s=plan.checkpoint_every_s)
     return tune.with_resources(fn, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
 
 

@@ -96,6 +96,10 @@ class RunPlan:
     resources: ResourceSpec = ResourceSpec()
     max_concurrent: int = 2
     max_failures: int = 1
+    # A retried trial repeats at most this much defense work; 0 = checkpoint every epoch.
+    # Every-epoch checkpoints cost ~12 ms/epoch on digits and a model-sized write per epoch
+    # on a GPU (see benchmarks/README.md, sweep overhead).
+    checkpoint_every_s: float = 30.0
     storage: str = "d3tune_results/sweeps"
     experiment: str = "d3tune"
     cache_dir: str | None = None
@@ -105,7 +109,8 @@ class RunPlan:
         return len(self.metric) > 1
 
 
-_COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "storage",
+_COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "checkpoint_every_s",
+           "storage",
            "experiment", "cache_dir", "metric", "mode"}
 SWEEP_KEYS = _COMMON | {"space", "per_defense", "num_samples", "seeds", "search_seed",
                         "scheduler"}
@@ -206,11 +211,20 @@ def _common(data: Mapping[str, Any], source: str, allowed: set[str]) -> dict[str
         name=name, source=source, base=dict(base), metric=metric, mode=mode, resources=res,
         max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
         max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),
+        checkpoint_every_s=_seconds(data.get("checkpoint_every_s", RunPlan.checkpoint_every_s),
+                                    f"{source}: checkpoint_every_s"),
         storage=data.get("storage") or RunPlan.storage,
         experiment=data.get("experiment") or RunPlan.experiment,
         cache_dir=data.get("cache_dir"),
         scheduler=build(SchedulerSpec, data.get("scheduler"), f"{source}: scheduler"),
     )
+
+
+def _seconds(value: Any, where: str) -> float:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value >= 0)
+    _expect(ok, where, f"expected a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _seeds(data: Mapping[str, Any], where: str) -> list[int]:

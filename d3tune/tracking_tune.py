@@ -5,6 +5,11 @@ for nested runs, and logging on the driver means workers never touch the store (
 the head node works on a cluster). The parent run id and the trial -> child-run map are kept in
 the experiment folder, so a resumed sweep reuses them: no duplicate runs, no repeated steps.
 A failing store costs a warning, never the sweep: Tune's own storage keeps every result.
+
+Per-epoch metrics are buffered per trial and written every ``FLUSH_EVERY_S`` seconds (and at a
+trial's checkpoint and end): a function trainable waits for the driver after each report, so
+one store transaction per epoch per trial both slows every trial and caps how many results per
+second the driver can take (~8 ms each on SQLite; see benchmarks/README.md, sweep overhead).
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_state.json"
 RETRY_AFTER_S = 30
+FLUSH_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late while a trial runs
+BATCH_ROWS = 100  # epochs per log_batch (MLflow takes at most 1000 metrics per call)
 EPOCH_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
 FINAL_KEYS = {"acc": "acc_after", "asr": "asr_after", "ra": "ra_after", "der": "der",
               "acc_before": "acc_before", "asr_before": "asr_before", "ra_before": "ra_before"}
@@ -57,6 +64,9 @@ class MlflowSweepCallback(Callback):
         self.failures = 0
         self.skipped = 0
         self.down_until = 0.0
+        self.pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # trial -> (ms, row)
+        self.queued_step: dict[str, int] = {}  # last epoch accepted per trial (logged or buffered)
+        self.flushed_at: dict[str, float] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -99,6 +109,8 @@ class MlflowSweepCallback(Callback):
         self.state = {"parent": None, "children": {}, "steps": {}, "done": []}
         if self.state_path.exists():
             self.state.update(json.loads(self.state_path.read_text()))
+        self.pending, self.flushed_at = {}, {}
+        self.queued_step = dict(self.state["steps"])
 
     def setup(self, **info: Any) -> None:
         self.load_state()
@@ -168,15 +180,42 @@ class MlflowSweepCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         self._ensure_setup()
-        run_id = self._child(trial)
+        tid = trial.trial_id
         step = int(result.get("epoch", 0))
-        if run_id is None or step <= self.state["steps"].get(trial.trial_id, 0):
+        if self._child(trial) is None or step <= self.queued_step.get(tid, 0):
             return  # a retried trial re-reports epochs already logged
-        rows = [{"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}]
-        self._call("metrics", lambda: self.client.log_batch(
-            run_id, metrics=tracking.metric_batch(rows, timestamp_ms=_now_ms())))
-        self.state["steps"][trial.trial_id] = step
+        row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
+        self.pending.setdefault(tid, []).append((_now_ms(), row))
+        self.queued_step[tid] = step
+        now = time.monotonic()
+        if now - self.flushed_at.setdefault(tid, now) >= FLUSH_EVERY_S:
+            self.flush(tid)
+
+    def flush(self, tid: str) -> None:
+        """Write a trial's buffered epochs; the run map records them as logged."""
+        rows = self.pending.pop(tid, [])
+        self.flushed_at[tid] = time.monotonic()
+        run_id = self.state["children"].get(tid)
+        if not rows or run_id is None:
+            return
+        for i in range(0, len(rows), BATCH_ROWS):
+            metrics = [m for ms, row in rows[i:i + BATCH_ROWS]
+                       for m in tracking.metric_batch([row], timestamp_ms=ms)]
+            self._call("metrics", lambda m=metrics: self.client.log_batch(run_id, metrics=m))
+        self.state["steps"][tid] = rows[-1][1]["epoch"]
         self._save()
+
+    def flush_all(self) -> None:
+        for tid in list(self.pending):
+            self.flush(tid)
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
+                      **info: Any) -> None:
+        # A retried trial restarts after its checkpoint: every epoch up to it must be logged.
+        self.flush(trial.trial_id)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.flush_all()
 
     def _finish(self, trial: Any, status: str) -> None:
         from mlflow.entities import Metric, RunTag
@@ -185,6 +224,7 @@ class MlflowSweepCallback(Callback):
         run_id = self._child(trial)
         if run_id is None or trial.trial_id in self.state["done"]:
             return
+        self.flush(trial.trial_id)
         last = trial.last_result or {}
         metrics = [Metric(name, float(last[k]), _now_ms(), 0) for k, name in FINAL_KEYS.items()
                    if isinstance(last.get(k), (int, float))]

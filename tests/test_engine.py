@@ -71,6 +71,10 @@ def test_four_trial_sweep_logs_one_parent_four_children(local_ray, tmp_path, mlf
     assert int(df["cache_builds"].sum()) == 1
     assert len(list((tmp_path / "cache").rglob("model.safetensors"))) == 1
     assert (tmp_path / "tune" / "spec.d3tune" / "optuna.db").exists()
+    # 4 tiny epochs take far less than the default 30 s between defense checkpoints: each trial
+    # saved one, at its last epoch (Tune numbers a trial's checkpoints from 0)
+    ckpts = sorted(p.name for p in (tmp_path / "tune" / "spec").glob("*/checkpoint_*"))
+    assert ckpts == ["checkpoint_000000"] * 4
 
 
 def test_multi_objective_sweep_reports_a_pareto_front(local_ray, tmp_path, mlflow_db):
@@ -114,6 +118,32 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path, mlflow_db):
     df = run_plan(load_plan(spec, "sweep"))
     assert len(df) == 6
     assert (df["epoch"] < 4).any()  # stopped before the last of 4 epochs
+
+
+def test_checkpoints_are_throttled_by_defense_time():
+    from d3tune.engine import checkpoint_due
+
+    assert checkpoint_due(None, 5.0, 0.0) and checkpoint_due(100.0, 100.0, 0.0)  # 0: every epoch
+    assert not checkpoint_due(None, 5.0, 30.0)  # the defense has not started its clock
+    assert not checkpoint_due(100.0, 129.9, 30.0) and checkpoint_due(100.0, 130.0, 30.0)
+
+
+def test_checkpoint_interval_is_a_validated_spec_field(tmp_path):
+    from d3tune.errors import UsageError
+
+    assert load_plan(write_spec(tmp_path, SPACE_ONLY), "sweep").checkpoint_every_s == 30.0
+    plan = load_plan(write_spec(tmp_path, SPACE_ONLY + "checkpoint_every_s: 0\n", "zero"), "sweep")
+    assert plan.checkpoint_every_s == 0.0
+    for bad in ("-1", "nan", "soon", "true"):
+        with pytest.raises(UsageError, match="checkpoint_every_s"):
+            load_plan(write_spec(tmp_path, SPACE_ONLY + f"checkpoint_every_s: {bad}\n", "b"),
+                      "sweep")
+
+
+SPACE_ONLY = """
+space:
+  defense.lr: {loguniform: [0.005, 0.05]}
+"""
 
 
 def test_pareto_front_on_hand_made_rows():

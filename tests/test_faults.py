@@ -67,6 +67,7 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
 
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setattr("d3tune.tracking_tune.FLUSH_EVERY_S", 0.0)  # the killer watches steps
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     spec = _spec(tmp_path, "retry", """
@@ -74,6 +75,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path,
           defense.lr: {choice: [0.01]}
         num_samples: 2
         max_failures: 2
+        checkpoint_every_s: 0
         """)
     state = tmp_path / "tune" / "retry.d3tune" / "mlflow_state.json"
     killed: list[int] = []
@@ -116,6 +118,7 @@ def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path,
         if len(epochs) != len(set(epochs)) or epochs != sorted(epochs):
             restored += 1  # a restart from scratch would repeat epoch 1
     assert restored == 0
+    assert list((tmp_path / "tune" / "retry").glob("*/checkpoint_*"))  # every epoch, as asked
 
 
 def _free_port() -> int:
@@ -126,6 +129,7 @@ def _free_port() -> int:
 
 def test_mlflow_store_lost_mid_sweep_keeps_results_and_completes(local_ray, tmp_path, monkeypatch,
                                                                  caplog):
+    monkeypatch.setattr("d3tune.tracking_tune.FLUSH_EVERY_S", 0.0)  # the outage waits for steps
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -1,0 +1,106 @@
+"""The sweep callback's MLflow logging without Ray running: buffered per-epoch metrics reach the
+store at a checkpoint and at a trial's end, once per epoch, whatever the trial re-reports."""
+from __future__ import annotations
+
+import sqlite3
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray")
+
+from d3tune import engine, tracking_tune  # noqa: E402
+from d3tune.spec import load_plan  # noqa: E402
+
+
+@dataclass
+class FakeTrial:
+    trial_id: str
+    config: dict[str, Any] = field(default_factory=dict)
+    last_result: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"fake_{self.trial_id}"
+
+
+def _steps(db: Path) -> dict[str, list[int]]:
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select run_uuid, step from metrics where key='acc' order by step")
+        out: dict[str, list[int]] = {}
+        for run, step in rows:
+            out.setdefault(run, []).append(step)
+    return out
+
+
+def _result(epoch: int) -> dict[str, Any]:
+    return {"epoch": epoch, "acc": 0.9 + epoch / 100, "asr": 0.1, "ra": 0.8, "der": 0.7,
+            "acc_before": 0.95, "asr_before": 0.99, "ra_before": 0.0}
+
+
+def test_epochs_are_buffered_then_logged_once_at_checkpoint_and_end(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_tune, "FLUSH_EVERY_S", 3600.0)
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: s
+        storage: {tmp_path / 'tune'}
+        base: {{data: {{name: digits}}, attack: {{name: badnets}}, defense: {{name: d3}}}}
+        space: {{defense.lr: {{choice: [0.01]}}}}
+        """))
+    plan = load_plan(spec, "sweep")
+    cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan), engine.state_dir(plan))
+    cb.setup()
+    trial = FakeTrial("t1", config={"defense.lr": 0.01})
+    cb.on_trial_start(0, [], trial)
+    for epoch in (1, 2, 3):
+        cb.on_trial_result(0, [], trial, _result(epoch))
+    child = cb.state["children"]["t1"]
+    assert child not in _steps(db) and cb.state["steps"].get("t1", 0) == 0  # still buffered
+    cb.on_checkpoint(0, [], trial, checkpoint=None)
+    assert _steps(db)[child] == [1, 2, 3] and cb.state["steps"]["t1"] == 3
+    for epoch in (2, 3, 4, 5):  # a retried trial re-reports epochs 2-3 from an older checkpoint
+        cb.on_trial_result(0, [], trial, _result(epoch))
+    trial.last_result = _result(5)
+    cb.on_trial_complete(0, [], trial)
+    assert _steps(db)[child] == [1, 2, 3, 4, 5]  # each epoch once, none lost
+    with sqlite3.connect(db) as con:
+        status = con.execute("select status from runs where run_uuid=?", (child,)).fetchone()[0]
+    assert status == "FINISHED" and cb.state["done"] == ["t1"]
+
+
+def test_a_buffer_older_than_the_flush_interval_is_written_with_the_next_result(tmp_path,
+                                                                                monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_tune, "FLUSH_EVERY_S", 5.0)
+    clock = [1000.0]
+    monkeypatch.setattr(tracking_tune, "time",  # this module's clock only
+                        SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: s
+        storage: {tmp_path / 'tune'}
+        base: {{data: {{name: digits}}, attack: {{name: badnets}}, defense: {{name: d3}}}}
+        space: {{defense.lr: {{choice: [0.01]}}}}
+        """))
+    plan = load_plan(spec, "sweep")
+    cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan), engine.state_dir(plan))
+    cb.setup()
+    trial = FakeTrial("t1", config={"defense.lr": 0.01})
+    cb.on_trial_result(0, [], trial, _result(1))
+    clock[0] += 4.9
+    cb.on_trial_result(0, [], trial, _result(2))
+    child = cb.state["children"]["t1"]
+    assert child not in _steps(db)
+    clock[0] += 0.2
+    cb.on_trial_result(0, [], trial, _result(3))
+    assert _steps(db)[child] == [1, 2, 3]
+    cb.on_trial_result(0, [], trial, _result(4))
+    cb.on_experiment_end([])
+    assert _steps(db)[child] == [1, 2, 3, 4]
