@@ -104,3 +104,37 @@ def test_a_buffer_older_than_the_flush_interval_is_written_with_the_next_result(
     cb.on_trial_result(0, [], trial, _result(4))
     cb.on_experiment_end([])
     assert _steps(db)[child] == [1, 2, 3, 4]
+
+
+def test_a_trial_rerun_after_resume_does_not_end_the_sweep(tmp_path):
+    """Tune may run a trial again after --resume when its end missed the last snapshot; Ray's
+    OptunaSearch would raise on its first report, ours keeps the study's first result."""
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from d3tune.optuna_search import ResumableOptunaSearch
+
+    for cls, survives in ((OptunaSearch, False), (ResumableOptunaSearch, True)):
+        def searcher() -> OptunaSearch:
+            storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / cls.__name__}.db")
+            return cls(space={"lr": tune.uniform(0.0, 1.0)}, metric="der", mode="max",
+                       sampler=optuna.samplers.TPESampler(seed=0), storage=storage,
+                       study_name="s")
+
+        first = searcher()
+        assert first.suggest("t1") is not None
+        first.on_trial_result("t1", {"der": 0.5, "training_iteration": 1})
+        snapshot = str(tmp_path / f"{cls.__name__}.pkl")
+        first.save(snapshot)  # Tune's last snapshot: t1 still running
+        first.on_trial_complete("t1", {"der": 0.6, "training_iteration": 2})
+        resumed = searcher()  # the driver was killed; --resume restores the snapshot
+        resumed.restore(snapshot)
+        if survives:
+            resumed.on_trial_result("t1", {"der": 0.1, "training_iteration": 3})
+            resumed.on_trial_complete("t1", {"der": 0.2, "training_iteration": 2})
+            done = resumed._ot_study.trials[0]
+            assert done.state == optuna.trial.TrialState.COMPLETE and done.value == 0.6
+        else:
+            with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+                resumed.on_trial_result("t1", {"der": 0.1, "training_iteration": 3})
