@@ -42,10 +42,8 @@ def _result(epoch: int) -> dict[str, Any]:
             "acc_before": 0.95, "asr_before": 0.99, "ra_before": 0.0}
 
 
-def test_epochs_are_buffered_then_logged_once_at_checkpoint_and_end(tmp_path, monkeypatch):
-    db = tmp_path / "mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    monkeypatch.setattr(tracking_tune, "FLUSH_EVERY_S", 3600.0)
+def _callback(tmp_path: Path) -> tracking_tune.MlflowSweepCallback:
+    """The driver's callback of a one-knob sweep, set up (parent run created) on the store."""
     spec = tmp_path / "s.yaml"
     spec.write_text(textwrap.dedent(f"""
         name: s
@@ -56,6 +54,14 @@ def test_epochs_are_buffered_then_logged_once_at_checkpoint_and_end(tmp_path, mo
     plan = load_plan(spec, "sweep")
     cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan), engine.state_dir(plan))
     cb.setup()
+    return cb
+
+
+def test_epochs_are_buffered_then_logged_once_at_checkpoint_and_end(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_tune, "FLUSH_EVERY_S", 3600.0)
+    cb = _callback(tmp_path)
     trial = FakeTrial("t1", config={"defense.lr": 0.01})
     cb.on_trial_start(0, [], trial)
     for epoch in (1, 2, 3):
@@ -82,16 +88,7 @@ def test_a_buffer_older_than_the_flush_interval_is_written_with_the_next_result(
     clock = [1000.0]
     monkeypatch.setattr(tracking_tune, "time",  # this module's clock only
                         SimpleNamespace(time=time.time, monotonic=lambda: clock[0]))
-    spec = tmp_path / "s.yaml"
-    spec.write_text(textwrap.dedent(f"""
-        name: s
-        storage: {tmp_path / 'tune'}
-        base: {{data: {{name: digits}}, attack: {{name: badnets}}, defense: {{name: d3}}}}
-        space: {{defense.lr: {{choice: [0.01]}}}}
-        """))
-    plan = load_plan(spec, "sweep")
-    cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan), engine.state_dir(plan))
-    cb.setup()
+    cb = _callback(tmp_path)
     trial = FakeTrial("t1", config={"defense.lr": 0.01})
     cb.on_trial_result(0, [], trial, _result(1))
     clock[0] += 4.9
