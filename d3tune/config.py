@@ -212,7 +212,7 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
         cfg,
         data=replace(cfg.data, clean_ratio=pick(cfg.data.clean_ratio, prof.clean_ratio)),
         model=replace(cfg.model, arch=pick(cfg.model.arch, prof.arch)),
-        train=replace(cfg.train, epochs=pick(cfg.train.epochs, prof.attack_epochs),
+        train=replace(cfg.train, epochs=pick(cfg.train.epochs, prof.attack_epochs_of(cfg.attack.name)),
                       batch_size=pick(cfg.train.batch_size, prof.attack_batch_size),
                       lr=pick(cfg.train.lr, prof.attack_lr)),
         defense=replace(cfg.defense, epochs=pick(cfg.defense.epochs, prof.defense_epochs),

@@ -70,6 +70,11 @@ class Profile:
     defense_epochs: int = 100
     defense_batch_size: int = 256
     defense_lr: float = 0.01
+    # (attack, epochs) pairs: attacks that need a longer schedule to plant their backdoor here
+    attack_epochs_for: tuple[tuple[str, int], ...] = ()
+
+    def attack_epochs_of(self, attack: str) -> int:
+        return dict(self.attack_epochs_for).get(attack, self.attack_epochs)
 
 
 @dataclass(frozen=True)

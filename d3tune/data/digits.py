@@ -20,8 +20,11 @@ TEST_FRACTION = 0.2
 # Why these: 5 % of 1,437 training images is 72, a single batch of 256, so the paper's D3
 # schedule gives only 100 optimiser steps and the backdoor comes back (../shared/VERIFIED.md).
 # A 10 % clean set in batches of 32 gives 5 steps an epoch; see the README's "Defaults" section.
+# WaNet's warp and Input-Aware's generated triggers reach ASR 0.82 / 0.81 in 30 epochs and
+# 0.91 / 0.87 in 60, within a point of clean ACC (README "Attacks").
 PROFILE = Profile(arch="cnn", attack_epochs=30, attack_batch_size=64, attack_lr=0.05,
-                  clean_ratio=0.10, defense_epochs=40, defense_batch_size=32, defense_lr=0.01)
+                  clean_ratio=0.10, defense_epochs=40, defense_batch_size=32, defense_lr=0.01,
+                  attack_epochs_for=(("wanet", 60), ("input_aware", 60)))
 
 
 @register("digits", PROFILE, needs_data_dir=False)
