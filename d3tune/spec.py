@@ -110,8 +110,7 @@ class RunPlan:
 
 
 _COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "checkpoint_every_s",
-           "storage",
-           "experiment", "cache_dir", "metric", "mode"}
+           "storage", "experiment", "cache_dir", "metric", "mode"}
 SWEEP_KEYS = _COMMON | {"space", "per_defense", "num_samples", "seeds", "search_seed",
                         "scheduler"}
 ABLATION_KEYS = _COMMON | {"axes", "attacks", "datasets", "archs", "seeds", "scheduler"}
