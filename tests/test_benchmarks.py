@@ -240,3 +240,25 @@ def test_trial_phases_measures_a_small_trial(tmp_path, small_digits):
     assert "| **total** |" in out and "peak RSS" in out
     row = tp.growth_row(0.1, r)
     assert len(row) == len(tp.GROWTH_HEADER) and row[3] == 1  # 30 images in batches of 32
+
+
+@pytest.mark.slow
+def test_gpu_session_script_runs_every_step_on_tiny_cpu_sizes(tmp_path):
+    """The script a GPU-lent session runs in its one device call: every step must get through
+    (flags, imports, output files) before a scarce lease is spent on it."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "N_TRAIN": "200", "N_TEST": "60", "ATTACK_EPOCHS": "1",
+           "D3_EPOCHS": "1", "PIPE_EPOCHS": "1", "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text().splitlines()
+    steps = ["trial_fp32", "trial_bf16", "trial_bf16_compile", "pipeline"]
+    assert [line.split(":")[0].removeprefix("== ") for line in summary] == steps
+    assert all(": exit 0 after" in line for line in summary), summary
+    assert "DER" in (out / "trial_fp32.txt").read_text()
+    assert "speedup:" in (out / "pipeline.txt").read_text()
+    assert len(list(out.iterdir())) <= 8  # what one device call can bring back
