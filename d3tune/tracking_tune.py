@@ -65,7 +65,6 @@ class MlflowSweepCallback(Callback):
         self.skipped = 0
         self.down_until = 0.0
         self.pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # trial -> (ms, row)
-        self.queued_step: dict[str, int] = {}  # last epoch accepted per trial (logged or buffered)
         self.flushed_at: dict[str, float] = {}
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -110,7 +109,6 @@ class MlflowSweepCallback(Callback):
         if self.state_path.exists():
             self.state.update(json.loads(self.state_path.read_text()))
         self.pending, self.flushed_at = {}, {}
-        self.queued_step = dict(self.state["steps"])
 
     def setup(self, **info: Any) -> None:
         self.load_state()
@@ -182,11 +180,12 @@ class MlflowSweepCallback(Callback):
         self._ensure_setup()
         tid = trial.trial_id
         step = int(result.get("epoch", 0))
-        if self._child(trial) is None or step <= self.queued_step.get(tid, 0):
-            return  # a retried trial re-reports epochs already logged
+        buffered = self.pending.get(tid)
+        last = buffered[-1][1]["epoch"] if buffered else self.state["steps"].get(tid, 0)
+        if self._child(trial) is None or step <= last:
+            return  # a retried trial re-reports epochs already logged or buffered
         row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
         self.pending.setdefault(tid, []).append((_now_ms(), row))
-        self.queued_step[tid] = step
         now = time.monotonic()
         if now - self.flushed_at.setdefault(tid, now) >= FLUSH_EVERY_S:
             self.flush(tid)
@@ -205,17 +204,14 @@ class MlflowSweepCallback(Callback):
         self.state["steps"][tid] = rows[-1][1]["epoch"]
         self._save()
 
-    def flush_all(self) -> None:
-        for tid in list(self.pending):
-            self.flush(tid)
-
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
                       **info: Any) -> None:
         # A retried trial restarts after its checkpoint: every epoch up to it must be logged.
         self.flush(trial.trial_id)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.flush_all()
+        for tid in list(self.pending):
+            self.flush(tid)
 
     def _finish(self, trial: Any, status: str) -> None:
         from mlflow.entities import Metric, RunTag
