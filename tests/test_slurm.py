@@ -1,0 +1,373 @@
+"""deploy/slurm/d3tune.sbatch under a real SLURM started on this machine.
+
+The slow tests start a single-node SLURM 22.05 (Debian's slurm-wlm and munge; `.ci/run` installs
+them) with every file in a temp folder: its own munge key and socket, its own ports, its own
+state, spool, log and pid files (VERIFIED.md, "SLURM on this kind of machine"). The daemons are
+stopped by their pid files in a `finally`. Jobs run as the test's user, so the Ray nodes a job
+starts are checked to be gone afterwards through /proc (every process a job starts carries its
+SLURM_JOB_ID in its environment). Nothing here calls `ray stop`.
+
+The default-suite tests are cheap: the script run outside an allocation, its argument checks,
+and the helper's reading of SLURM's per-node CPU/GPU variables.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SBATCH_SCRIPT = REPO / "deploy" / "slurm" / "d3tune.sbatch"
+HELPER = REPO / "deploy" / "slurm" / "ray_cluster.sh"
+SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
+
+
+def _env_without_slurm() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Default suite: cheap checks of the scripts themselves
+
+
+def test_outside_an_allocation_one_clear_line_and_nonzero_exit(tmp_path):
+    done = subprocess.run(["bash", str(SBATCH_SCRIPT), "sweep", "search_spaces/d3_default.yaml"],
+                          env=_env_without_slurm(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 2
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1, done.stderr
+    assert "not inside a SLURM allocation" in err[0] and "sbatch" in err[0]
+    assert done.stdout == ""
+    assert not list(tmp_path.iterdir())  # nothing created
+
+
+@pytest.mark.parametrize("args, field", [
+    ([], "usage"),
+    (["sweep"], "usage"),
+    (["report", "x.yaml"], "COMMAND"),
+    (["sweep", "x.yaml", "--resume"], "--resume"),
+    (["sweep", "x.yaml", "--storage=/x"], "--storage"),
+    (["sweep", "missing.yaml"], "SPEC"),
+])
+def test_bad_arguments_inside_a_job_one_line(tmp_path, args, field):
+    env = {**_env_without_slurm(), "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_SUBMIT_DIR": str(tmp_path)}
+    done = subprocess.run(["bash", str(SBATCH_SCRIPT), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and field in err[0], done.stderr
+
+
+@pytest.mark.parametrize("env, flags", [
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_GPUS_ON_NODE": "2"}, "--num-cpus 8 --num-gpus 2"),
+    ({"SLURM_CPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "1,3,5"}, "--num-cpus 4 --num-gpus 3"),
+    ({"SLURM_CPUS_ON_NODE": "4", "CUDA_VISIBLE_DEVICES": "NoDevFiles"}, "--num-cpus 4 --num-gpus 0"),
+    ({"SLURM_CPUS_ON_NODE": "16", "SLURM_MEM_PER_NODE": "4000"},
+     f"--num-cpus 16 --num-gpus 0 --object-store-memory {1000 * 2**20}"),
+    ({"SLURM_CPUS_ON_NODE": "16", "D3TUNE_NODE_CPUS": "12", "D3TUNE_NODE_GPUS": "1"},
+     "--num-cpus 12 --num-gpus 1"),
+])
+def test_each_node_takes_its_resources_from_slurm(env, flags):
+    base = {k: v for k, v in _env_without_slurm().items()
+            if k not in ("CUDA_VISIBLE_DEVICES", "D3TUNE_NODE_CPUS", "D3TUNE_NODE_GPUS",
+                         "D3TUNE_RAY_OBJECT_STORE_MB")}
+    done = subprocess.run(["bash", str(HELPER), "resources"], env={**base, **env},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == flags
+
+
+# ---------------------------------------------------------------------------------------------
+# A real single-node SLURM on this machine
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_pidfile(pidfile: Path, timeout: float = 15.0) -> None:
+    """SIGTERM the daemon named by its pid file, SIGKILL it if it lingers."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _wait(what: str, ready, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"{what} within {timeout:.0f} s\n{tail}")
+
+
+class Slurm:
+    """Client side of the test's SLURM: commands with SLURM_CONF pointing at its config."""
+
+    def __init__(self, folder: Path, env: dict[str, str]) -> None:
+        self.folder, self.env = folder, env
+
+    def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        done = subprocess.run([_which(cmd[0]) or cmd[0], *cmd[1:]], env=kw.pop("env", self.env),
+                              capture_output=True, text=True, timeout=60, **kw)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)}: exit {done.returncode}\n{done.stderr}")
+        return done
+
+    def job(self, job_id: str) -> dict[str, str]:
+        out = self.run("scontrol", "-o", "show", "job", job_id).stdout
+        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _slurm_conf(folder: Path, host: str, cpus: int) -> str:
+    return textwrap.dedent(f"""\
+        ClusterName=d3tunetest
+        SlurmctldHost={host}
+        SlurmctldPort={_free_port()}
+        SlurmdPort={_free_port()}
+        SlurmUser=root
+        SlurmdUser=root
+        AuthType=auth/munge
+        AuthInfo=socket={folder}/munge/munge.socket
+        CredType=cred/munge
+        ProctrackType=proctrack/linuxproc
+        TaskPlugin=task/none
+        JobAcctGatherType=jobacct_gather/none
+        AccountingStorageType=accounting_storage/none
+        JobCompType=jobcomp/none
+        SelectType=select/cons_tres
+        SelectTypeParameters=CR_Core
+        MpiDefault=none
+        ReturnToService=2
+        KillWait=20
+        MinJobAge=3600
+        StateSaveLocation={folder}/state
+        SlurmdSpoolDir={folder}/spool
+        SlurmctldPidFile={folder}/slurmctld.pid
+        SlurmdPidFile={folder}/slurmd.pid
+        SlurmctldLogFile={folder}/slurmctld.log
+        SlurmdLogFile={folder}/slurmd.log
+        NodeName={host} CPUs={cpus} RealMemory=2000 State=UNKNOWN
+        PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP
+        """)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """munged, slurmctld and slurmd of this test only; stopped by their pid files."""
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "srun")
+               if _which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): "
+                    "apt-get install slurm-wlm munge (.ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the test's SLURM runs its daemons as root (SlurmUser=root)")
+    folder = Path(tempfile.mkdtemp(prefix="d3tslurm-", dir="/tmp"))
+    host = socket.gethostname().split(".")[0]
+    pidfiles = [folder / "slurmd.pid", folder / "slurmctld.pid", folder / "munge" / "munged.pid"]
+    for sub in ("munge", "state", "spool"):
+        (folder / sub).mkdir(mode=0o700)
+    key = folder / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    conf = folder / "slurm.conf"
+    conf.write_text(_slurm_conf(folder, host, os.cpu_count() or 1))
+    env = {**_env_without_slurm(), "SLURM_CONF": str(conf)}
+    env["PATH"] = os.pathsep.join([env.get("PATH", ""), *SBIN])
+    client = Slurm(folder, env)
+    try:
+        client.run("munged", "--force", f"--key-file={key}",
+                   f"--socket={folder}/munge/munge.socket",
+                   f"--pid-file={folder}/munge/munged.pid", f"--log-file={folder}/munge/munged.log",
+                   f"--seed-file={folder}/munge/munged.seed")
+        client.run("slurmctld", "-f", str(conf))
+        client.run("slurmd", "-f", str(conf), "-N", host)
+        _wait("the node did not become idle",
+              lambda: "idle" in client.run("sinfo", "-h", "-o", "%t", check=False).stdout,
+              60, folder / "slurmctld.log")
+        yield client
+    finally:
+        if (folder / "slurmctld.pid").exists():
+            subprocess.run([_which("scancel") or "scancel", "--full", "-u", "root"], env=env,
+                           capture_output=True, timeout=60)
+        for pidfile in pidfiles:
+            _stop_pidfile(pidfile)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+SPEC = """\
+name: {name}
+experiment: {name}
+base:
+  data: {{name: digits}}
+  attack: {{name: badnets}}
+  train: {{epochs: 2}}
+  defense: {{name: d3, epochs: {epochs}}}
+  eval: {{subset: 100}}
+space:
+  defense.lr: {{loguniform: [0.005, 0.05]}}
+num_samples: 4
+metric: der
+mode: max
+scheduler: {{name: none}}
+resources: {{cpu: 1}}
+max_concurrent: {concurrent}
+checkpoint_every_s: 0
+"""
+
+
+def _job_processes(job_id: str) -> list[str]:
+    """Live processes whose environment says they belong to SLURM job ``job_id``."""
+    found = []
+    for env_file in Path("/proc").glob("[0-9]*/environ"):
+        pid = env_file.parent.name
+        try:
+            if f"SLURM_JOB_ID={job_id}".encode() not in env_file.read_bytes().split(b"\0"):
+                continue
+            if not _alive(int(pid)):
+                continue
+            cmd = (env_file.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        found.append(f"{pid} {cmd[:120]}")
+    return found
+
+
+def _mlflow_runs(db: Path, experiment: str) -> tuple[list[tuple], list[tuple]]:
+    """(parents, children) as (run_uuid, status) rows, read with sqlite3 (cheap, read-only)."""
+    if not db.exists():
+        return [], []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        rows = con.execute(
+            "SELECT r.run_uuid, r.status, t.value FROM runs r "
+            "JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "LEFT JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'mlflow.parentRunId' "
+            "WHERE e.name = ? AND r.lifecycle_stage = 'active'", (experiment,)).fetchall()
+    parents = [(r[0], r[1]) for r in rows if r[2] is None]
+    children = [(r[0], r[1]) for r in rows if r[2] is not None]
+    return parents, children
+
+
+def _finished_children(db: Path, experiment: str) -> int:
+    try:
+        return sum(s == "FINISHED" for _, s in _mlflow_runs(db, experiment)[1])
+    except sqlite3.Error:  # the driver is creating the store
+        return 0
+
+
+def _submit(slurm: Slurm, work: Path, spec: Path) -> str:
+    env = {**slurm.env, "D3TUNE_SHARED": str(work / "shared"), "D3TUNE_RAY_PORT": str(_free_port()),
+           "PYTHONPATH": str(REPO), "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("D3TUNE_CACHE_DIR", None)
+    out = slurm.run("sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count() or 1}",
+                    f"--output={work}/job-%j.out", f"--chdir={work}", str(SBATCH_SCRIPT),
+                    "sweep", str(spec), env=env, cwd=work).stdout
+    return out.strip().split(";")[0]
+
+
+def _wait_job(slurm: Slurm, job_id: str, work: Path, timeout: float) -> dict[str, str]:
+    final = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    _wait(f"job {job_id} did not end", lambda: slurm.job(job_id)["JobState"] in final, timeout,
+          work / f"job-{job_id}.out")
+    return slurm.job(job_id)
+
+
+def _check_ray_gone(job_id: str) -> None:
+    left: list[str] = []
+
+    def gone() -> bool:
+        left[:] = _job_processes(job_id)
+        return not left
+
+    try:
+        _wait("processes of the job were left", gone, 30)
+    except AssertionError:
+        raise AssertionError(f"job {job_id} left processes: {left}") from None
+    assert not any(("raylet" in p or "gcs_server" in p) for p in _job_processes(job_id))
+
+
+@pytest.mark.slow
+def test_sbatch_runs_a_sweep_on_a_ray_cluster_and_stops_it(slurm, tmp_path):
+    spec = tmp_path / "slurmsweep.yaml"
+    spec.write_text(SPEC.format(name="slurmsweep", epochs=2, concurrent=2))
+    t0 = time.monotonic()
+    job_id = _submit(slurm, tmp_path, spec)
+    job = _wait_job(slurm, job_id, tmp_path, 900)
+    wall = time.monotonic() - t0
+    log = (tmp_path / f"job-{job_id}.out").read_text(errors="replace")
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-4000:]
+    parents, children = _mlflow_runs(tmp_path / "shared" / "mlflow.db", "slurmsweep")
+    assert len(parents) == 1 and len(children) == 4, log[-4000:]
+    assert all(s == "FINISHED" for _, s in parents + children)
+    assert (tmp_path / "shared" / "runs" / "slurmsweep" / "tuner.pkl").exists()
+    assert "--resume" not in log and "Ray stopped on" in log
+    token = tmp_path / "shared" / "jobs" / job_id / "ray_auth_token"
+    assert token.stat().st_mode & 0o077 == 0  # the job's user only
+    assert token.read_text().strip() not in log  # the token never reaches the output
+    _check_ray_gone(job_id)
+    print(f"\nsbatch sweep (4 trials, 1 node): {wall:.1f} s from sbatch to COMPLETED")
+
+
+@pytest.mark.slow
+def test_requeued_job_resumes_and_logs_each_trial_once(slurm, tmp_path):
+    spec = tmp_path / "requeued.yaml"
+    spec.write_text(SPEC.format(name="requeued", epochs=3, concurrent=1))
+    db = tmp_path / "shared" / "mlflow.db"
+    job_id = _submit(slurm, tmp_path, spec)
+    out = tmp_path / f"job-{job_id}.out"
+    _wait("no trial finished", lambda: _finished_children(db, "requeued") >= 1, 600, out)
+    done_before = _finished_children(db, "requeued")
+    assert done_before < 4, "the sweep ended before the requeue: make the trials longer"
+    slurm.run("scontrol", "requeue", job_id)
+    # The first attempt ends (SIGTERM to the script, the driver and Ray), the job runs again.
+    _wait("the job did not restart", lambda: slurm.job(job_id).get("Restarts", "0") != "0", 120,
+          out)
+    job = _wait_job(slurm, job_id, tmp_path, 900)
+    log = out.read_text(errors="replace")
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log[-4000:]
+    assert "received SIGTERM" in log and "attempt 2" in log and "--resume" in log, log[-4000:]
+    parents, children = _mlflow_runs(db, "requeued")
+    statuses = sorted(s for _, s in children)
+    assert len(parents) == 1, parents
+    assert statuses == ["FINISHED"] * 4, (done_before, statuses)
+    _check_ray_gone(job_id)
+    print(f"\nrequeue after {done_before} finished trial(s): {len(children)} child runs, "
+          f"statuses {statuses}")
