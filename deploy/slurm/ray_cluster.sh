@@ -12,7 +12,8 @@
 # Token auth stays on: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (a 0600 file in JOBDIR, on
 # storage every node sees) come from d3tune.sbatch through srun's environment.
 # Optional environment: D3TUNE_NODE_CPUS / D3TUNE_NODE_GPUS (override SLURM's counts),
-# D3TUNE_RAY_HEAD_IP (the head's --node-ip-address; default: Ray's choice), D3TUNE_RAY_PORT,
+# D3TUNE_RAY_HEAD_IP (the head's --node-ip-address; default: Ray's choice), D3TUNE_RAY_PORT
+# (the head's GCS port; default 20000 + job id % 20000),
 # D3TUNE_RAY_OBJECT_STORE_MB (default: a quarter of SLURM_MEM_PER_NODE when set, else Ray's),
 # D3TUNE_RAY_TMP (node-local root of Ray's temp folder, default /tmp; keep it short: Ray's
 # socket paths must stay under 107 characters).
@@ -89,7 +90,9 @@ run_node() {
   # shellcheck disable=SC2207
   local args=($(resource_flags) --temp-dir "$TMP_ROOT" --disable-usage-stats --block)
   if [ "$role" = head ]; then
-    args+=(--head --port "${D3TUNE_RAY_PORT:-6379}" --include-dashboard=false)
+    # The GCS port: from the job id unless given, so two jobs sharing a node do not collide.
+    args+=(--head --port "${D3TUNE_RAY_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
+           --include-dashboard=false)
     [ -n "${D3TUNE_RAY_HEAD_IP:-}" ] && args+=(--node-ip-address "$D3TUNE_RAY_HEAD_IP")
   else
     for tries in $(seq 360); do
