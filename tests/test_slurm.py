@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sys
 import socket
 import sqlite3
 import subprocess
@@ -293,6 +294,16 @@ def _finished_children(db: Path, experiment: str) -> int:
         return 0
 
 
+def _in_flight(db: Path, experiment: str) -> bool:
+    """At least one child run finished and another one running with metrics logged."""
+    try:
+        children = _mlflow_runs(db, experiment)[1]
+    except sqlite3.Error:
+        return False
+    return (any(r["status"] == "FINISHED" for r in children)
+            and any(r["status"] == "RUNNING" and r["metrics"] for r in children))
+
+
 def _tune_trials(exp_dir: Path) -> set[str]:
     """Trial ids (folder names) with results in Tune's experiment folder."""
     return {p.parent.name for p in exp_dir.glob("*/result.json") if p.stat().st_size}
@@ -356,11 +367,14 @@ def test_sbatch_runs_a_sweep_on_a_ray_cluster_and_stops_it(slurm, tmp_path):
 @pytest.mark.slow
 def test_requeued_job_resumes_and_logs_each_trial_once(slurm, tmp_path):
     spec = tmp_path / "requeued.yaml"
-    spec.write_text(SPEC.format(name="requeued", epochs=3, concurrent=1))
+    spec.write_text(SPEC.format(name="requeued", epochs=5, concurrent=1))
     db = tmp_path / "shared" / "mlflow.db"
     job_id = _submit(slurm, tmp_path, spec)
     out = tmp_path / f"job-{job_id}.out"
-    _wait("no trial finished", lambda: _finished_children(db, "requeued") >= 1, 600, out)
+    # Preempt mid-sweep and mid-trial: one trial finished, the next one has logged an epoch
+    # (so it has a checkpoint to continue from).
+    _wait("no trial got in flight after a finished one", lambda: _in_flight(db, "requeued"), 600,
+          out)
     done_before = _finished_children(db, "requeued")
     assert done_before < 4, "the sweep ended before the requeue: make the trials longer"
     slurm.run("scontrol", "requeue", job_id)
@@ -370,10 +384,12 @@ def test_requeued_job_resumes_and_logs_each_trial_once(slurm, tmp_path):
           and slurm.job(job_id)["JobState"] in ("PENDING", "RUNNING"), 120, out)
     job = slurm.job(job_id)
     if job["JobState"] == "PENDING":
-        # slurmctld holds a requeued batch job back (BeginTime ~2 min ahead): start it now,
-        # to keep the test short. What runs then is what a later start would run.
-        print(f"\nrequeued job pending: BeginTime {job.get('BeginTime')}, Reason {job.get('Reason')}")
-        slurm.run("scontrol", "update", f"JobId={job_id}", "BeginTime=now", check=False)
+        # slurmctld holds a requeued batch job back (Reason=BeginTime, eligible 121 s after the
+        # requeue): make it eligible now, to keep the test short. What runs then is what would
+        # run two minutes later.
+        print(f"\nrequeued job pending: Reason {job.get('Reason')}, "
+              f"EligibleTime {job.get('EligibleTime')}")
+        slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
     job = _wait_job(slurm, job_id, tmp_path, 900)
     wall = time.monotonic() - t_requeue
     log = out.read_text(errors="replace")
@@ -394,3 +410,49 @@ def test_requeued_job_resumes_and_logs_each_trial_once(slurm, tmp_path):
     _check_ray_gone(job_id)
     print(f"\nrequeue after {done_before} finished trial(s): {len(finished)} finished child runs "
           f"(+{len(others)} orphan KILLED), {wall:.1f} s from requeue to COMPLETED")
+
+
+# ---------------------------------------------------------------------------------------------
+# The helper's multi-node path, on one machine (this SLURM has one node)
+
+
+@pytest.mark.slow
+def test_helper_head_and_worker_join_with_token_auth_and_stop_on_the_stop_file(tmp_path):
+    """What `srun ... ray_cluster.sh worker` does on a second node: read the head's address
+    from the job folder and join with the job's token; the stop file ends both nodes."""
+    job_id = str(900000 + os.getpid() % 90000)
+    jobdir = tmp_path / "job"
+    jobdir.mkdir()
+    token = jobdir / "ray_auth_token"
+    token.write_text(os.urandom(32).hex())
+    token.chmod(0o600)
+    env = {**_env_without_slurm(), "SLURM_JOB_ID": job_id, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token), "D3TUNE_RAY_PORT": str(_free_port()),
+           "D3TUNE_NODE_CPUS": "1", "D3TUNE_RAY_OBJECT_STORE_MB": "100"}
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_ADDRESS", None)
+    procs = []
+    try:
+        for role in ("head", "worker"):  # two Ray nodes on one machine: two temp folders
+            node_env = {**env, "D3TUNE_RAY_TMP": tempfile.mkdtemp(prefix=f"d3t{role[0]}-")}
+            procs.append(subprocess.Popen(["bash", str(HELPER), role, str(jobdir)], env=node_env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                          start_new_session=True))
+            _wait(f"the {role} did not start", lambda r=role: any(
+                (jobdir / "ray").glob(f"ready-{r}-*")), 180,
+                jobdir / "ray" / "logs" / f"{role}-{socket.gethostname().split('.')[0]}.log")
+        address = (jobdir / "ray" / "head_address").read_text().strip()
+        probe = ("import ray; ray.init(address='%s', logging_level='ERROR'); "
+                 "print(sum(n['Alive'] for n in ray.nodes()))" % address)
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "2", done.stderr
+        (jobdir / "ray" / "stop").touch()
+        for proc in procs:
+            assert proc.wait(timeout=90) == 0, proc.stderr.read()
+        _check_ray_gone(job_id)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
