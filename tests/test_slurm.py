@@ -287,6 +287,13 @@ def _mlflow_runs(db: Path, experiment: str) -> tuple[list[dict], list[dict]]:
     return [r for r in runs if r["parent"] is None], [r for r in runs if r["parent"] is not None]
 
 
+def _metric_steps_logged_twice(db: Path) -> list[tuple]:
+    """(run, metric, step) logged more than once: a resumed trial must not repeat epochs."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        return con.execute("SELECT run_uuid, key, step, COUNT(*) FROM metrics "
+                           "GROUP BY run_uuid, key, step HAVING COUNT(*) > 1").fetchall()
+
+
 def _finished_children(db: Path, experiment: str) -> int:
     try:
         return sum(r["status"] == "FINISHED" for r in _mlflow_runs(db, experiment)[1])
@@ -355,6 +362,7 @@ def test_sbatch_runs_a_sweep_on_a_ray_cluster_and_stops_it(slurm, tmp_path):
     assert len(parents) == 1 and len(children) == 4, log[-4000:]
     assert all(r["status"] == "FINISHED" for r in parents + children)
     assert {r["trial"] for r in children} == _tune_trials(tmp_path / "shared" / "runs" / "slurmsweep")
+    assert not _metric_steps_logged_twice(tmp_path / "shared" / "mlflow.db")
     assert (tmp_path / "shared" / "runs" / "slurmsweep" / "tuner.pkl").exists()
     assert "--resume" not in log and "Ray stopped on" in log
     token = tmp_path / "shared" / "jobs" / job_id / "ray_auth_token"
@@ -407,6 +415,7 @@ def test_requeued_job_resumes_and_logs_each_trial_once(slurm, tmp_path):
     # driver kill) removes it; tighten this to `len(children) == 4` once that is merged.
     others = [r for r in children if r["status"] != "FINISHED"]
     assert all(r["status"] == "KILLED" and r["metrics"] == 0 for r in others), others
+    assert not _metric_steps_logged_twice(db)
     _check_ray_gone(job_id)
     print(f"\nrequeue after {done_before} finished trial(s): {len(finished)} finished child runs "
           f"(+{len(others)} orphan KILLED), {wall:.1f} s from requeue to COMPLETED")
