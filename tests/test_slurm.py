@@ -440,10 +440,11 @@ def test_helper_head_and_worker_join_with_token_auth_and_stop_on_the_stop_file(t
            "D3TUNE_NODE_CPUS": "1", "D3TUNE_RAY_OBJECT_STORE_MB": "100"}
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_ADDRESS", None)
-    procs = []
+    procs, roots = [], []
     try:
         for role in ("head", "worker"):  # two Ray nodes on one machine: two temp folders
-            node_env = {**env, "D3TUNE_RAY_TMP": tempfile.mkdtemp(prefix=f"d3t{role[0]}-")}
+            roots.append(tempfile.mkdtemp(prefix=f"d3t{role[0]}-", dir="/tmp"))  # short paths
+            node_env = {**env, "D3TUNE_RAY_TMP": roots[-1]}
             procs.append(subprocess.Popen(["bash", str(HELPER), role, str(jobdir)], env=node_env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                           start_new_session=True))
@@ -465,3 +466,5 @@ def test_helper_head_and_worker_join_with_token_auth_and_stop_on_the_stop_file(t
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
+        for root in roots:
+            shutil.rmtree(root, ignore_errors=True)
