@@ -5,6 +5,11 @@ final metrics the results), so a report can be made on any machine that reaches 
 after the sweep. ``robust_defaults`` answers "which setting can I trust?": the setting with the
 best worst-case DER over attacks x datasets x architectures x seeds, among those whose mean
 accuracy drop stays within a budget.
+
+``build_report`` is the generic part: it takes any frame of one row per trial (setting columns,
+population columns, seed columns, metric columns), so sweeps, ablations, the robust search and
+the leaderboard share it. Layout rules are in report_layout, figures in report_figures, the
+statistics in stats, and the Markdown/HTML rendering in report_html.
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ import pandas as pd
 
 from d3tune import stats, tracking
 from d3tune.errors import UsageError
-from d3tune.report_html import fmt as html_fmt
+# The report API in one place (callers: sweeps, ablations, robust search, leaderboard)
+from d3tune.report_figures import heatmaps, scatter  # noqa: F401
+from d3tune.report_layout import (METRICS, POPULATION_LABELS, SEEDS, Layout,  # noqa: F401
+                                  discretise, plan_layout, record_name, tidy)
 
 log = logging.getLogger(__name__)
 
@@ -95,201 +103,6 @@ def varying(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
     """Param columns whose value differs between runs (the knobs and the population)."""
     skip = set(FINAL_METRICS) | {"run_id", "acc_drop"} | set(exclude)
     return [c for c in df.columns if c not in skip and df[c].astype(str).nunique() > 1]
-
-
-# ---------------------------------------------------------------------------------------------
-# Names: what people call things
-
-
-POPULATION_LABELS = ("attack", "data.name", "model.arch")  # members a setting is judged over
-SEEDS = ("seed",)
-# (label, column, higher is better)
-METRICS: tuple[tuple[str, str, bool], ...] = (("DER", "der", True), ("ASR", "asr_after", False),
-                                              ("ACC", "acc_after", True))
-
-
-def record_name(path: str) -> str:
-    """An imported BackdoorBench model is known by its record folder (record/<name>/...pt)."""
-    p = Path(str(path))
-    return p.parent.name or p.stem
-
-
-def tidy(df: pd.DataFrame) -> pd.DataFrame:
-    """One ``attack`` column that names imported models by their record, in place of
-    attack.name / attack.result (which would say "backdoorbench" for every record)."""
-    out = df.copy()
-    if "attack.name" not in out and "attack.result" not in out:
-        return out
-    label = out["attack.name"].astype(str) if "attack.name" in out \
-        else pd.Series("", index=out.index)
-    if "attack.result" in out:
-        rec = out["attack.result"].map(lambda r: record_name(r) if isinstance(r, str) and r else None)
-        label = rec.where(rec.notna(), label)
-    out = out.drop(columns=[c for c in ("attack.name", "attack.result") if c in out])
-    out.insert(0, "attack", label)
-    return out
-
-
-def levels(df: pd.DataFrame, col: str) -> list[Any]:
-    vals = list(pd.unique(df[col].dropna()))
-    try:
-        return sorted(vals)
-    except TypeError:
-        return vals
-
-
-def select(df: pd.DataFrame, cols: list[str], key: tuple) -> pd.DataFrame:
-    mask = np.ones(len(df), dtype=bool)
-    for c, v in zip(cols, key):
-        mask &= (df[c].isna() if v is None or v is pd.NA or (isinstance(v, float) and v != v)
-                 else df[c] == v).to_numpy(dtype=bool)
-    return df[mask]
-
-
-def discretise(df: pd.DataFrame, knobs: list[str], max_levels: int = 8) -> pd.DataFrame:
-    """A sweep's continuous knobs as at most ``max_levels`` quantile bins ("0.01-0.03"), so
-    the same heat maps serve grids and sweeps; a grid's knobs pass unchanged."""
-    out = df.copy()
-    for k in knobs:
-        col = out[k]
-        if not pd.api.types.is_numeric_dtype(col) or col.nunique() <= max_levels:
-            continue
-        bins = pd.qcut(col.astype(float), max_levels, duplicates="drop")
-        labels = {iv: f"{iv.left:.3g}-{iv.right:.3g}" for iv in bins.cat.categories}
-        out[k] = pd.Categorical(bins.map(labels), categories=list(labels.values()), ordered=True)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout: which knobs go on the axes, which get panels, and which may be averaged
-
-
-@dataclass(frozen=True)
-class Layout:
-    x: str | None             # most important knob (by variance of the metric it explains)
-    y: str | None             # second most important
-    panels: list[str]         # one panel per combination: population members, knobs that matter
-    averaged: list[stats.KnobEffect]  # knobs whose levels differ by less than the seed spread
-    importance: dict[str, float]
-
-
-def plan_layout(df: pd.DataFrame, settings: list[str], population: list[str],
-                metric: str = "der", seeds: list[str] = list(SEEDS)) -> Layout:
-    """Axes = the two knobs that explain most of the metric's variance; every population
-    column that varies (e.g. several attacks) gets its own panels; a further knob is averaged
-    only when its levels differ by no more than the seed spread, else it gets panels too."""
-    imp = stats.importance(df, settings, metric)
-    order = list(imp)
-    panels = [p for p in population if p in df and df[p].astype(str).nunique() > 1]
-    averaged = []
-    for k in order[2:]:
-        others = [c for c in settings + panels if c != k]
-        eff = stats.knob_effect(df, k, others, metric, [s for s in seeds if s in df])
-        if eff.matters:
-            panels.append(k)
-        else:
-            averaged.append(eff)
-    return Layout(order[0] if order else None, order[1] if len(order) > 1 else None,
-                  panels, averaged, imp)
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _panel_keys(df: pd.DataFrame, panels: list[str]) -> list[tuple]:
-    if not panels:
-        return [()]
-    keys = df[panels].drop_duplicates().itertuples(index=False, name=None)
-    try:
-        return sorted(keys)
-    except TypeError:
-        return list(keys)
-
-
-def _panel_title(panels: list[str], key: tuple) -> str:
-    return ", ".join(f"{p} {html_fmt(v)}" if p != "attack" else html_fmt(v)
-                     for p, v in zip(panels, key))
-
-
-def heatmaps(df: pd.DataFrame, layout: Layout, path: Path,
-             metrics: tuple[tuple[str, str, bool], ...] = METRICS, title: str = "") -> Path:
-    """One row of heat maps per panel, one column per metric; each cell the mean over seeds
-    (and over averaged knobs, named in the title) with the min..max written under it."""
-    plt = _plt()
-    keys = _panel_keys(df, layout.panels)
-    xs = levels(df, layout.x) if layout.x else [None]
-    ys = levels(df, layout.y) if layout.y else [None]
-    axes_cols = [c for c in (layout.y, layout.x) if c]
-    w = max(3.4, 0.95 * len(xs) + 1.9)
-    h = max(2.4, 0.62 * len(ys) + 1.5)
-    fig, axes = plt.subplots(len(keys), len(metrics), figsize=(w * len(metrics), h * len(keys)),
-                             squeeze=False)
-    for j, (label, col, higher) in enumerate(metrics):
-        vals = df[col].astype(float)
-        vmin, vmax = (0.0, 1.0) if label in ("DER", "ASR") else (float(vals.min()), float(vals.max()))
-        if vmax - vmin < 1e-9:
-            vmin, vmax = vmin - 0.01, vmax + 0.01
-        cmap = "RdYlGn" if higher else "RdYlGn_r"
-        for i, key in enumerate(keys):
-            ax = axes[i][j]
-            part = select(df, layout.panels, key)
-            grid = np.full((len(ys), len(xs)), np.nan)
-            cells = stats.cell_stats(part, axes_cols, col) if axes_cols else \
-                stats.cell_stats(part.assign(_all=0), ["_all"], col)
-            for _, c in cells.iterrows():
-                yi = ys.index(c[layout.y]) if layout.y else 0
-                xi = xs.index(c[layout.x]) if layout.x else 0
-                grid[yi, xi] = c["mean"]
-                text = f"{c['mean']:.3f}"
-                if c["n"] >= 2:
-                    text += f"\n{c['min']:.2f}–{c['max']:.2f}"
-                ax.text(xi, yi, text, ha="center", va="center", fontsize=8.5,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.65))
-            im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-            ax.set_xticks(range(len(xs)), [html_fmt(v) for v in xs])
-            ax.set_yticks(range(len(ys)), [html_fmt(v) for v in ys])
-            ax.set_xlabel(layout.x or "")
-            ax.set_ylabel(layout.y or "")
-            n = int(cells["n"].min()) if len(cells) else 0
-            head = f"{label} ({'higher' if higher else 'lower'} is better), n={n}"
-            ax.set_title(head + (f"\n{_panel_title(layout.panels, key)}" if key else ""), fontsize=9.5)
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-    sub = title + ("; " if title else "") + "cell: mean over seeds, below it min–max"
-    if layout.averaged:
-        sub += "; averaged over " + ", ".join(e.knob for e in layout.averaged)
-    fig.suptitle(sub, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def scatter(df: pd.DataFrame, panels: list[str], path: Path) -> Path:
-    """ACC against ASR after the defense, one colour per panel (e.g. attack)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for key in _panel_keys(df, panels):
-        part = select(df, panels, key)
-        ax.scatter(part["asr_after"], part["acc_after"], alpha=0.7,
-                   label=_panel_title(panels, key) or "all trials")
-    ax.set_xlabel("ASR after defense (lower is better)")
-    ax.set_ylabel("ACC after defense")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
