@@ -115,7 +115,7 @@ def summary_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     if not by:
         by = ["_all"]
         df = df.assign(_all="all")
-    g = df.groupby(by, dropna=False)[metrics]
+    g = df.groupby(by, dropna=False, observed=True)[metrics]
     out = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std"))
     out["n"] = g.size()
     return out.reset_index()
@@ -143,12 +143,14 @@ def ci_table(df: pd.DataFrame, by: list[str], metrics: tuple[tuple[str, str, boo
         cs = stats.cell_stats(df, by, col, level)
         b = _bounded(df, col)
         cs[f"{label} mean [{level:.0%} CI]"] = [
-            _ci_text(m, lo, hi, n, b) for m, lo, hi, n in zip(cs["mean"], cs["lo"], cs["hi"], cs["n"])]
+            _ci_text(m, lo, hi, n, b)
+            for m, lo, hi, n in zip(cs["mean"], cs["lo"], cs["hi"], cs["n"])]
         cs = cs.rename(columns={"mean": f"_{col}"}).drop(columns=["lo", "hi", "min", "max"])
         out = cs if out is None else out.merge(cs.drop(columns=["n"]), on=by, how="outer")
     order = f"_{metrics[0][1]}"
     out = out.sort_values(order, ascending=not metrics[0][2], kind="stable")
-    cols = by + [c for c in out.columns if c not in by and not c.startswith("_") and c != "n"] + ["n"]
+    shown = [c for c in out.columns if c not in by and not c.startswith("_") and c != "n"]
+    cols = by + shown + ["n"]
     return out[cols].reset_index(drop=True)
 
 
@@ -157,7 +159,8 @@ def top_settings(df: pd.DataFrame, settings: list[str], metric: str = "der", top
     """Settings ranked by the mean of ``metric`` over their whole population, with the t
     interval over its members, the worst member and n."""
     cs = stats.cell_stats(df, settings, metric, level)
-    worst = df.groupby(settings, dropna=False)[metric].agg("min" if maximize else "max")
+    worst = df.groupby(settings, dropna=False, observed=True)[metric] \
+        .agg("min" if maximize else "max")
     cs = cs.merge(worst.rename("worst").reset_index(), on=settings)
     cs = cs.sort_values("mean", ascending=not maximize, kind="stable").head(top)
     b = _bounded(df, metric)
@@ -216,7 +219,8 @@ def build_report(df: pd.DataFrame, out: str | Path, *, title: str, settings: lis
                              if layout.panels else ""))]
         blocks.append(("img", heatmaps(shown, layout, out / "heatmaps.png", metrics, title)))
         blocks.append(("h2", "Top settings (over the whole population)"))
-        blocks.append(("table", top_settings(df, settings, primary[1], 5, primary[2], level, primary[0])))
+        blocks.append(("table", top_settings(df, settings, primary[1], 5, primary[2], level,
+                                             primary[0])))
         members = [p for p in population if df[p].astype(str).nunique() > 1] + seeds
         cmp = stats.compare_top(df, settings, primary[1], members, primary[2], level)
         if cmp is not None:
@@ -229,7 +233,7 @@ def build_report(df: pd.DataFrame, out: str | Path, *, title: str, settings: lis
     blocks.append(("table", table.head(80)))
     if {"asr_after", "acc_after"} <= set(df.columns):
         blocks += [("h2", "ACC against ASR, every trial"),
-                   ("img", scatter(df, layout.panels[:1] if population else [], out / "acc_vs_asr.png"))]
+                   ("img", scatter(df, layout.panels[:1], out / "acc_vs_asr.png"))]
     summary_table(df, cells).to_csv(out / "summary.csv", index=False)
     df.to_csv(out / "trials.csv", index=False)
     (out / "report.md").write_text(to_markdown(blocks, out))
@@ -283,7 +287,7 @@ def robust_defaults(df: pd.DataFrame, settings: list[str], max_acc_drop: float =
         raise UsageError("defaults: the runs vary no setting besides the population "
                          f"({', '.join(POPULATION)}); nothing to choose between")
     rows = []
-    for key, part in df.groupby(settings, dropna=False):
+    for key, part in df.groupby(settings, dropna=False, observed=True):
         key = key if isinstance(key, tuple) else (key,)
         rows.append(Choice({k: _plain(v) for k, v in zip(settings, key)},
                            float(part["der"].min()), float(part["der"].mean()),

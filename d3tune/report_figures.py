@@ -51,7 +51,8 @@ def heatmaps(df: pd.DataFrame, layout: Layout, path: Path,
                              squeeze=False)
     for j, (label, col, higher) in enumerate(metrics):
         vals = df[col].astype(float)
-        vmin, vmax = (0.0, 1.0) if label in ("DER", "ASR") else (float(vals.min()), float(vals.max()))
+        vmin, vmax = (0.0, 1.0) if label in ("DER", "ASR") \
+            else (float(vals.min()), float(vals.max()))
         if vmax - vmin < 1e-9:
             vmin, vmax = vmin - 0.01, vmax + 0.01
         cmap = "RdYlGn" if higher else "RdYlGn_r"
@@ -61,7 +62,7 @@ def heatmaps(df: pd.DataFrame, layout: Layout, path: Path,
             grid = np.full((len(ys), len(xs)), np.nan)
             cells = stats.cell_stats(part, axes_cols, col) if axes_cols else \
                 stats.cell_stats(part.assign(_all=0), ["_all"], col)
-            for _, c in cells.iterrows():
+            for _, c in cells[cells["n"] > 0].iterrows():
                 yi = ys.index(c[layout.y]) if layout.y else 0
                 xi = xs.index(c[layout.x]) if layout.x else 0
                 grid[yi, xi] = c["mean"]
@@ -71,13 +72,18 @@ def heatmaps(df: pd.DataFrame, layout: Layout, path: Path,
                 ax.text(xi, yi, text, ha="center", va="center", fontsize=8.5,
                         bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.65))
             im = ax.imshow(grid, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-            ax.set_xticks(range(len(xs)), [html_fmt(v) for v in xs])
+            long = max((len(html_fmt(v)) for v in xs), default=0) > 6
+            ax.set_xticks(range(len(xs)), [html_fmt(v) for v in xs], rotation=30 if long else 0,
+                          ha="right" if long else "center")
             ax.set_yticks(range(len(ys)), [html_fmt(v) for v in ys])
             ax.set_xlabel(layout.x or "")
             ax.set_ylabel(layout.y or "")
-            n = int(cells["n"].min()) if len(cells) else 0
+            ns = cells["n"][cells["n"] > 0]
+            n = "0" if ns.empty else \
+                f"{ns.min()}" if ns.min() == ns.max() else f"{ns.min()}-{ns.max()}"
             head = f"{label} ({'higher' if higher else 'lower'} is better), n={n}"
-            ax.set_title(head + (f"\n{_panel_title(layout.panels, key)}" if key else ""), fontsize=9.5)
+            ax.set_title(head + (f"\n{_panel_title(layout.panels, key)}" if key else ""),
+                         fontsize=9.5)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     sub = title + ("; " if title else "") + "cell: mean over seeds, below it min–max"
     if layout.averaged:

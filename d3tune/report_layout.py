@@ -39,7 +39,8 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     label = out["attack.name"].astype(str) if "attack.name" in out \
         else pd.Series("", index=out.index)
     if "attack.result" in out:
-        rec = out["attack.result"].map(lambda r: record_name(r) if isinstance(r, str) and r else None)
+        rec = out["attack.result"].map(
+            lambda r: record_name(r) if isinstance(r, str) and r else None)
         label = rec.where(rec.notna(), label)
     out = out.drop(columns=[c for c in ("attack.name", "attack.result") if c in out])
     out.insert(0, "attack", label)
@@ -47,6 +48,10 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def levels(df: pd.DataFrame, col: str) -> list[Any]:
+    """The values of a column in their natural order (a binned knob's bins low to high)."""
+    if isinstance(df[col].dtype, pd.CategoricalDtype):
+        present = set(df[col].dropna())
+        return [c for c in df[col].cat.categories if c in present]
     vals = list(pd.unique(df[col].dropna()))
     try:
         return sorted(vals)
@@ -62,17 +67,19 @@ def select(df: pd.DataFrame, cols: list[str], key: tuple) -> pd.DataFrame:
     return df[mask]
 
 
-def discretise(df: pd.DataFrame, knobs: list[str], max_levels: int = 8) -> pd.DataFrame:
-    """A sweep's continuous knobs as at most ``max_levels`` quantile bins ("0.01-0.03"), so
-    the same heat maps serve grids and sweeps; a grid's knobs pass unchanged."""
+def discretise(df: pd.DataFrame, knobs: list[str], max_levels: int = 8,
+               bins: int = 5) -> pd.DataFrame:
+    """A sweep's continuous knobs (more than ``max_levels`` values) as ``bins`` quantile bins
+    ("0.01-0.03"), so the same heat maps serve grids and sweeps; a grid's knobs pass unchanged."""
     out = df.copy()
     for k in knobs:
         col = out[k]
         if not pd.api.types.is_numeric_dtype(col) or col.nunique() <= max_levels:
             continue
-        bins = pd.qcut(col.astype(float), max_levels, duplicates="drop")
-        labels = {iv: f"{iv.left:.3g}-{iv.right:.3g}" for iv in bins.cat.categories}
-        out[k] = pd.Categorical(bins.map(labels), categories=list(labels.values()), ordered=True)
+        cut = pd.qcut(col.astype(float), bins, duplicates="drop")
+        span = col.astype(float).groupby(cut, observed=True).agg(["min", "max"])
+        labels = {iv: f"{lo:.3g}-{hi:.3g}" for iv, (lo, hi) in span.iterrows()}  # values seen
+        out[k] = pd.Categorical(cut.map(labels), categories=list(labels.values()), ordered=True)
     return out
 
 

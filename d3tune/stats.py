@@ -38,7 +38,7 @@ def t_interval(values: Any, level: float = 0.95) -> tuple[float, float, float, i
 def cell_stats(df: pd.DataFrame, by: list[str], metric: str, level: float = 0.95) -> pd.DataFrame:
     """Per cell of ``by``: mean, t interval, min, max (the seed spread) and n of ``metric``."""
     rows = []
-    groups = df.groupby(by, dropna=False, sort=True) if by else [((), df)]
+    groups = df.groupby(by, dropna=False, sort=True, observed=True) if by else [((), df)]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
         mean, lo, hi, n = t_interval(part[metric], level)
@@ -60,7 +60,7 @@ def importance(df: pd.DataFrame, knobs: list[str], metric: str) -> dict[str, flo
         if total <= 0:
             out[k] = 0.0
             continue
-        g = df.groupby(k, dropna=False)[metric]
+        g = df.groupby(k, dropna=False, observed=True)[metric]
         between = float((g.size() * (g.mean() - y.mean()) ** 2).sum())
         out[k] = between / total
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
@@ -87,10 +87,10 @@ def knob_effect(df: pd.DataFrame, knob: str, others: list[str], metric: str,
     spread is the largest min..max over the seed columns among the cells compared (0 with one
     seed, so with one seed any gap matters: nothing shows it is noise)."""
     best = KnobEffect(knob, 0.0, 0.0, {})
-    groups = df.groupby(others, dropna=False, sort=True) if others else [((), df)]
+    groups = df.groupby(others, dropna=False, sort=True, observed=True) if others else [((), df)]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
-        levels = part.groupby(knob, dropna=False)[metric]
+        levels = part.groupby(knob, dropna=False, observed=True)[metric]
         means = levels.mean()
         if len(means) < 2:
             continue
@@ -139,7 +139,8 @@ def compare_top(df: pd.DataFrame, settings: list[str], metric: str, members: lis
     members (e.g. attack x seed) both were run on. None with fewer than two settings."""
     if not settings:
         return None
-    means = df.groupby(settings, dropna=False)[metric].mean().sort_values(ascending=not maximize)
+    means = df.groupby(settings, dropna=False, observed=True)[metric].mean() \
+        .sort_values(ascending=not maximize)
     if len(means) < 2:
         return None
     keys = [k if isinstance(k, tuple) else (k,) for k in means.index[:2]]
@@ -149,8 +150,8 @@ def compare_top(df: pd.DataFrame, settings: list[str], metric: str, members: lis
         for col, v in zip(settings, key):
             mask &= (df[col].isna() if _isnan(v) else df[col] == v).to_numpy()
         part = df[mask]
-        parts.append(part.groupby(members, dropna=False)[metric].mean() if members
-                     else part[metric].reset_index(drop=True))
+        parts.append(part.groupby(members, dropna=False, observed=True)[metric].mean()
+                     if members else part[metric].reset_index(drop=True))
     joined = pd.concat(parts, axis=1, join="inner").dropna()
     d = joined.iloc[:, 0] - joined.iloc[:, 1]
     mean, lo, hi, n = t_interval(d, level)
@@ -172,4 +173,5 @@ def _plain(v: Any) -> Any:
 
 
 def _fmt_setting(s: dict[str, Any]) -> str:
-    return "{" + ", ".join(f"{k} {v}" for k, v in s.items()) + "}"
+    return "{" + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in s.items()) + "}"

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from d3tune import stats
-from d3tune.report import build_report, heatmaps, plan_layout, tidy
+from d3tune.report import build_report, discretise, heatmaps, plan_layout, tidy
+from d3tune.report_layout import levels
 
 
 def _frame(der, seeds=(0, 1), noise=0.005, attacks=("badnets",)) -> pd.DataFrame:
@@ -29,8 +30,9 @@ def _interaction(s, attack):
     """Batch 32 at 10 % removes the backdoor, batch 256 at 10 % does not; at 5 % both half do.
     defense.init: 'zero' costs 0.2 DER, but only at batch 32 / 10 % (one cell)."""
     base = {(0.1, 32): 0.98, (0.1, 256): 0.75, (0.05, 32): 0.6, (0.05, 256): 0.58}
-    d = base[(s["data.clean_ratio"], s["defense.batch_size"])]
-    if s["defense.init"] == "zero" and (s["data.clean_ratio"], s["defense.batch_size"]) == (0.1, 32):
+    cell = (s["data.clean_ratio"], s["defense.batch_size"])
+    d = base[cell]
+    if s["defense.init"] == "zero" and cell == (0.1, 32):
         d -= 0.2
     return d
 
@@ -129,3 +131,17 @@ def test_html_report_is_one_self_contained_page(tmp_path):
     assert "&lt;self&gt;" in page and "<table>" in page
     md = (tmp_path / "report.md").read_text()
     assert "![heatmaps](heatmaps.png)" in md and "data:image" not in md
+
+
+def test_a_sweeps_continuous_knobs_are_binned_in_order(tmp_path):
+    """Sweeps feed the same report: 30 distinct learning rates become 5 ordered bins."""
+    lrs = [10 ** (-3 + 2 * i / 29) for i in range(30)]
+    df = pd.DataFrame({"defense.lr": lrs, "defense.p": [1, 2] * 15, "seed": 0,
+                       "der": [0.5 + 0.01 * i for i in range(30)], "asr_after": 0.2,
+                       "acc_after": 0.9})
+    shown = discretise(df, ["defense.lr", "defense.p"])
+    bins = levels(shown, "defense.lr")
+    assert len(bins) == 5 and bins[0].startswith("0.001") and bins[-1].endswith("-0.1")
+    assert levels(shown, "defense.p") == [1, 2]  # a grid knob passes unchanged
+    build_report(df, tmp_path, title="sweep", settings=["defense.lr", "defense.p"])
+    assert (tmp_path / "heatmaps.png").stat().st_size > 10_000
