@@ -27,7 +27,8 @@ from d3tune.errors import UsageError
 # The report API in one place (callers: sweeps, ablations, robust search, leaderboard)
 from d3tune.report_figures import heatmaps, scatter  # noqa: F401
 from d3tune.report_layout import (METRICS, POPULATION_LABELS, SEEDS, Layout,  # noqa: F401
-                                  discretise, plan_layout, record_name, tidy)
+                                  discretise, integral_knobs, plan_layout, record_name,
+                                  tidy)
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,7 @@ def make_report(ref: str, out_dir: str | Path | None = None) -> Path:
     parent = find_parent(client, ref)
     df = tidy(children_frame(client, parent))
     knobs = varying(df, exclude=POPULATION_LABELS + SEEDS)
+    df = integral_knobs(df, knobs)
     out = Path(out_dir or Path("d3tune_results") / "reports" / (parent.info.run_name or parent.info.run_id))
     build_report(df, out, title=f"Report: {parent.info.run_name or parent.info.run_id}",
                  settings=knobs, notes=[f"MLflow parent run {parent.info.run_id}."])

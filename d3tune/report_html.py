@@ -19,7 +19,8 @@ Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"table"|"img", payload)
 
 
 def fmt(v: Any) -> str:
-    """Integers as integers, floats as short decimals, missing as an empty cell."""
+    """Integers as integers (32, not 32.0), floats as short decimals that stay recognisably
+    floats (a radius of 2.0), missing as an empty cell."""
     if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
         return ""
     if isinstance(v, bool):
@@ -27,7 +28,8 @@ def fmt(v: Any) -> str:
     if isinstance(v, int) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
         return str(int(v))
     if isinstance(v, float) or hasattr(v, "dtype"):
-        return f"{float(v):.4g}"
+        text = f"{float(v):.4g}"
+        return text if any(c in text for c in ".enai") else text + ".0"  # 2.0 stays a float
     return str(v)
 
 

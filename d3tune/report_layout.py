@@ -47,6 +47,19 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def integral_knobs(df: pd.DataFrame, knobs: list[str]) -> pd.DataFrame:
+    """A knob whose every level is a whole number reads as integers (p 1 and 2, not 1.0 and 2.0,
+    though the trial config stores D3's p as a float); a knob with any fraction stays float."""
+    out = df.copy()
+    for k in knobs:
+        col = out[k]
+        if pd.api.types.is_float_dtype(col):
+            vals = col.dropna()
+            if len(vals) and (vals == vals.round()).all():
+                out[k] = col.round().astype("Int64")
+    return out
+
+
 def levels(df: pd.DataFrame, col: str) -> list[Any]:
     """The values of a column in their natural order (a binned knob's bins low to high)."""
     if isinstance(df[col].dtype, pd.CategoricalDtype):

@@ -173,5 +173,6 @@ def _plain(v: Any) -> Any:
 
 
 def _fmt_setting(s: dict[str, Any]) -> str:
-    return "{" + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                           for k, v in s.items()) + "}"
+    from d3tune.report_html import fmt
+
+    return "{" + ", ".join(f"{k} {fmt(v)}" for k, v in s.items()) + "}"

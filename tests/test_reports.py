@@ -6,12 +6,14 @@ import itertools
 import math
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from d3tune import stats
 from d3tune.report import build_report, discretise, heatmaps, plan_layout, tidy
-from d3tune.report_layout import levels
+from d3tune.report_html import fmt
+from d3tune.report_layout import integral_knobs, levels
 
 
 def _frame(der, seeds=(0, 1), noise=0.005, attacks=("badnets",)) -> pd.DataFrame:
@@ -113,12 +115,17 @@ def test_names_records_by_record_and_integers_as_integers(tmp_path):
                      "asr_after": 0.3, "acc_after": 0.9})
     df = pd.DataFrame(rows)
     df.loc[0, "acc_after"] = float("nan")  # a float column with a gap keeps ints elsewhere
-    t = tidy(df)
+    df["defense.p"] = [1.0, 2.0] * 4  # D3's p is a float field; the spec said 1 and 2
+    df["defense.radius"] = [0.5, 2.0] * 4
+    t = integral_knobs(tidy(df), ["defense.p", "defense.radius"])
+    assert list(t["defense.p"][:2]) == [1, 2] and list(t["defense.radius"][:2]) == [0.5, 2.0]
     assert set(t["attack"]) == {"badnet_0_1", "blended_0_1"} and "attack.name" not in t
-    build_report(t, tmp_path, title="names", settings=["defense.batch_size"])
+    build_report(t.drop(columns=["defense.p", "defense.radius"]), tmp_path, title="names",
+                 settings=["defense.batch_size"])
     md = (tmp_path / "report.md").read_text()
     assert "| badnet_0_1 | 32 |" in md or "| 32 | badnet_0_1 |" in md
     assert not re.search(r"\b(32|256)\.0\b", md) and "backdoorbench" not in md
+    assert fmt(2.0) == "2.0" and fmt(np.int64(32)) == "32" and fmt(1e-4) == "0.0001"
 
 
 def test_html_report_is_one_self_contained_page(tmp_path):

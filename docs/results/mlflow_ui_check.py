@@ -27,12 +27,11 @@ from pathlib import Path
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--hide-scrollbars", "--window-size=1500,1400"]
+# Evaluated inside the report's own frame: MLflow shows an HTML artifact as a blob: URL in a
+# sandboxed iframe the page cannot look into, so the check attaches to that frame directly.
 PROBE = """(() => {
-  const f = document.querySelector('iframe.mlflow-html-iframe');
-  const d = f && f.contentDocument;
-  if (!d || !d.body) return {state: 'no report iframe yet'};
-  const imgs = [...d.images];
-  return {state: 'iframe', title: d.title, tables: d.querySelectorAll('table').length,
+  const imgs = [...document.images];
+  return {title: document.title, tables: document.querySelectorAll('table').length,
           images: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
           widths: imgs.map(i => i.naturalWidth)};
 })()"""
@@ -55,32 +54,41 @@ def wait_http(url: str, timeout: float) -> None:
     raise SystemExit(f"no answer from {url} within {timeout:.0f} s")
 
 
+async def _call(ws, i: int, method: str, **params) -> dict:
+    await ws.send_json({"id": i, "method": method, "params": params})
+    async for msg in ws:
+        data = json.loads(msg.data)
+        if data.get("id") == i:
+            return data.get("result", {})
+    return {}
+
+
 async def render(devtools: int, url: str, png: Path, timeout: float) -> dict:
     import aiohttp
 
+    base = f"http://127.0.0.1:{devtools}"
+    origin = url.split("/#/")[0]
     async with aiohttp.ClientSession() as http:
-        async with http.put(f"http://127.0.0.1:{devtools}/json/new?{url}") as r:
-            target = json.loads(await r.text())
-        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-            ids = iter(range(1, 10**6))
-
-            async def call(method: str, **params):
-                i = next(ids)
-                await ws.send_json({"id": i, "method": method, "params": params})
-                async for msg in ws:
-                    data = json.loads(msg.data)
-                    if data.get("id") == i:
-                        return data.get("result", {})
-
+        async with http.put(f"{base}/json/new") as r:  # a blank tab: a URL here would lose
+            page = json.loads(await r.text())        # its #fragment
+        async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            await _call(ws, 1, "Page.navigate", url=url)
             end, found = time.time() + timeout, {}
-            while time.time() < end:
-                res = await call("Runtime.evaluate", expression=PROBE, returnByValue=True)
+            while time.time() < end and not (found.get("images")
+                                              and found["decoded"] == found["images"]):
+                await asyncio.sleep(3)
+                async with http.get(f"{base}/json/list") as r:
+                    frames = [t for t in json.loads(await r.text())
+                              if t["url"].startswith(f"blob:{origin}/")]
+                if not frames:
+                    continue
+                async with http.ws_connect(frames[0]["webSocketDebuggerUrl"],
+                                           max_msg_size=0) as fw:
+                    res = await _call(fw, 1, "Runtime.evaluate", expression=PROBE,
+                                      returnByValue=True)
                 found = res.get("result", {}).get("value") or {}
-                if found.get("images") and found["decoded"] == found["images"]:
-                    break
-                await asyncio.sleep(2)
             await asyncio.sleep(2)  # let the last paint land
-            shot = await call("Page.captureScreenshot", format="png")
+            shot = await _call(ws, 2, "Page.captureScreenshot", format="png")
             png.write_bytes(base64.b64decode(shot["data"]))
             return found
 
@@ -106,16 +114,21 @@ def main(db: str, run: str, png: str, timeout: float = 600) -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             wait_http(f"http://127.0.0.1:{devtools}/json/version", 120)
             url = f"http://127.0.0.1:{port}/#/experiments/{exp}/runs/{run}/artifacts/report/report.html"
-            print(f"opening {url}")
+            print(f"opening {url}", flush=True)
             found = asyncio.run(render(devtools, url, Path(png), timeout))
         finally:
             for proc in (browser, server):  # the processes this script started, and their children
                 if proc is not None:
                     os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(30)
+                    try:
+                        proc.wait(60)
+                    except subprocess.TimeoutExpired:  # a loaded machine: stop it for good
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
     print(f"report iframe: {found}")
     print(f"screenshot: {png}")
-    ok = found.get("images", 0) >= 1 and found["decoded"] == found["images"] and found["tables"]
+    ok = found.get("images", 0) >= 1 and found["decoded"] == found["images"] \
+        and found["tables"] >= 1
     return 0 if ok else 1
 
 
