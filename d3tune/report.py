@@ -232,9 +232,10 @@ def build_report(df: pd.DataFrame, out: str | Path, *, title: str, settings: lis
     if len(table) > 80:
         blocks.append(("p", f"First 80 of {len(table)} cells by {primary[0]}; all in summary.csv."))
     blocks.append(("table", table.head(80)))
+    colour_by = layout.panels[:1] or ([layout.x] if layout.x else [])
     if {"asr_after", "acc_after"} <= set(df.columns):
         blocks += [("h2", "ACC against ASR, every trial"),
-                   ("img", scatter(df, layout.panels[:1], out / "acc_vs_asr.png"))]
+                   ("img", scatter(shown, colour_by, out / "acc_vs_asr.png"))]
     summary_table(df, cells).to_csv(out / "summary.csv", index=False)
     df.to_csv(out / "trials.csv", index=False)
     (out / "report.md").write_text(to_markdown(blocks, out))
