@@ -12,6 +12,7 @@ from d3tune import stats
 from d3tune.report_html import fmt as html_fmt
 from d3tune.report_layout import METRICS, Layout, levels, select
 
+
 def _plt():
     import matplotlib
 
