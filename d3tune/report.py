@@ -194,8 +194,13 @@ def build_report(df: pd.DataFrame, out: str | Path, *, title: str, settings: lis
     seeds = [s for s in seeds if s in df]
     shown = discretise(df, settings)
     layout = plan_layout(shown, settings, population, primary[1], seeds)
-    n_seeds = df[seeds].drop_duplicates().shape[0] if seeds else 1
     cells = list(settings) + [p for p in layout.panels if p not in settings]
+    n_seeds = "1"
+    if seeds:
+        per = df.groupby(cells, dropna=False, observed=True)[seeds].apply(
+            lambda g: len(g.drop_duplicates())) if cells \
+            else pd.Series([len(df[seeds].drop_duplicates())])
+        n_seeds = f"{per.min()}" if per.min() == per.max() else f"{per.min()}-{per.max()}"
     blocks: list[tuple[str, Any]] = [
         ("h1", title),
         ("p", f"{len(df)} finished trials; {n_seeds} seed(s) per cell; knobs (spec names): "
