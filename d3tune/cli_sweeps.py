@@ -29,7 +29,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from d3tune.report import make_report
 
     out = make_report(args.run, args.out)
-    print(f"report written to {out / 'report.md'} (also logged to the parent run under report/)")
+    print(f"report written to {out / 'report.md'} and {out / 'report.html'} (self-contained; "
+          "also logged to the parent run under report/: open report.html in the MLflow UI's "
+          "Artifacts tab)")
     return 0
 
 

@@ -5,6 +5,11 @@ final metrics the results), so a report can be made on any machine that reaches 
 after the sweep. ``robust_defaults`` answers "which setting can I trust?": the setting with the
 best worst-case DER over attacks x datasets x architectures x seeds, among those whose mean
 accuracy drop stays within a budget.
+
+``build_report`` is the generic part: it takes any frame of one row per trial (setting columns,
+population columns, seed columns, metric columns), so sweeps, ablations, the robust search and
+the leaderboard share it. Layout rules are in report_layout, figures in report_figures, the
+statistics in stats, and the Markdown/HTML rendering in report_html.
 """
 from __future__ import annotations
 
@@ -17,8 +22,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from d3tune import tracking
+from d3tune import stats, tracking
 from d3tune.errors import UsageError
+# The report API in one place (callers: sweeps, ablations, robust search, leaderboard)
+from d3tune.report_figures import heatmaps, scatter  # noqa: F401
+from d3tune.report_layout import (METRICS, POPULATION_LABELS, SEEDS, Layout,  # noqa: F401
+                                  discretise, integral_knobs, plan_layout, record_name,
+                                  tidy)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,11 @@ def children_frame(client: Any, parent: Any) -> pd.DataFrame:
     if not rows:
         raise UsageError(f"run {parent.info.run_id}: no finished child runs to report on")
     df = pd.DataFrame(rows)
+    for col in df.columns:  # an int param stays an int even where some run lacks it (32, not 32.0)
+        vals = [r.get(col) for r in rows if r.get(col) is not None]
+        if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals) \
+                and col not in FINAL_METRICS:
+            df[col] = df[col].astype("Int64")
     df["acc_drop"] = df["acc_before"] - df["acc_after"]
     return df
 
@@ -92,96 +107,158 @@ def varying(df: pd.DataFrame, exclude: tuple[str, ...] = ()) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tables and plots
+# Tables
 
 
 def summary_table(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """Mean and std over seeds for every cell."""
-    metrics = ["acc_after", "asr_after", "ra_after", "der", "acc_drop"]
+    """Mean and std over seeds for every cell (summary.csv)."""
+    metrics = [m for m in ("acc_after", "asr_after", "ra_after", "der", "acc_drop") if m in df]
     if not by:
         by = ["_all"]
         df = df.assign(_all="all")
-    g = df.groupby(by, dropna=False)[metrics]
+    g = df.groupby(by, dropna=False, observed=True)[metrics]
     out = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std"))
     out["n"] = g.size()
     return out.reset_index()
 
 
-def markdown(table: pd.DataFrame, by: list[str]) -> str:
-    cols = by + ["ACC", "ASR", "RA", "DER", "ACC drop", "n"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in table.iterrows():
-        cells = [str(r[c]) for c in by]
-        for m in ("acc_after", "asr_after", "ra_after", "der", "acc_drop"):
-            cells.append(f"{r[m + '_mean']:.3f} ± {r[m + '_std']:.3f}")
-        cells.append(str(int(r["n"])))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _ci_text(m: float, lo: float, hi: float, n: int, bounded: bool) -> str:
+    """ "mean [low, high]"; a metric that lives in [0, 1] gets its interval clipped to it."""
+    if n < 2:
+        return f"{m:.3f}"
+    if bounded:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def plots(df: pd.DataFrame, knobs: list[str], out: Path) -> list[Path]:
-    """Each metric vs each numeric knob (one line per attack, seed spread as a band) and an
-    ACC-vs-ASR scatter."""
-    import matplotlib
+def _bounded(df: pd.DataFrame, col: str) -> bool:
+    v = df[col].dropna()
+    return bool(len(v)) and v.min() >= 0 and v.max() <= 1
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    paths = []
-    group = "attack.name" if "attack.name" in df else None
-    numeric = [k for k in knobs if pd.api.types.is_numeric_dtype(df[k]) and k != "seed"]
-    for knob in numeric:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for ax, metric, label in zip(axes, ("acc_after", "asr_after", "der"), ("ACC", "ASR", "DER")):
-            for name, part in (df.groupby(group) if group else [("all", df)]):
-                stats = part.groupby(knob)[metric].agg(["mean", "std", "min", "max"]).fillna(0)
-                x = stats.index.to_numpy(dtype=float)
-                ax.plot(x, stats["mean"], marker="o", label=str(name))
-                ax.fill_between(x, stats["min"], stats["max"], alpha=0.2)
-            ax.set_xlabel(knob)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            if (df[knob] > 0).all() and df[knob].max() / max(df[knob].min(), 1e-12) >= 20:
-                ax.set_xscale("log")
-        axes[0].legend(title=group or "", fontsize=8)
-        fig.suptitle(f"{knob}: mean over seeds and other knobs; band = min..max")
-        fig.tight_layout()
-        path = out / f"{knob.replace('.', '_')}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, part in (df.groupby(group) if group else [("all", df)]):
-        ax.scatter(part["asr_after"], part["acc_after"], label=str(name), alpha=0.7)
-    ax.set_xlabel("ASR after defense (lower is better)")
-    ax.set_ylabel("ACC after defense")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "acc_vs_asr.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return paths + [path]
+def ci_table(df: pd.DataFrame, by: list[str], metrics: tuple[tuple[str, str, bool], ...] = METRICS,
+             level: float = 0.95) -> pd.DataFrame:
+    """Every cell (nothing averaged): "mean [low, high]" t interval over its rows, and n."""
+    out = None
+    for label, col, _ in metrics:
+        cs = stats.cell_stats(df, by, col, level)
+        b = _bounded(df, col)
+        cs[f"{label} mean [{level:.0%} CI]"] = [
+            _ci_text(m, lo, hi, n, b)
+            for m, lo, hi, n in zip(cs["mean"], cs["lo"], cs["hi"], cs["n"])]
+        cs = cs.rename(columns={"mean": f"_{col}"}).drop(columns=["lo", "hi", "min", "max"])
+        out = cs if out is None else out.merge(cs.drop(columns=["n"]), on=by, how="outer")
+    order = f"_{metrics[0][1]}"
+    out = out.sort_values(order, ascending=not metrics[0][2], kind="stable")
+    shown = [c for c in out.columns if c not in by and not c.startswith("_") and c != "n"]
+    cols = by + shown + ["n"]
+    return out[cols].reset_index(drop=True)
+
+
+def top_settings(df: pd.DataFrame, settings: list[str], metric: str = "der", top: int = 5,
+                 maximize: bool = True, level: float = 0.95, label: str = "DER") -> pd.DataFrame:
+    """Settings ranked by the mean of ``metric`` over their whole population, with the t
+    interval over its members, the worst member and n."""
+    cs = stats.cell_stats(df, settings, metric, level)
+    worst = df.groupby(settings, dropna=False, observed=True)[metric] \
+        .agg("min" if maximize else "max")
+    cs = cs.merge(worst.rename("worst").reset_index(), on=settings)
+    cs = cs.sort_values("mean", ascending=not maximize, kind="stable").head(top)
+    b = _bounded(df, metric)
+    cs[f"{label} mean [{level:.0%} CI]"] = [
+        _ci_text(m, lo, hi, n, b) for m, lo, hi, n in zip(cs["mean"], cs["lo"], cs["hi"], cs["n"])]
+    cs[f"worst {label}"] = cs["worst"].map(lambda v: f"{v:.3f}")
+    return cs[settings + [f"{label} mean [{level:.0%} CI]", f"worst {label}", "n"]] \
+        .reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def build_report(df: pd.DataFrame, out: str | Path, *, title: str, settings: list[str],
+                 population: list[str] = list(POPULATION_LABELS), seeds: list[str] = list(SEEDS),
+                 metrics: tuple[tuple[str, str, bool], ...] = METRICS, notes: list[str] = (),
+                 level: float = 0.95) -> Path:
+    """report.md, report.html (self-contained), heatmaps.png, acc_vs_asr.png, summary.csv and
+    trials.csv in ``out`` from a frame of one row per trial: ``settings`` (the knobs compared),
+    ``population`` (members a setting is judged over, e.g. attack; one panel each), ``seeds``
+    (replicates) and the metric columns. Sweeps, ablations, the robust search and the
+    leaderboard all call this; only how they gather the rows differs."""
+    from d3tune.report_html import to_html, to_markdown
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    primary = metrics[0]
+    population = [p for p in population if p in df]
+    seeds = [s for s in seeds if s in df]
+    shown = discretise(df, settings)
+    layout = plan_layout(shown, settings, population, primary[1], seeds)
+    cells = list(settings) + [p for p in layout.panels if p not in settings]
+    n_seeds = "1"
+    if seeds:
+        per = df.groupby(cells, dropna=False, observed=True)[seeds].apply(
+            lambda g: len(g.drop_duplicates())) if cells \
+            else pd.Series([len(df[seeds].drop_duplicates())])
+        n_seeds = f"{per.min()}" if per.min() == per.max() else f"{per.min()}-{per.max()}"
+    blocks: list[tuple[str, Any]] = [
+        ("h1", title),
+        ("p", f"{len(df)} finished trials; {n_seeds} seed(s) per cell; knobs (spec names): "
+              f"{', '.join(settings) or 'none'}; panels: {', '.join(layout.panels) or 'none'}. "
+              f"Intervals are {level:.0%} Student-t intervals over the trials of a cell "
+              f"(n = trials per cell; wide at n = 2-3, as they should be; clipped to [0, 1])."),
+    ]
+    blocks += [("p", n) for n in notes]
+    if layout.importance:
+        blocks.append(("p", f"Importance (share of {primary[0]} variance explained by each "
+                            "knob's main effect): " + ", ".join(
+                                f"{k} {v:.2f}" for k, v in layout.importance.items())))
+    for e in layout.averaged:
+        blocks.append(("p", f"Averaged over {e.knob} in the heat maps: with the other knobs "
+                            f"held, its levels differ in mean {primary[0]} by at most "
+                            f"{e.level_gap:.3f}, within the seed spread ({e.seed_spread:.3f}); "
+                            "the tables below keep it."))
+    if settings:
+        blocks += [("h2", ", ".join(m[0] for m in metrics) + " over "
+                          + " x ".join(c for c in (layout.y, layout.x) if c)
+                          + (" (one row of panels per " + ", ".join(layout.panels) + ")"
+                             if layout.panels else ""))]
+        blocks.append(("img", heatmaps(shown, layout, out / "heatmaps.png", metrics, title)))
+        blocks.append(("h2", "Top settings (over the whole population)"))
+        blocks.append(("table", top_settings(df, settings, primary[1], 5, primary[2], level,
+                                             primary[0])))
+        members = [p for p in population if df[p].astype(str).nunique() > 1] + seeds
+        cmp = stats.compare_top(df, settings, primary[1], members, primary[2], level)
+        if cmp is not None:
+            blocks.append(("p", ("Paired over " + " x ".join(cmp.paired_on) + ": "
+                                 if cmp.paired_on else "") + cmp.sentence(primary[0], level) + "."))
+    blocks.append(("h2", "Every cell"))
+    table = ci_table(df, cells, metrics, level)
+    if len(table) > 80:
+        blocks.append(("p", f"First 80 of {len(table)} cells by {primary[0]}; all in summary.csv."))
+    blocks.append(("table", table.head(80)))
+    colour_by = layout.panels[:1] or ([layout.x] if layout.x else [])
+    if {"asr_after", "acc_after"} <= set(df.columns):
+        blocks += [("h2", "ACC against ASR, every trial"),
+                   ("img", scatter(shown, colour_by, out / "acc_vs_asr.png"))]
+    summary_table(df, cells).to_csv(out / "summary.csv", index=False)
+    df.to_csv(out / "trials.csv", index=False)
+    (out / "report.md").write_text(to_markdown(blocks, out))
+    (out / "report.html").write_text(to_html(blocks, title))
+    return out
 
 
 def make_report(ref: str, out_dir: str | Path | None = None) -> Path:
+    """Read a sweep's or ablation's child runs from MLflow, write the report and log it to the
+    parent run under report/ (report.html opens from the MLflow UI's artifact view)."""
     client = _client()
     parent = find_parent(client, ref)
-    df = children_frame(client, parent)
-    knobs = varying(df)
-    by = [k for k in knobs if k != "seed"]
+    df = tidy(children_frame(client, parent))
+    knobs = varying(df, exclude=POPULATION_LABELS + SEEDS)
+    df = integral_knobs(df, knobs)
     out = Path(out_dir or Path("d3tune_results") / "reports" / (parent.info.run_name or parent.info.run_id))
-    out.mkdir(parents=True, exist_ok=True)
-    table = summary_table(df, by)
-    table.to_csv(out / "summary.csv", index=False)
-    df.to_csv(out / "trials.csv", index=False)
-    images = plots(df, knobs, out)
-    seeds = df["seed"].nunique() if "seed" in df else 1
-    text = [f"# Report: {parent.info.run_name} ({parent.info.run_id})", "",
-            f"{len(df)} finished trials; {seeds} seed(s); knobs: {', '.join(by) or 'none'}.",
-            "Mean ± std over seeds (population std).", "", markdown(table, by), ""]
-    text += [f"![{p.stem}]({p.name})" for p in images]
-    (out / "report.md").write_text("\n".join(text) + "\n")
+    build_report(df, out, title=f"Report: {parent.info.run_name or parent.info.run_id}",
+                 settings=knobs, notes=[f"MLflow parent run {parent.info.run_id}."])
     for path in sorted(out.iterdir()):
         try:
             client.log_artifact(parent.info.run_id, str(path), "report")
@@ -189,7 +266,6 @@ def make_report(ref: str, out_dir: str | Path | None = None) -> Path:
             log.warning("could not log %s to MLflow: %s", path.name, exc)
             break
     return out
-
 
 # ---------------------------------------------------------------------------------------------
 # Robust defaults
@@ -219,7 +295,7 @@ def robust_defaults(df: pd.DataFrame, settings: list[str], max_acc_drop: float =
         raise UsageError("defaults: the runs vary no setting besides the population "
                          f"({', '.join(POPULATION)}); nothing to choose between")
     rows = []
-    for key, part in df.groupby(settings, dropna=False):
+    for key, part in df.groupby(settings, dropna=False, observed=True):
         key = key if isinstance(key, tuple) else (key,)
         rows.append(Choice({k: _plain(v) for k, v in zip(settings, key)},
                            float(part["der"].min()), float(part["der"].mean()),
@@ -237,6 +313,8 @@ def robust_defaults(df: pd.DataFrame, settings: list[str], max_acc_drop: float =
 
 
 def _plain(v: Any) -> Any:
+    if v is pd.NA:
+        return None
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (np.floating,)):

@@ -245,8 +245,8 @@ def test_ablation_report_numbers_equal_mlflow_metrics(local_ray, tmp_path, mlflo
     df = run_plan(load_plan(spec, "ablation"))
     assert len(df) == 2
     out = make_report("abl-exp", tmp_path / "report")
-    for name in ("report.md", "summary.csv", "trials.csv", "acc_vs_asr.png",
-                 "defense_radius.png"):
+    for name in ("report.md", "report.html", "summary.csv", "trials.csv", "acc_vs_asr.png",
+                 "heatmaps.png"):
         assert (out / name).stat().st_size > 0
     import pandas as pd
 
@@ -256,6 +256,10 @@ def test_ablation_report_numbers_equal_mlflow_metrics(local_ray, tmp_path, mlflo
     children = [r for r in client.search_runs([exp.experiment_id])
                 if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2
+    parent = next(r for r in client.search_runs([exp.experiment_id])
+                  if "mlflow.parentRunId" not in r.data.tags)
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/heatmaps.png", "report/report.md"} <= logged
     for r in children:
         radius = float(r.data.params["defense.radius"])
         row = summary[summary["defense.radius"] == radius].iloc[0]

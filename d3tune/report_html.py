@@ -1,0 +1,114 @@
+"""One report, two renderings: Markdown (for READMEs, images as files beside it) and a single
+self-contained HTML page (tables and PNGs inline as base64, no scripts, no external assets), so
+the page opens from the MLflow UI's artifact view, which shows one file at a time.
+
+A report is a list of blocks ``(kind, payload)``; each kind has one renderer per format in a
+registry, so a new kind of block is one function per format and one line each.
+"""
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"table"|"img", payload)
+
+
+def fmt(v: Any) -> str:
+    """Integers as integers (32, not 32.0), floats as short decimals that stay recognisably
+    floats (a radius of 2.0), missing as an empty cell."""
+    if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+        return ""
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
+        return str(int(v))
+    if isinstance(v, float) or hasattr(v, "dtype"):
+        text = f"{float(v):.4g}"
+        return text if any(c in text for c in ".enai") else text + ".0"  # 2.0 stays a float
+    return str(v)
+
+
+def _cells(table: pd.DataFrame) -> list[list[str]]:
+    """Column by column (a row Series would upcast an int column to float: 32 -> 32.0)."""
+    cols = [[fmt(v) for v in table[c].tolist()] for c in table.columns]
+    return [list(r) for r in zip(*cols)] if cols else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_table(table: pd.DataFrame, _: Path) -> str:
+    head = "| " + " | ".join(str(c) for c in table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    return "\n".join([head, rule] + ["| " + " | ".join(r) + " |" for r in _cells(table)])
+
+
+MARKDOWN: dict[str, Callable[[Any, Path], str]] = {
+    "h1": lambda t, _: f"# {t}",
+    "h2": lambda t, _: f"## {t}",
+    "p": lambda t, _: str(t),
+    "table": _md_table,
+    "img": lambda p, base: f"![{Path(p).stem}]({_relative(Path(p), base)})",
+}
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def to_markdown(blocks: Sequence[Block], base: Path) -> str:
+    """Markdown with images referenced relative to ``base`` (the folder report.md goes in)."""
+    return "\n\n".join(MARKDOWN[kind](payload, base) for kind, payload in blocks) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def _html_table(table: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in _cells(table))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _html_img(path: Any) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    alt = html.escape(Path(path).stem)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
+
+
+HTML: dict[str, Callable[[Any], str]] = {
+    "h1": lambda t: f"<h1>{html.escape(str(t))}</h1>",
+    "h2": lambda t: f"<h2>{html.escape(str(t))}</h2>",
+    "p": lambda t: f"<p>{html.escape(str(t))}</p>",
+    "table": _html_table,
+    "img": _html_img,
+}
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222;
+max-width:1400px}
+h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}
+th{background:#f3f3f3}tbody tr:nth-child(even){background:#fafafa}
+img{max-width:100%;height:auto}figure{margin:.8em 0}p{max-width:70em;line-height:1.4}
+"""
+
+
+def to_html(blocks: Sequence[Block], title: str) -> str:
+    """One self-contained page: inline CSS, inline PNGs, nothing fetched."""
+    body = "\n".join(HTML[kind](payload) for kind, payload in blocks)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
+            f"<body>\n{body}\n</body></html>\n")
