@@ -177,7 +177,10 @@ def defend(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, defen
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    entry = DEFENSES[defense]
+    try:
+        entry = DEFENSES[defense]
+    except UsageError as exc:
+        raise UsageError(f"defense: {exc}") from None
     cfg = build(DefenseConfig, {"name": defense, **knobs}, "defense", extra=entry.params)
     prof = Profile()
     cfg = replace(cfg, epochs=cfg.epochs or prof.defense_epochs, lr=cfg.lr or prof.defense_lr,
