@@ -312,7 +312,7 @@ def test_defend_gives_the_weights_the_cli_run_gave(checker_run, plugin_site, mon
     assert not torch.equal(ours["fc.weight"], backdoored["fc.weight"])  # D3 did change it
 
 
-@pytest.mark.slow  # Ray startup and two trials in a fresh process: ~40-60 s on 2 busy cores
+@pytest.mark.slow  # Ray startup + two trials in a fresh process: 242 s wall at load ~35 on 2 cores
 def test_two_trial_sweep_with_the_plugin_in_ray_workers(plugin_site, tmp_path):
     spec = tmp_path / "plugsweep.yaml"
     spec.write_text(textwrap.dedent(f"""
