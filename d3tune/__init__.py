@@ -1,0 +1,39 @@
+"""d3tune: the D3 backdoor defense, baselines, and a Ray Tune / Optuna / MLflow sweep engine.
+
+From Python (README "From Python"; the input contract is in ``d3tune.api``)::
+
+    import d3tune
+    defended = d3tune.defend(model, clean_x, clean_y, defense="d3", seed=0, epochs=20)
+    d3tune.evaluate(defended, test_x, test_y, bd_x, bd_target, bd_true)  # {'acc', 'asr', 'ra'}
+    d3tune.run_trial({"data": {"name": "digits"}, "attack": {"name": "badnets"}})
+    d3tune.sweep("search_spaces/d3_default.yaml"); d3tune.ablate("ablations/quickstart.yaml")
+    d3tune.list_attacks(), d3tune.list_defenses(), d3tune.list_models(), d3tune.list_datasets()
+
+The verbs are imported on first use, so ``import d3tune`` itself loads neither torch nor Ray.
+Third-party attacks, defenses, models and datasets plug in through the entry-point group
+``d3tune.plugins`` (docs/plugins.md).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["defend", "evaluate", "run_trial", "sweep", "ablate", "list_attacks", "list_defenses",
+           "list_models", "list_datasets"]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports lazily
+    from d3tune.api import (ablate, defend, evaluate, list_attacks, list_datasets,  # noqa: F401
+                            list_defenses, list_models, run_trial, sweep)
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from d3tune import api
+
+        value = getattr(api, name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'd3tune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -105,10 +105,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from d3tune.data import DATASETS
     from d3tune.defenses import DEFENSES
     from d3tune.models import MODELS
+    from d3tune.registry import ensure_plugins
 
     kinds = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS}
     for kind in [args.kind] if args.kind else kinds:
         print(f"{kind}: {', '.join(kinds[kind].names(args.pattern))}")
+    loaded = ensure_plugins().loaded  # a skipped plugin was reported in its warning line
+    if loaded and not args.kind:
+        print(f"plugins: {', '.join(loaded)}")
     return 0
 
 

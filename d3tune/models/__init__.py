@@ -57,8 +57,15 @@ def register(name: str, head: str):
     return add
 
 
+ARCH_ATTR = "d3tune_arch"  # set on every model build_model returns: its registry name
+
+
 def build_model(name: str, spec: ModelSpec) -> nn.Module:
-    return MODELS[name].build(spec)
+    """Build architecture ``name`` and tag it with that name, so code handed only the module
+    (``d3tune.defend``) still finds its registered classifier head."""
+    model = MODELS[name].build(spec)
+    setattr(model, ARCH_ATTR, name)
+    return model
 
 
 from d3tune.models import cnn, preactresnet, vgg, vit  # noqa: E402,F401  (importing registers)

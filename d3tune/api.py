@@ -1,0 +1,332 @@
+"""d3tune from Python: defend a model you trained yourself, evaluate it, run trials and sweeps.
+
+These are the verbs ``import d3tune`` offers (``d3tune/__init__.py`` imports this module only
+when one of them is first used, so ``import d3tune`` stays cheap).
+
+Input contract, the same for ``defend`` and ``evaluate``:
+
+- Images are NCHW tensors of *pixels*: uint8 in 0..255, or float in [0, 1] (float pixels are
+  quantised to uint8 for the defense, which works on 8-bit images as a trial does). Labels are
+  integer tensors. Never pass normalised images: a float tensor outside [0, 1] is refused.
+- d3tune's own models (built by ``d3tune.models.build_model``) normalise inside their first
+  module, so they get the pixels as they are.
+- Any other ``nn.Module`` (a "foreign" model) gets float pixels in [0, 1], standardised with
+  ``normalize=(mean, std)`` when given: exactly what a model trained on ``x.float() / 255``
+  (or on ``(x / 255 - mean) / std``) expects. The conversion is a forward pre-hook on d3tune's
+  working copy and is removed before the model is returned, so the defended model keeps its
+  class, its module names and its own input format. Why pixels and not "whatever your model
+  takes": augmentation pads with black pixels, and I-BAU and SAU search adversarial
+  perturbations in pixel space (bounded and clipped to [0, 1]); all defenses then mean the same
+  thing for every model.
+
+Layer-based knobs name modules of *your* model (``select_layer="fc"`` for D3,
+``layers="layer2,layer3,layer4"`` for NAD). When a model is not one of ours, its classifier head
+(D3's selected layer, the layer FP and FST work on) defaults to its last ``nn.Linear``; the
+choice is logged by module name.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from d3tune.errors import UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from d3tune.config import TrialConfig
+    from d3tune.data import Dataset
+    from d3tune.trial import TrialResult
+
+log = logging.getLogger("d3tune.api")
+
+# Defenses that work on the classifier head (ctx.head), and the knob that overrides it.
+HEAD_KNOBS = {"d3": "select_layer", "fp": None, "fst": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _pixels(x: Any, name: str) -> torch.Tensor:
+    """Check the pixel contract (module doc); returns a tensor, float or uint8, unchanged."""
+    if not isinstance(x, torch.Tensor):
+        raise UsageError(f"{name}: expected a torch.Tensor of images, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise UsageError(f"{name}: expected NCHW images (4 dimensions), got shape "
+                         f"{tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x
+    if not x.is_floating_point():
+        raise UsageError(f"{name}: expected uint8 (0..255) or float (0..1) pixels, got {x.dtype}")
+    if len(x):
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise UsageError(f"{name}: float pixels must lie in [0, 1], got {lo:.3g}..{hi:.3g}; "
+                             "pass un-normalised images and normalize=(mean, std)")
+    return x
+
+
+def _labels(y: Any, name: str, n: int) -> torch.Tensor:
+    if isinstance(y, int):
+        return torch.full((n,), y, dtype=torch.int64)
+    if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dim() != 1:
+        raise UsageError(f"{name}: expected a 1-D integer tensor of labels")
+    if len(y) != n:
+        raise UsageError(f"{name}: {len(y)} labels for {n} images")
+    return y.long()
+
+
+def _as_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.uint8 else (x * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def is_own_model(model: nn.Module) -> bool:
+    """A d3tune model: its first step normalises pixels (``models.Normalize``)."""
+    from d3tune.models import Normalize
+
+    return isinstance(getattr(model, "normalize", None), Normalize)
+
+
+@contextlib.contextmanager
+def pixel_input(model: nn.Module, normalize: tuple[Sequence[float], Sequence[float]] | None,
+                channels: int) -> Iterator[nn.Module]:
+    """Let ``model`` take d3tune's pixels for the duration (module doc): nothing for our own
+    models; for a foreign one, a forward pre-hook doing what ``models.Normalize`` does."""
+    from d3tune.models import Normalize
+
+    if is_own_model(model):
+        if normalize is not None:
+            raise UsageError("normalize: this is a d3tune model, it normalises its input itself; "
+                             "drop normalize")
+        yield model
+        return
+    mean, std = normalize if normalize is not None else ((0.0,) * channels, (1.0,) * channels)
+    if len(mean) != channels or len(std) != channels:
+        raise UsageError(f"normalize: expected (mean, std) with {channels} values each, got "
+                         f"{len(mean)} and {len(std)}")
+    param = next(model.parameters(), None)
+    norm = Normalize(mean, std).to(param.device if param is not None else "cpu")
+    handle = model.register_forward_pre_hook(lambda m, args: (norm(args[0]), *args[1:]))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def default_head(model: nn.Module) -> tuple[str | None, str]:
+    """(classifier head's module name, why): the registered head of a model built by d3tune,
+    else the model's last ``nn.Linear`` (None when it has none)."""
+    from d3tune.models import ARCH_ATTR, MODELS
+
+    arch = getattr(model, ARCH_ATTR, None)
+    if isinstance(arch, str) and arch in MODELS:
+        return MODELS[arch].head, f"the head registered for {arch!r}"
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return (linears[-1], f"the last nn.Linear of {type(model).__name__}") if linears \
+        else (None, f"{type(model).__name__} has no nn.Linear")
+
+
+def _head_for(model: nn.Module, defense: str, params: Any) -> str:
+    """The head handed to the defense; fails in one line (naming the knob) only when the
+    defense needs a head the model does not have."""
+    head, why = default_head(model)
+    if defense not in HEAD_KNOBS:
+        return head or ""
+    knob = HEAD_KNOBS[defense]
+    if knob is not None and getattr(params, knob, None):
+        return head or ""  # the knob wins; the defense reads it
+    if head is None:
+        fix = f"name one with {knob}=..." if knob else "it needs an nn.Linear classifier head"
+        raise UsageError(f"{knob or 'model'}: {why} to default to; {fix}")
+    log.info("%s: classifier head %r (%s)", defense, head, why)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Verbs
+
+
+def defend(model: nn.Module, clean_x: torch.Tensor, clean_y: torch.Tensor, defense: str = "d3",
+           *, seed: int = 0, device: str = "auto",
+           normalize: tuple[Sequence[float], Sequence[float]] | None = None, hflip: bool = False,
+           **knobs: Any) -> nn.Module:
+    """Defend ``model`` with ``defense`` using the small clean set ``(clean_x, clean_y)``.
+
+    Returns a defended copy (in eval mode, on ``device``); the model passed in is not changed.
+    ``knobs`` are the defense's fields as in a spec's ``defense:`` section: the common ones
+    (``epochs``, ``lr``, ``batch_size``, ``momentum``, ``weight_decay``; unset ones take
+    d3tune's general defaults, 100 epochs, lr 0.01, batch 256) and the defense's own (D3:
+    ``eps``, ``lmd``, ``p``, ``init``, ``select_layer``, ``radius``). ``hflip`` adds mirror
+    augmentation (only where your classes are mirror-symmetric). Inputs: see the module doc.
+    The same model, data, knobs and seed give the same weights as a d3tune trial.
+    """
+    from d3tune.config import build
+    from d3tune.data import Profile
+    from d3tune.defenses import DEFENSES, DefenseConfig, DefenseContext
+    from d3tune.train import Augment, prepare_model
+    from d3tune.trial import generator, pick_device
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    try:
+        entry = DEFENSES[defense]
+    except UsageError as exc:
+        raise UsageError(f"defense: {exc}") from None
+    cfg = build(DefenseConfig, {"name": defense, **knobs}, "defense", extra=entry.params)
+    prof = Profile()
+    cfg = replace(cfg, epochs=cfg.epochs or prof.defense_epochs, lr=cfg.lr or prof.defense_lr,
+                  batch_size=cfg.batch_size or prof.defense_batch_size)
+    x = _pixels(clean_x, "clean_x")
+    y = _labels(clean_y, "clean_y", len(x))
+    if not len(x):
+        raise UsageError("clean_x: no images")
+    dev = pick_device(device)
+    work = prepare_model(copy.deepcopy(model), dev)
+    x, y = _as_uint8(x).to(dev), y.to(dev)
+    head = _head_for(work, defense, cfg.params)
+    with pixel_input(work, normalize, x.shape[1]):
+        num_classes = _num_classes(work, x)
+
+        def on_epoch(epoch: int, logs: dict[str, float]) -> bool:
+            log.debug("%s epoch %d/%d %s", defense, epoch, cfg.epochs, logs)
+            return False
+
+        ctx = DefenseContext(num_classes=num_classes, head=head, aug=Augment(hflip=hflip),
+                             generator=generator(seed, "defense"), device=dev, on_epoch=on_epoch)
+        entry.run(work, x, y, cfg, ctx)
+    return work.eval()
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """One forward pass on two clean images (eval mode: no statistics change): the number of
+    classes, and a clear error now if the model does not take these inputs."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2])
+    except Exception as exc:
+        raise UsageError(f"model: a forward pass on clean_x[:2] ({tuple(x[:2].shape)}, "
+                         f"{x.dtype}) failed: {' '.join(str(exc).split())[:200]}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UsageError("model: expected logits of shape (N, classes) from a forward pass")
+    return int(out.shape[1])
+
+
+def evaluate(model: nn.Module, test_x: torch.Tensor, test_y: torch.Tensor, bd_x: torch.Tensor,
+             bd_target: torch.Tensor | int, bd_true: torch.Tensor, *,
+             normalize: tuple[Sequence[float], Sequence[float]] | None = None
+             ) -> dict[str, float]:
+    """ACC on ``(test_x, test_y)``; ASR (prediction == ``bd_target``, a tensor or one class for
+    all) and RA (prediction == ``bd_true``) on the triggered images ``bd_x``. Pixels as for
+    ``defend`` (module doc); computed on the model's device, in eval mode."""
+    from d3tune.metrics import EvalSets
+    from d3tune.metrics import evaluate as metrics_of
+
+    x, bx = _pixels(test_x, "test_x"), _pixels(bd_x, "bd_x")
+    y = _labels(test_y, "test_y", len(x))
+    target, true = _labels(bd_target, "bd_target", len(bx)), _labels(bd_true, "bd_true", len(bx))
+    param = next(model.parameters(), None)
+    dev = param.device if param is not None else torch.device("cpu")
+    sets = EvalSets(*(t.to(dev) for t in (x, y, bx, target, true)))
+    with pixel_input(model, normalize, x.shape[1]):
+        return metrics_of(model, sets)
+
+
+def _trial_config(config: Any) -> TrialConfig:
+    from d3tune.config import TrialConfig, flatten, resolve, trial_config, unflatten
+
+    if isinstance(config, TrialConfig):
+        return resolve(config)
+    if not isinstance(config, Mapping):
+        raise UsageError(f"config: expected a mapping of trial fields or a TrialConfig, got "
+                         f"{type(config).__name__}")
+    return resolve(trial_config(unflatten(flatten(config))))  # nested or dotted keys
+
+
+def run_trial(config: Any, *, cache_dir: str | Path | None = None, use_cache: bool = True,
+              data: Dataset | None = None) -> TrialResult:
+    """One trial, as ``d3tune run`` does it minus the MLflow run and the result folder.
+
+    ``config``: trial fields as a nested or dotted mapping (``{"attack": {"name": "badnets"},
+    "defense.epochs": 5}``) or a ``TrialConfig``; unset fields take the dataset's profile.
+    The backdoored model goes through the same cache as the CLI's (``cache_dir``, default
+    $D3TUNE_CACHE_DIR or ~/.cache/d3tune/models). ``data`` replaces the loaded dataset (a subset,
+    say). Returns a ``TrialResult``: ``metrics``, per-epoch ``history``, the defended ``model``.
+    """
+    from d3tune.cache import ModelCache
+    from d3tune.runner import check_paths
+    from d3tune.trial import run_trial as run
+
+    cfg = _trial_config(config)
+    if data is None:
+        check_paths(cfg)
+    return run(cfg, cache=ModelCache(cache_dir) if use_cache else None, data=data)
+
+
+def _plan(spec: Any, kind: str, num_samples: int | None = None):
+    from d3tune.cli_sweeps import check_inputs
+    from d3tune.spec import ablation_plan, load_plan, sweep_plan, with_absolute_paths
+
+    if isinstance(spec, (str, Path)):
+        plan = load_plan(spec, kind, num_samples)
+    elif isinstance(spec, Mapping):
+        plan = with_absolute_paths(sweep_plan(dict(spec), "sweep", num_samples) if kind == "sweep"
+                                   else ablation_plan(dict(spec), "ablation"))
+    else:
+        raise UsageError(f"spec: expected a YAML path or a mapping, got {type(spec).__name__}")
+    check_inputs(plan)
+    return plan
+
+
+def sweep(spec: Any, *, num_samples: int | None = None, resume: bool = False,
+          address: str | None = None) -> pd.DataFrame:
+    """``d3tune sweep``: ``spec`` is a YAML path or the same fields as a mapping (its ``name``
+    defaults to "sweep"). Returns one row per trial (its sampled fields and last metrics)."""
+    from d3tune.sweeps import run_plan
+
+    return run_plan(_plan(spec, "sweep", num_samples), resume=resume, address=address)
+
+
+def ablate(spec: Any, *, resume: bool = False, address: str | None = None) -> pd.DataFrame:
+    """``d3tune ablate``: a grid spec (YAML path or mapping, ``name`` defaults to "ablation").
+    Returns one row per cell."""
+    from d3tune.sweeps import run_plan
+
+    return run_plan(_plan(spec, "ablation"), resume=resume, address=address)
+
+
+def list_attacks(pattern: str = "*") -> list[str]:
+    """Registered attack names (plugins included), filtered by a wildcard such as "b*"."""
+    from d3tune.attacks import ATTACKS
+
+    return ATTACKS.names(pattern)
+
+
+def list_defenses(pattern: str = "*") -> list[str]:
+    from d3tune.defenses import DEFENSES
+
+    return DEFENSES.names(pattern)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    from d3tune.models import MODELS
+
+    return MODELS.names(pattern)
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    from d3tune.data import DATASETS
+
+    return DATASETS.names(pattern)
