@@ -126,6 +126,42 @@ def test_unreadable_inputs_are_one_line_usage_errors(tmp_path):
         load_attack_result(path)
 
 
+def _truncated_zip(path: Path) -> None:
+    torch.save({"model": {"w": torch.zeros(64)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _zip_of_text(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "hello")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b"\x80" + np.random.default_rng(2).bytes(4096)), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b"hello world\n"), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b""), "empty"),
+    (_truncated_zip, "truncated"),
+    (_zip_of_text, "not a torch checkpoint"),
+    (lambda p: p.write_bytes(__import__("pickle").dumps({"model_name": "x"}, protocol=4)),
+     "not a torch checkpoint"),
+], ids=["random", "random-from-0x80", "text", "empty", "truncated-zip", "other-zip", "pickle"])
+def test_files_that_are_not_checkpoints_say_so(tmp_path, make, words, recwarn):
+    """Random bytes, text, an empty file, a cut-off download, some other zip, a bare pickle: one
+    line naming the file and what it is not, with no empty reason and no library warning."""
+    path = tmp_path / "attack_result.pt"
+    make(path)
+    with pytest.raises(UsageError) as err:
+        load_attack_result(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and words in msg, msg
+    assert "\n" not in msg and "()" not in msg and "needs code" not in msg, msg
+    assert len(msg) < 300, msg
+    assert not [w for w in recwarn if "torch" in str(w.filename)], [str(w.message) for w in recwarn]
+
+
 # --- Running defenses on an imported model ---------------------------------------------------
 
 BB_MEAN, BB_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # BackdoorBench's CIFAR-10
