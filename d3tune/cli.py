@@ -94,7 +94,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from d3tune.config import resolve, trial_config
 
     cfg = resolve(trial_config(trial_dict_from_args(args)))
-    runner.check_paths(cfg)
     return runner.run_and_log(cfg, out_dir=args.out, cache_dir=args.cache_dir,
                               use_cache=not args.no_cache, experiment=args.experiment,
                               use_mlflow=not args.no_mlflow)

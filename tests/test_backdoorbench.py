@@ -225,7 +225,10 @@ def test_run_defends_a_backdoorbench_model(record_and_cifar, tmp_path, capsys):
     rc = main(["run", "--attack-result", str(path), "--data-dir", str(cifar), "--defense", "d3",
                "--epochs", "1", "--clean-ratio", "0.2", "--device", "cpu", "--no-mlflow",
                "--cache-dir", str(cache), "--out", str(tmp_path / "runs")])
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    bars = [ln for ln in err.splitlines() if "━" in ln]  # nothing trains: the defense's bar only
+    assert len(bars) == 1 and bars[0].startswith("defense d3") and "1/1" in bars[0], err
     result = json.loads(next((tmp_path / "runs").glob("*/result.json")).read_text())
     cfg = result["config"]
     assert (cfg["attack"]["name"], cfg["data"]["name"], cfg["model"]["arch"]) == (
@@ -293,6 +296,23 @@ def test_weights_that_do_not_fit_are_refused_before_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "weights do not fit d3tune's 'preactresnet18' (missing" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_data_that_does_not_fit_the_record_is_refused_before_any_output(tmp_path, capsys):
+    """A record of 8x8 images against CIFAR-10's 32x32: known only once the data is loaded, and
+    still one line before any progress bar or results folder."""
+    from test_real_datasets import write_cifar
+
+    from d3tune.cli import main
+
+    path, _ = make_record(tmp_path / "record", size=8, state=bb_state_dict())
+    write_cifar(tmp_path / "cifar", n=3)
+    rc = main(["run", "--attack-result", str(path), "--data-dir", str(tmp_path / "cifar"),
+               "--no-mlflow", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("d3tune: error: data.data_dir: ") and "expects" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_attack_needs_its_result_path(capsys, tmp_path):
