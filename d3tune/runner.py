@@ -156,24 +156,62 @@ def _param(key: str, value: str):
     return Param(key, value)
 
 
-def attack_label(cfg: TrialConfig) -> str:
-    """The attack's name, or for an imported model the record it came from."""
-    result = getattr(cfg.attack.params, "result", None)
-    return f"{cfg.attack.name} ({Path(result).parent.name}/{Path(result).name})" if result \
-        else cfg.attack.name
+def duration(seconds: float) -> str:
+    """Short and of near-constant width, so a line of phase times fits a terminal."""
+    if seconds < 59.95:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def summary_table(cfg: TrialConfig, result: TrialResult) -> Table:
+def pack(items: list[str], width: int, sep: str = "  ") -> list[str]:
+    """Lines of at most ``width`` characters, broken only between items: a terminal's own
+    wrapping would break inside one ("attack_train" on a line, its time on the next)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def summary_table(cfg: TrialConfig, result: TrialResult, compact: bool = False) -> Table:
+    """ACC/ASR/RA before and after the defense, and its DER. ``compact``: no box and one space
+    between columns (38 characters instead of 51), for a narrow terminal."""
     m = result.metrics
-    t = Table(title=f"{attack_label(cfg)} on {cfg.data.name} ({cfg.model.arch}), defense "
-              f"{cfg.defense.name}, seed {cfg.seed}")
-    for col in ("", "ACC", "ASR", "RA"):
-        t.add_column(col, justify="right")
-    t.add_row("backdoored", *(f"{m[f'{k}_before']:.4f}" for k in ("acc", "asr", "ra")))
-    t.add_row(f"after {cfg.defense.name}", *(f"{m[f'{k}_after']:.4f}" for k in ("acc", "asr", "ra")))
-    t.caption = f"DER {m['der']:.4f}   " + "   ".join(
-        f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    t = Table(box=None, padding=(0, 0, 0, 1), pad_edge=False) if compact else Table()
+    for col in ("", "ACC", "ASR", "RA", "DER"):
+        t.add_column(col, justify="right", overflow="fold")  # too narrow: fold, never "0.9…"
+    t.add_row("backdoored", *(f"{m[f'{k}_before']:.4f}" for k in ("acc", "asr", "ra")), "")
+    t.add_row(f"after {cfg.defense.name}",
+              *(f"{m[f'{k}_after']:.4f}" for k in ("acc", "asr", "ra")), f"{m['der']:.4f}")
     return t
+
+
+def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total: float,
+                  out: Path) -> None:
+    """Title, table, phase times, where the results are. Why not the table's title and caption:
+    rich wraps those to the table's width (41 characters), so the title and the phase times
+    broke over several lines at any terminal width. Here each is one line when the terminal is
+    wide enough, and otherwise breaks only between its parts."""
+    width = console.width
+    title = [f"{cfg.attack.name} on {cfg.data.name} ({cfg.model.arch}),",
+             f"defense {cfg.defense.name},", f"seed {cfg.seed}"]
+    for line in pack(title, width, " "):
+        console.print(line, style="bold", highlight=False)
+    record = getattr(cfg.attack.params, "result", None)
+    if record:  # an imported model: its file, whole (soft-wrapped, so it copies as one path)
+        console.print(f"model from {record}", soft_wrap=True, highlight=False)
+    table = summary_table(cfg, result)
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    if natural > width:
+        table = summary_table(cfg, result, compact=True)
+    console.print(table)
+    phases = [f"{k} {duration(v)}" for k, v in result.seconds.items()]
+    for line in pack(phases, width):
+        console.print(line, highlight=False)
+    console.print(f"total {duration(total)}; results in {out}", soft_wrap=True, highlight=False)
 
 
 def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
@@ -244,8 +282,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
         mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FINISHED"))
 
     print_console = Console()
-    print_console.print(summary_table(cfg, result))
-    print_console.print(f"total {total:.1f}s; results in {out}")
+    print_summary(print_console, cfg, result, total, out)
     if mlrun is not None and mlrun.ok:
         print_console.print(f"MLflow run {mlrun.run_id} in experiment {experiment!r}")
         print_console.print(tracking.ui_hint(mlrun.uri, mlrun.exp_id), soft_wrap=True)
