@@ -74,8 +74,12 @@ def _imported_fields(path: str, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    import os
+
     from rich.logging import RichHandler
 
+    if not verbose:  # mlflow sets its own level (INFO) when imported, after this runs
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     root = logging.getLogger()
     if not root.handlers:  # leave a host application's (or pytest's) handlers alone
         root.addHandler(RichHandler(show_path=False, show_time=False))

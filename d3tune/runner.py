@@ -285,7 +285,11 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
     print_summary(print_console, cfg, result, total, out)
     if mlrun is not None and mlrun.ok:
         print_console.print(f"MLflow run {mlrun.run_id} in experiment {experiment!r}")
-        print_console.print(tracking.ui_hint(mlrun.uri, mlrun.exp_id), soft_wrap=True)
+        # The command on a line of its own, so that it copies alone; the page on the next.
+        command, then, page = tracking.ui_hint(mlrun.uri, mlrun.exp_id).partition("  then open ")
+        print_console.print(command, soft_wrap=True, highlight=False)
+        if then:
+            print_console.print(f"then open {page}", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -140,7 +140,8 @@ def _zip_of_text(path: Path) -> None:
 
 @pytest.mark.parametrize("make, words", [
     (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), "not a torch checkpoint"),
-    (lambda p: p.write_bytes(b"\x80" + np.random.default_rng(2).bytes(4096)), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b"\x80" + np.random.default_rng(2).bytes(4096)),
+     "not a torch checkpoint"),
     (lambda p: p.write_bytes(b"hello world\n"), "not a torch checkpoint"),
     (lambda p: p.write_bytes(b""), "empty"),
     (_truncated_zip, "truncated"),

@@ -16,6 +16,7 @@ from d3tune.cli import main
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_LOGGING_LEVEL", None)  # as a user's shell has it (conftest sets it)
     env["D3TUNE_CACHE_DIR"] = str(tmp_path / "cache")
     return env
 
@@ -33,6 +34,9 @@ def test_default_run_end_to_end_logs_to_sqlite_mlflow(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    assert " INFO mlflow" not in proc.stderr, proc.stderr  # d3tune's words or nothing
+    bars = [ln.split()[:2] for ln in proc.stderr.splitlines() if "━" in ln]
+    assert bars == [["backdoored", "model"], ["defense", "d3"]], proc.stderr
     m = _metrics(tmp_path / "mlflow.db")
     for key in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der"):
         assert key in m
