@@ -120,13 +120,13 @@ def test_bars_show_only_the_work_that_happens(tmp_path, capsys, monkeypatch):
     """The first run trains the backdoored model (its bar ends full), the second loads it from the
     cache: no bar for training that does not happen; the defense bar each time."""
     monkeypatch.chdir(tmp_path)
-    argv = ["run", "--set", "train.epochs=2", "--epochs", "2", "--set", "eval.subset=50",
+    argv = ["run", "--set", "train.epochs=1", "--epochs", "1", "--set", "eval.subset=50",
             "--no-mlflow", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]
     assert main(argv) == 0
     bars = _bar_lines(capsys.readouterr().err)
     assert [ln.split()[:2] for ln in bars] == [["backdoored", "model"], ["defense", "d3"]], bars
-    assert all("2/2" in ln for ln in bars), bars
+    assert all("1/1" in ln for ln in bars), bars
     assert main(argv) == 0
     bars = _bar_lines(capsys.readouterr().err)
     assert [ln.split()[:2] for ln in bars] == [["defense", "d3"]], bars
-    assert "2/2" in bars[0]
+    assert "1/1" in bars[0]
