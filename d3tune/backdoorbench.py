@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,22 +101,77 @@ def _fail(path: Path, why: str) -> UsageError:
     return UsageError(f"{path}: {' '.join(str(why).split())}")
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: a zip holding <name>/data.pkl
+LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)  # how the older format begins
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file cannot be a torch checkpoint, judged from its bytes alone (None: it may be).
+
+    Why look first: torch's own errors for such files say nothing a user can act on (an empty
+    reason, "Unsupported operand 73", an internal miniz message) or escape as a KeyError."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LEGACY_MAGIC))
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or type(exc).__name__})"
+    if not head:
+        return "empty file, not a torch checkpoint"
+    if head.startswith(ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return ("truncated or damaged: it begins like the zip archive torch.save writes but "
+                    "does not end like one (an incomplete download or copy?)")
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            return f"damaged zip archive, not a readable torch checkpoint ({exc})"
+        if not any(n.endswith("/data.pkl") for n in names):
+            return "a zip archive without data.pkl, not a torch checkpoint"
+        return None
+    if head[:1] == b"\x80" and head[2:] == LEGACY_MAGIC[2:]:
+        return None
+    return ("not a torch checkpoint: neither the zip archive torch.save writes nor torch's older "
+            "pickle format")
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The weights-only unpickler's own reason, without torch's advice on unsafe loading."""
+    _, _, tail = str(exc).partition("WeightsUnpickler error:")
+    tail = tail.split("Check the documentation")[0]
+    line = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
+    return re.split(r" was not an allowed|\.? Please use", line)[0].strip()[:160]
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = re.sub(r"\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(exc).split()))
+    text = text.split(". ")[0].strip()[:160]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _load_record(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise _fail(path, "no such file (expected a BackdoorBench attack_result.pt)")
+    why_not = _not_a_checkpoint(path)
+    if why_not is not None:
+        raise _fail(path, why_not)
     try:
-        with torch.serialization.safe_globals(_safe_numpy_globals()):
+        with torch.serialization.safe_globals(_safe_numpy_globals()), warnings.catch_warnings():
+            # torch warns about the pickle protocol of files it then refuses: noise for users.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             record = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed|\.? Please|$)",
-                          str(exc), flags=re.MULTILINE)
-        why = found.group(1).strip() if found else "not a weights-only checkpoint"
-        raise _fail(path, f"refused to load: it needs code beyond tensors, numpy arrays and "
-                          f"plain values, so it is not a genuine BackdoorBench record ({why[:160]})"
-                    ) from None
-    except (OSError, RuntimeError, EOFError, ValueError, AttributeError, ImportError) as exc:
-        raise _fail(path, f"not a readable torch checkpoint ({type(exc).__name__}: "
-                          f"{str(exc)[:200]})") from None
+        why = _unpickler_reason(exc)
+        if "GLOBAL" in why or "allowlisted" in why:
+            raise _fail(path, f"refused to load: it needs code beyond tensors, numpy arrays and "
+                              f"plain values, so it is not a genuine BackdoorBench record ({why})"
+                        ) from None
+        raise _fail(path, "not a readable torch checkpoint: its pickle is damaged or uses what "
+                          "a safe load does not read" + (f" ({why})" if why else "")) from None
+    except Exception as exc:  # noqa: BLE001 -- any failure to parse a user's file is a usage error
+        raise _fail(path, f"not a readable torch checkpoint ({_first_sentence(exc)})") from None
     if not isinstance(record, Mapping):
         raise _fail(path, f"expected a dict (BackdoorBench attack_result), got "
                           f"{type(record).__name__}")

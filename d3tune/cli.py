@@ -74,8 +74,12 @@ def _imported_fields(path: str, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _setup_logging(verbose: bool) -> None:
+    import os
+
     from rich.logging import RichHandler
 
+    if not verbose:  # mlflow sets its own level (INFO) when imported, after this runs
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     root = logging.getLogger()
     if not root.handlers:  # leave a host application's (or pytest's) handlers alone
         root.addHandler(RichHandler(show_path=False, show_time=False))
@@ -94,7 +98,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from d3tune.config import resolve, trial_config
 
     cfg = resolve(trial_config(trial_dict_from_args(args)))
-    runner.check_paths(cfg)
     return runner.run_and_log(cfg, out_dir=args.out, cache_dir=args.cache_dir,
                               use_cache=not args.no_cache, experiment=args.experiment,
                               use_mlflow=not args.no_mlflow)

@@ -11,28 +11,31 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
+                           TimeElapsedColumn)
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.attacks import ATTACKS
-from d3tune.cache import ModelCache
+from d3tune.attacks import ATTACKS, ImportedBackdoor
+from d3tune.cache import Entry, ModelCache
 from d3tune.config import TrialConfig, flatten, to_dict
-from d3tune.data import DATASETS
+from d3tune.data import DATASETS, Dataset, load_dataset
 from d3tune.errors import UsageError
 from d3tune.trial import TrialResult, check_import, imported_model, run_trial
 
 log = logging.getLogger(__name__)
 
 
-def check_paths(cfg: TrialConfig) -> None:
+def check_paths(cfg: TrialConfig) -> ImportedBackdoor | None:
     """Fail on a missing data folder, or an imported model that cannot be read or does not fit
-    the trial, before anything is trained (``cfg`` resolved)."""
+    the trial, before anything is trained (``cfg`` resolved). Returns the imported model, if
+    the attack brings one."""
     entry = ATTACKS[cfg.attack.name]
     imported = entry.load_backdoor(cfg.attack.params) if entry.load_backdoor else None
     if imported is not None:
@@ -44,6 +47,22 @@ def check_paths(cfg: TrialConfig) -> None:
             raise UsageError(f"data.data_dir: dataset {cfg.data.name!r} needs --data-dir{hint}")
         if not Path(cfg.data.data_dir).expanduser().is_dir():
             raise UsageError(f"data.data_dir: {cfg.data.data_dir!r} is not a directory")
+    return imported
+
+
+def prepare(cfg: TrialConfig) -> tuple[Dataset, float]:
+    """The trial's data, loaded and checked against an imported model, and the seconds that took.
+
+    Why before anything else: a folder that does not load, or a record that does not fit the
+    data, is a usage error, and its one line must be all the user sees: no progress bars, no
+    results folder, no MLflow run left open."""
+    imported = check_paths(cfg)
+    start = time.perf_counter()
+    data = load_dataset(cfg.data.name, cfg.data.data_dir)
+    seconds = time.perf_counter() - start
+    if imported is not None:
+        check_import(cfg, imported, data)
+    return data, seconds
 
 
 class MlflowRun:
@@ -71,36 +90,135 @@ class MlflowRun:
             log.warning("MLflow logging failed (%s); results stay in the local folder", exc)
 
 
+class Bars:
+    """The run's progress bars, each added when its work begins, so none stands for work that
+    does not happen: training the backdoored model (not on a cache hit, not for an imported
+    model) and the defense (once the backdoored model is ready; its time counts from there)."""
+
+    def __init__(self, cfg: TrialConfig, console: Console) -> None:
+        self.cfg = cfg
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.attack: TaskID | None = None
+        self.defense: TaskID | None = None
+
+    def _add(self, description: str, total: int) -> TaskID:
+        self.progress.start()  # drawn from the first bar on: an error before it leaves no trace
+        return self.progress.add_task(description, total=total, info="")
+
+    def attack_started(self) -> None:
+        if self.attack is None:
+            self.attack = self._add("backdoored model", self.cfg.train.epochs)
+
+    def attack_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+        self.attack_started()
+        self.progress.update(self.attack, completed=epoch, info=f"loss {logs.get('loss', 0):.3f}")
+        if epoch >= self.cfg.train.epochs:
+            self.model_ready()
+
+    def model_ready(self) -> None:
+        if self.defense is None:
+            self.defense = self._add(f"defense {self.cfg.defense.name}", self.cfg.defense.epochs)
+
+    def defense_epoch(self, row: dict[str, Any]) -> None:
+        self.model_ready()
+        self.progress.update(self.defense, completed=row["epoch"],
+                             info=f"ACC {row['acc']:.3f} ASR {row['asr']:.3f}")
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+class WatchedCache:
+    """The model cache as the trial sees it, telling the bars whether the backdoored model is
+    being trained (a miss) and when it is ready; everything else goes to the cache itself."""
+
+    def __init__(self, cache: ModelCache, bars: Bars) -> None:
+        self.cache, self.bars = cache, bars
+
+    def get_or_build(self, key: str, build: Callable[[], Entry]) -> tuple[Entry, bool]:
+        def watched() -> Entry:
+            self.bars.attack_started()
+            return build()
+
+        out = self.cache.get_or_build(key, watched)
+        self.bars.model_ready()
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
+
+
 def _param(key: str, value: str):
     from mlflow.entities import Param
 
     return Param(key, value)
 
 
-def attack_label(cfg: TrialConfig) -> str:
-    """The attack's name, or for an imported model the record it came from."""
-    result = getattr(cfg.attack.params, "result", None)
-    return f"{cfg.attack.name} ({Path(result).parent.name}/{Path(result).name})" if result \
-        else cfg.attack.name
+def duration(seconds: float) -> str:
+    """Short and of near-constant width, so a line of phase times fits a terminal."""
+    if seconds < 59.95:
+        return f"{seconds:.1f}s"
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def summary_table(cfg: TrialConfig, result: TrialResult) -> Table:
+def pack(items: list[str], width: int, sep: str = "  ") -> list[str]:
+    """Lines of at most ``width`` characters, broken only between items: a terminal's own
+    wrapping would break inside one ("attack_train" on a line, its time on the next)."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def summary_table(cfg: TrialConfig, result: TrialResult, compact: bool = False) -> Table:
+    """ACC/ASR/RA before and after the defense, and its DER. ``compact``: no box and one space
+    between columns (38 characters instead of 51), for a narrow terminal."""
     m = result.metrics
-    t = Table(title=f"{attack_label(cfg)} on {cfg.data.name} ({cfg.model.arch}), defense "
-              f"{cfg.defense.name}, seed {cfg.seed}")
-    for col in ("", "ACC", "ASR", "RA"):
-        t.add_column(col, justify="right")
-    t.add_row("backdoored", *(f"{m[f'{k}_before']:.4f}" for k in ("acc", "asr", "ra")))
-    t.add_row(f"after {cfg.defense.name}", *(f"{m[f'{k}_after']:.4f}" for k in ("acc", "asr", "ra")))
-    t.caption = f"DER {m['der']:.4f}   " + "   ".join(
-        f"{k} {v:.1f}s" for k, v in result.seconds.items())
+    t = Table(box=None, padding=(0, 0, 0, 1), pad_edge=False) if compact else Table()
+    for col in ("", "ACC", "ASR", "RA", "DER"):
+        t.add_column(col, justify="right", overflow="fold")  # too narrow: fold, never "0.9…"
+    t.add_row("backdoored", *(f"{m[f'{k}_before']:.4f}" for k in ("acc", "asr", "ra")), "")
+    t.add_row(f"after {cfg.defense.name}",
+              *(f"{m[f'{k}_after']:.4f}" for k in ("acc", "asr", "ra")), f"{m['der']:.4f}")
     return t
+
+
+def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total: float,
+                  out: Path) -> None:
+    """Title, table, phase times, where the results are. Why not the table's title and caption:
+    rich wraps those to the table's width (41 characters), so the title and the phase times
+    broke over several lines at any terminal width. Here each is one line when the terminal is
+    wide enough, and otherwise breaks only between its parts."""
+    width = console.width
+    title = [f"{cfg.attack.name} on {cfg.data.name} ({cfg.model.arch}),",
+             f"defense {cfg.defense.name},", f"seed {cfg.seed}"]
+    for line in pack(title, width, " "):
+        console.print(line, style="bold", highlight=False)
+    record = getattr(cfg.attack.params, "result", None)
+    if record:  # an imported model: its file, whole (soft-wrapped, so it copies as one path)
+        console.print(f"model from {record}", soft_wrap=True, highlight=False)
+    table = summary_table(cfg, result)
+    natural = console.measure(table, options=console.options.update_width(1000)).maximum
+    if natural > width:
+        table = summary_table(cfg, result, compact=True)
+    console.print(table)
+    phases = [f"{k} {duration(v)}" for k, v in result.seconds.items()]
+    for line in pack(phases, width):
+        console.print(line, highlight=False)
+    console.print(f"total {duration(total)}; results in {out}", soft_wrap=True, highlight=False)
 
 
 def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
                 experiment: str, use_mlflow: bool) -> int:
     from safetensors.torch import save_file
 
+    data, load_seconds = prepare(cfg)  # a usage error ends the run here, before any output
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name = f"{cfg.data.name}-{cfg.attack.name}-{cfg.defense.name}-s{cfg.seed}-{stamp}"
     out = Path(out_dir) / run_name
@@ -115,36 +233,32 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
         except Exception as exc:  # an unreachable store must not cost the trial
             log.warning("MLflow unavailable (%s); results go to %s only",
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__, out)
-    console = Console(stderr=True)
+    bars = Bars(cfg, Console(stderr=True))
     cache = ModelCache(cache_dir) if use_cache else None
-    total_start = time.perf_counter()
+    if ATTACKS[cfg.attack.name].load_backdoor is not None:
+        bars.model_ready()  # imported: nothing to train
+    elif cache is None:
+        bars.attack_started()  # no cache: the backdoored model is trained now
+    total_start = time.perf_counter() - load_seconds
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                  transient=False) as bar:
-        attack_task = bar.add_task("backdoored model", total=cfg.train.epochs, info="")
-        defense_task = bar.add_task(f"defense {cfg.defense.name}", total=cfg.defense.epochs,
-                                    info="")
+    def report(row: dict[str, Any]) -> None:
+        bars.defense_epoch(row)
+        if mlrun is not None:
+            mlrun.call(lambda: mlrun.client.log_batch(
+                mlrun.run_id, metrics=tracking.metric_batch([row], timestamp_ms=_now_ms())))
 
-        def on_attack_epoch(epoch: int, logs: dict[str, float]) -> None:
-            bar.update(attack_task, completed=epoch, info=f"loss {logs.get('loss', 0):.3f}")
-
-        def report(row: dict[str, Any]) -> None:
-            bar.update(attack_task, completed=cfg.train.epochs)
-            bar.update(defense_task, completed=row["epoch"],
-                       info=f"ACC {row['acc']:.3f} ASR {row['asr']:.3f}")
-            if mlrun is not None:
-                mlrun.call(lambda: mlrun.client.log_batch(
-                    mlrun.run_id, metrics=tracking.metric_batch([row], timestamp_ms=_now_ms())))
-
-        try:
-            result = run_trial(cfg, report=report, cache=cache, on_attack_epoch=on_attack_epoch)
-        except BaseException:
-            if mlrun is not None:
-                mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FAILED"))
-            raise
-        bar.update(attack_task, completed=cfg.train.epochs)
+    try:
+        result = run_trial(cfg, report=report, data=data, on_attack_epoch=bars.attack_epoch,
+                           cache=WatchedCache(cache, bars) if cache is not None else None)
+    except BaseException:
+        if mlrun is not None:
+            mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FAILED"))
+        raise
+    finally:
+        bars.stop()
     total = time.perf_counter() - total_start
+    result = replace(result, seconds={**result.seconds,
+                                      "load": result.seconds.get("load", 0.0) + load_seconds})
 
     weights = out / "defended.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
@@ -168,11 +282,14 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
         mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FINISHED"))
 
     print_console = Console()
-    print_console.print(summary_table(cfg, result))
-    print_console.print(f"total {total:.1f}s; results in {out}")
+    print_summary(print_console, cfg, result, total, out)
     if mlrun is not None and mlrun.ok:
         print_console.print(f"MLflow run {mlrun.run_id} in experiment {experiment!r}")
-        print_console.print(tracking.ui_hint(mlrun.uri, mlrun.exp_id), soft_wrap=True)
+        # The command on a line of its own, so that it copies alone; the page on the next.
+        command, then, page = tracking.ui_hint(mlrun.uri, mlrun.exp_id).partition("  then open ")
+        print_console.print(command, soft_wrap=True, highlight=False)
+        if then:
+            print_console.print(f"then open {page}", soft_wrap=True, highlight=False)
     return 0
 
 

@@ -126,6 +126,43 @@ def test_unreadable_inputs_are_one_line_usage_errors(tmp_path):
         load_attack_result(path)
 
 
+def _truncated_zip(path: Path) -> None:
+    torch.save({"model": {"w": torch.zeros(64)}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def _zip_of_text(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("notes.txt", "hello")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p.write_bytes(np.random.default_rng(1).bytes(4096)), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b"\x80" + np.random.default_rng(2).bytes(4096)),
+     "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b"hello world\n"), "not a torch checkpoint"),
+    (lambda p: p.write_bytes(b""), "empty"),
+    (_truncated_zip, "truncated"),
+    (_zip_of_text, "not a torch checkpoint"),
+    (lambda p: p.write_bytes(__import__("pickle").dumps({"model_name": "x"}, protocol=4)),
+     "not a torch checkpoint"),
+], ids=["random", "random-from-0x80", "text", "empty", "truncated-zip", "other-zip", "pickle"])
+def test_files_that_are_not_checkpoints_say_so(tmp_path, make, words, recwarn):
+    """Random bytes, text, an empty file, a cut-off download, some other zip, a bare pickle: one
+    line naming the file and what it is not, with no empty reason and no library warning."""
+    path = tmp_path / "attack_result.pt"
+    make(path)
+    with pytest.raises(UsageError) as err:
+        load_attack_result(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and words in msg, msg
+    assert "\n" not in msg and "()" not in msg and "needs code" not in msg, msg
+    assert len(msg) < 300, msg
+    assert not [w for w in recwarn if "torch" in str(w.filename)], [str(w.message) for w in recwarn]
+
+
 # --- Running defenses on an imported model ---------------------------------------------------
 
 BB_MEAN, BB_STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)  # BackdoorBench's CIFAR-10
@@ -189,7 +226,10 @@ def test_run_defends_a_backdoorbench_model(record_and_cifar, tmp_path, capsys):
     rc = main(["run", "--attack-result", str(path), "--data-dir", str(cifar), "--defense", "d3",
                "--epochs", "1", "--clean-ratio", "0.2", "--device", "cpu", "--no-mlflow",
                "--cache-dir", str(cache), "--out", str(tmp_path / "runs")])
-    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    bars = [ln for ln in err.splitlines() if "━" in ln]  # nothing trains: the defense's bar only
+    assert len(bars) == 1 and bars[0].startswith("defense d3") and "1/1" in bars[0], err
     result = json.loads(next((tmp_path / "runs").glob("*/result.json")).read_text())
     cfg = result["config"]
     assert (cfg["attack"]["name"], cfg["data"]["name"], cfg["model"]["arch"]) == (
@@ -257,6 +297,23 @@ def test_weights_that_do_not_fit_are_refused_before_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "weights do not fit d3tune's 'preactresnet18' (missing" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_data_that_does_not_fit_the_record_is_refused_before_any_output(tmp_path, capsys):
+    """A record of 8x8 images against CIFAR-10's 32x32: known only once the data is loaded, and
+    still one line before any progress bar or results folder."""
+    from test_real_datasets import write_cifar
+
+    from d3tune.cli import main
+
+    path, _ = make_record(tmp_path / "record", size=8, state=bb_state_dict())
+    write_cifar(tmp_path / "cifar", n=3)
+    rc = main(["run", "--attack-result", str(path), "--data-dir", str(tmp_path / "cifar"),
+               "--no-mlflow", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("d3tune: error: data.data_dir: ") and "expects" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_attack_needs_its_result_path(capsys, tmp_path):

@@ -16,6 +16,7 @@ from d3tune.cli import main
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_LOGGING_LEVEL", None)  # as a user's shell has it (conftest sets it)
     env["D3TUNE_CACHE_DIR"] = str(tmp_path / "cache")
     return env
 
@@ -33,6 +34,9 @@ def test_default_run_end_to_end_logs_to_sqlite_mlflow(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    assert " INFO mlflow" not in proc.stderr, proc.stderr  # d3tune's words or nothing
+    bars = [ln.split()[:2] for ln in proc.stderr.splitlines() if "━" in ln]
+    assert bars == [["backdoored", "model"], ["defense", "d3"]], proc.stderr
     m = _metrics(tmp_path / "mlflow.db")
     for key in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der"):
         assert key in m
@@ -90,3 +94,39 @@ def test_run_without_a_reachable_mlflow_store_keeps_its_results(tmp_path, monkey
     result = next((tmp_path / "d3tune_results" / "runs").glob("*/result.json"))
     assert "der" in json.loads(result.read_text())["metrics"]
     assert any("MLflow unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_data_is_refused_before_any_output(tmp_path, capsys, monkeypatch):
+    """A dataset folder that fails to load: the error line is all the user sees (no progress bars
+    drawn at 0 first), and nothing is started (no results folder)."""
+    from test_real_datasets import write_cifar
+
+    monkeypatch.chdir(tmp_path)
+    write_cifar(tmp_path / "cifar")
+    (tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch").write_bytes(b"junk")
+    rc = main(["run", "--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"),
+               "--no-mlflow", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.strip().startswith("d3tune: error: cifar10: ") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def _bar_lines(err: str) -> list[str]:
+    return [ln for ln in err.splitlines() if "━" in ln]
+
+
+def test_bars_show_only_the_work_that_happens(tmp_path, capsys, monkeypatch):
+    """The first run trains the backdoored model (its bar ends full), the second loads it from the
+    cache: no bar for training that does not happen; the defense bar each time."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--set", "train.epochs=1", "--epochs", "1", "--set", "eval.subset=50",
+            "--no-mlflow", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    bars = _bar_lines(capsys.readouterr().err)
+    assert [ln.split()[:2] for ln in bars] == [["backdoored", "model"], ["defense", "d3"]], bars
+    assert all("1/1" in ln for ln in bars), bars
+    assert main(argv) == 0
+    bars = _bar_lines(capsys.readouterr().err)
+    assert [ln.split()[:2] for ln in bars] == [["defense", "d3"]], bars
+    assert "1/1" in bars[0]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +106,65 @@ def test_cifar10_refuses_malicious_pickle(tmp_path: Path, where: str) -> None:
     msg = usage_error("cifar10", tmp_path, str(target))
     assert "refusing to unpickle" in msg and "system" in msg
     assert not marker.exists()
+
+
+def str_keys(batch: dict) -> dict:
+    """A batch as Python 3 tools hold it: the official files are Python 2 pickles, and reading
+    them with ``encoding="latin1"`` (torchvision's reader does) makes every key and byte string
+    a str; such a dict pickled again is the form these tests write."""
+    def text(v):
+        return v.decode("latin1") if isinstance(v, bytes) else v
+    return {text(k): [text(x) for x in v] if isinstance(v, list) else text(v)
+            for k, v in batch.items()}
+
+
+def numpy1_spelling(raw: bytes) -> bytes:
+    """The pickle numpy 1.x would write: numpy.core.* for numpy._core.* (GLOBAL opcodes up to
+    protocol 3, length-prefixed strings from 4 on; optimize() re-frames what changed length)."""
+    raw = raw.replace(b"cnumpy._core.", b"cnumpy.core.")
+    raw = re.sub(rb"\x8c(.)numpy\._core\.",
+                 lambda m: b"\x8c" + bytes([m.group(1)[0] - 1]) + b"numpy.core.", raw, flags=re.S)
+    return pickletools.optimize(raw)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # 4: Python 3.8-3.13's default; 5: 3.14's
+def test_cifar10_accepts_str_keys(tmp_path: Path, protocol: int) -> None:
+    batches = write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    for name in CIFAR_FILES:
+        converted = str_keys(batches[name])
+        assert set(converted) == {"batch_label", "labels", "data", "filenames"}
+        (folder / name).write_bytes(pickle.dumps(converted, protocol=protocol))
+    ds = load_dataset("cifar10", tmp_path)
+    expected = sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
+    assert ds.y_train.tolist() == expected
+    assert torch.equal(ds.x_test.reshape(3, -1), torch.as_tensor(batches["test_batch"][b"data"]))
+    # Written by numpy 1.x, the same pickle names numpy.core.* (protocol 5: numeric._frombuffer).
+    raw = (folder / "test_batch").read_bytes()
+    old = numpy1_spelling(raw)
+    assert old != raw and b"numpy._core" not in old
+    (folder / "test_batch").write_bytes(old)
+    assert torch.equal(load_dataset("cifar10", tmp_path).x_test.reshape(3, -1),
+                       torch.as_tensor(batches["test_batch"][b"data"]))
+
+
+def test_cifar10_str_key_batch_still_checked(tmp_path: Path) -> None:
+    """The str-key form goes through the same restricted unpickler and the same checks."""
+    write_cifar(tmp_path)
+    target = tmp_path / "cifar-10-batches-py" / "test_batch"
+    marker = tmp_path / "pwned"
+    batch = str_keys(cifar_batch("x", 3, 0))
+    batch["labels"] = [1, Payload(marker), 2]
+    target.write_bytes(pickle.dumps(batch, protocol=4))
+    msg = usage_error("cifar10", tmp_path, str(target))
+    assert "refusing to unpickle" in msg and "system" in msg and not marker.exists()
+    batch = str_keys(cifar_batch("x", 3, 0))
+    batch["data"] = np.zeros((3, 100), dtype=np.uint8)
+    target.write_bytes(pickle.dumps(batch, protocol=5))
+    usage_error("cifar10", tmp_path, "(N, 3072)")
+    del batch["labels"]
+    target.write_bytes(pickle.dumps(batch, protocol=5))
+    usage_error("cifar10", tmp_path, "'labels'")
 
 
 def test_cifar10_rejects_wrong_format(tmp_path: Path) -> None:

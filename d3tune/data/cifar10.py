@@ -2,8 +2,13 @@
 
 Why a restricted unpickler: the batches are pickles, and unpickling a file someone handed us
 runs whatever callables it names. A real batch only needs numpy's array reconstruction (and,
-for batches re-written under Python 3 with protocol 2, ``_codecs.encode`` for bytes), so every
-other global is refused before it is ever looked up, let alone called.
+for batches re-written under Python 3 with protocol 2, ``_codecs.encode`` for bytes; with
+protocol 5, numpy's ``_frombuffer``), so every other global is refused before it is ever looked
+up, let alone called.
+
+Why str keys too: the official files are Python 2 pickles whose keys load as bytes (``b'data'``),
+but torchvision's reader loads them with ``encoding="latin1"``, which makes them str, and tools
+built on it re-pickle the batches in that form. Both are the same data.
 """
 from __future__ import annotations
 
@@ -41,6 +46,14 @@ def _multiarray_reconstruct() -> Any:
     return _reconstruct
 
 
+def _frombuffer() -> Any:
+    try:  # numpy >= 2
+        from numpy._core.numeric import _frombuffer
+    except ImportError:  # numpy 1.x
+        from numpy.core.numeric import _frombuffer
+    return _frombuffer
+
+
 def _codecs_encode() -> Any:
     import _codecs
 
@@ -52,6 +65,8 @@ def _codecs_encode() -> Any:
 _ALLOWED: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _multiarray_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _multiarray_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5 (Python 3.14's default)
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("numpy", "ndarray"): lambda: np.ndarray,
     ("numpy", "dtype"): lambda: np.dtype,
     ("_codecs", "encode"): _codecs_encode,
@@ -88,26 +103,32 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
     if not isinstance(batch, dict):
         raise UsageError(f"{bad}: expected a dict, got {type(batch).__name__}")
-    data, labels = batch.get(b"data"), batch.get(b"labels")
+    data, labels = _entry(batch, "data"), _entry(batch, "labels")
     if data is None or labels is None:
-        raise UsageError(f"{bad}: expected keys b'data' and b'labels', got "
-                         f"{sorted(map(repr, batch))}")
+        raise UsageError(f"{bad}: expected keys 'data' and 'labels' (str or bytes), got "
+                         f"{', '.join(sorted(map(repr, batch)))}")
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == ROW):
         shape = getattr(data, "shape", None)
         dtype = getattr(data, "dtype", type(data).__name__)
-        raise UsageError(f"{bad}: expected b'data' a uint8 array of shape (N, {ROW}), got "
+        raise UsageError(f"{bad}: expected 'data' a uint8 array of shape (N, {ROW}), got "
                          f"{dtype} {shape}")
     try:
         y = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
-        raise UsageError(f"{bad}: expected b'labels' a list of ints") from None
+        raise UsageError(f"{bad}: expected 'labels' a list of ints") from None
     if y.shape != (len(data),):
         raise UsageError(f"{bad}: expected {len(data)} labels, got shape {y.shape}")
     if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):
         raise UsageError(f"{bad}: labels must be in 0..{NUM_CLASSES - 1}, "
                          f"got {int(y.min())}..{int(y.max())}")
     return data.reshape(-1, 3, SIDE, SIDE), y
+
+
+def _entry(batch: dict, key: str) -> Any:
+    """``batch[b'key']`` as the official files spell it, else ``batch['key']``."""
+    value = batch.get(key.encode())
+    return batch.get(key) if value is None else value
 
 
 def _batches_dir(data_dir: Path) -> Path:
