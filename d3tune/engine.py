@@ -124,6 +124,19 @@ def checkpoint_due(last: float | None, now: float, every_s: float) -> bool:
     return every_s <= 0 or (last is not None and now - last >= every_s)
 
 
+def replay_if_ended(config: dict[str, Any], replay: dict[str, dict[str, Any]] | None) -> bool:
+    """For any trainable run under ``--resume``: if ``replay`` (``replay_table``) says this trial
+    already ended, report its recorded final result once and return True (the caller returns
+    without training); Tune, the searcher and the MLflow callback then close it as before."""
+    recorded = (replay or {}).get(trial_key(config))
+    if recorded is None:
+        return False
+    from ray import tune
+
+    tune.report({**recorded, "replayed": True})
+    return True
+
+
 def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None,
                    threads: int, checkpoint_every_s: float = 0.0,
                    replay: dict[str, dict[str, Any]] | None = None) -> None:
@@ -136,9 +149,7 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     import torch
     from ray import tune
 
-    recorded = (replay or {}).get(trial_key(config))
-    if recorded is not None:
-        tune.report({**recorded, "replayed": True})
+    if replay_if_ended(config, replay):
         return
 
     from d3tune.cache import ModelCache

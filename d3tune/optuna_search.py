@@ -124,10 +124,16 @@ class ResumableOptunaSearch(OptunaSearch):
     # -- results -----------------------------------------------------------------------------
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values (one objective only: Optuna keeps none for several). Ignored for
+        a trial that already ended (a repeat after --resume) and for a step already reported
+        (a trial Tune restarted from its start): Optuna would warn or raise."""
         ot_trial = self._ot_trials.get(trial_id)
-        if ot_trial is None or result.get("replayed") or self._finished(ot_trial):
-            log.debug("trial %s: its Optuna trial ended before the resume; result ignored",
-                      trial_id)
+        if isinstance(self.metric, list) or ot_trial is None or result.get("replayed"):
+            return
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state.is_finished() or result.get("training_iteration") in \
+                frozen.intermediate_values:
+            log.debug("trial %s: result for an ended trial or a reported step ignored", trial_id)
             return
         try:
             super().on_trial_result(trial_id, result)
@@ -158,6 +164,11 @@ class ResumableOptunaSearch(OptunaSearch):
         if result:
             storage.set_trial_user_attr(tid, RESULT_ATTR, recorded_result(result))
         if state == TrialState.PRUNED and known:
+            step = result.get("training_iteration")
+            if (not isinstance(self.metric, list) and isinstance(step, int)
+                    and step not in storage.get_trial(tid).intermediate_values):
+                # Tune does not pass the result that stopped a trial to the searcher
+                ot_trial.report(float(values[0]), step)
             storage.set_trial_user_attr(tid, "d3tune.last_values",
                                         dict(zip(self._metrics(), map(float, values))))
             storage.set_trial_user_attr(tid, NOTE_ATTR, "stopped early by the scheduler at "

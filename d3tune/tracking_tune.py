@@ -188,10 +188,8 @@ class MlflowSweepCallback(Callback):
             # The same trial under a new Tune id (re-created after --resume): same child run.
             self.state["children"][tid] = self.state["children"][first]
             self.state["steps"][tid] = self.state["steps"].get(first, 0)
-            if first in self.state["done"]:
-                self.state["done"].append(tid)
-                self.state["results"].setdefault(tid, self.state["results"].get(first, {}))
-            self.state["keys"][key] = tid
+            if not self._ended(first):  # the new id carries the unfinished trial on
+                self.state["keys"][key] = tid
             self._save()
             return self.state["children"][tid]
         if self.client is None or self.parent_id is None:
@@ -208,6 +206,12 @@ class MlflowSweepCallback(Callback):
         self._log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def _ended(self, tid: str) -> bool:
+        """Whether the ledger holds this trial's end (under this or an earlier Tune id)."""
+        run_id = self.state["children"].get(tid)
+        return tid in self.state["done"] or (run_id is not None and any(
+            self.state["children"].get(t) == run_id for t in self.state["done"]))
+
     def _ensure_setup(self) -> None:
         """Tune does not call ``setup`` on a callback restored by ``Tuner.restore``."""
         if not self.state:
@@ -221,7 +225,7 @@ class MlflowSweepCallback(Callback):
         before = tid in self.state["children"] or (
             self.state["keys"].get(trial_key(trial.config or {})) in self.state["children"])
         run_id = self._child(trial)
-        if before and tid not in self.seen and tid not in self.state["done"] and run_id:
+        if before and tid not in self.seen and not self._ended(tid) and run_id:
             self._call("resume tag", lambda: self.client.set_tag(
                 run_id, "d3tune.resumed", "in flight when the driver was killed; run again "
                 "after --resume (epochs already logged are not logged twice)"))
@@ -279,7 +283,7 @@ class MlflowSweepCallback(Callback):
         self._ensure_setup()
         tid = trial.trial_id
         run_id = self._child(trial)
-        if run_id is None or tid in self.state["done"]:
+        if run_id is None or self._ended(tid):
             return
         self.flush(tid)
         self.state["results"][tid] = recorded_result(trial.last_result)

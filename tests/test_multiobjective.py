@@ -38,14 +38,16 @@ def _plan(tmp_path: Path, extra: str = ""):
     return load_plan(spec, "sweep")
 
 
-def _searcher(db: Path, constraints=(), seed: int = 0) -> ResumableOptunaSearch:
-    from ray import tune
+SPACE = {"defense.lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True),
+         "defense.eps": optuna.distributions.FloatDistribution(0.0, 0.5)}
 
+
+def _searcher(db: Path, constraints=(), seed: int = 0) -> ResumableOptunaSearch:
+    extra = {"constraints": constraints} if constraints else {}
     return ResumableOptunaSearch(
-        space={"defense.lr": tune.loguniform(0.001, 0.1), "defense.eps": tune.uniform(0.0, 0.5)},
-        metric=["acc", "asr"], mode=["max", "min"], sampler=optuna.samplers.TPESampler(seed=seed),
-        storage=optuna.storages.RDBStorage(f"sqlite:///{db}"), study_name="mo",
-        constraints=constraints)
+        space=dict(SPACE), metric=["acc", "asr"], mode=["max", "min"],
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        storage=optuna.storages.RDBStorage(f"sqlite:///{db}"), study_name="mo", **extra)
 
 
 def _row(acc: float, asr: float, final: bool = True, epoch: int = 20) -> dict:
@@ -65,6 +67,20 @@ def test_an_asha_stopped_trial_is_pruned_with_its_last_values_and_off_the_front(
     assert cut.user_attrs["d3tune.last_values"] == {"acc": 0.095, "asr": 0.0}
     assert cut.user_attrs["d3tune.result"]["epoch"] == 10
     assert [t.number for t in study.best_trials] == [ran.number]  # the dashboard's front
+
+
+def test_one_objective_a_stopped_trial_keeps_its_last_value(tmp_path):
+    """Tune does not pass the result that made ASHA stop a trial to the searcher: the study
+    still gets it as the trial's last intermediate value (Optuna's value of a PRUNED trial)."""
+    s = ResumableOptunaSearch(space={"defense.lr": SPACE["defense.lr"]}, metric="der",
+                              mode="max", sampler=optuna.samplers.TPESampler(seed=0),
+                              storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/s.db"),
+                              study_name="one")
+    s.suggest("cut")
+    s.on_trial_complete("cut", {"der": 0.3, "epoch": 1, "final": False,
+                                "training_iteration": 1})
+    cut, = s._ot_study.trials
+    assert cut.state == TrialState.PRUNED and cut.intermediate_values == {1: 0.3}
 
 
 def test_the_study_names_its_objectives(tmp_path):
@@ -109,8 +125,7 @@ def _study_with_trials(plan, n: int = 6) -> None:
     engine.state_dir(plan).mkdir(parents=True)
     study = optuna.create_study(study_name=plan.name, directions=["maximize", "minimize"],
                                 storage=f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
-    dists = {"defense.lr": optuna.distributions.FloatDistribution(0.001, 0.1, log=True),
-             "defense.eps": optuna.distributions.FloatDistribution(0.0, 0.5)}
+    dists = dict(SPACE)
     for i in range(n):
         lr, eps = 0.001 * (1.8 ** i), 0.5 * ((i * 7) % n) / n
         study.add_trial(optuna.trial.create_trial(
@@ -160,7 +175,6 @@ def test_a_resumed_searcher_continues_trials_its_snapshot_missed(tmp_path):
                                                TrialState.COMPLETE, TrialState.COMPLETE]
     assert study.trials[2].values == [0.85, 0.02]  # the in-flight trial, finished once
     assert "run again" in study.trials[2].user_attrs["d3tune.note"]
-    assert engine.replay_table is not None
     from d3tune.optuna_search import ended_results
 
     assert sorted(ended_results(f"sqlite:///{tmp_path / 's.db'}", "mo")) == [
