@@ -316,6 +316,10 @@ def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
     from ray import tune
 
     exp_dir = experiment_dir(plan)
+    if plan.kind == "sweep":  # no "[I ...] A new study created" / "Using an existing study"
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise UsageError(f"--resume: no interrupted run at {exp_dir} (spec name {plan.name!r})")

@@ -9,7 +9,8 @@ A failing store costs a warning, never the sweep: Tune's own storage keeps every
 The run map is also the run's ledger, the record resume trusts (see ``engine``): which trial is
 which (``keys``: ``engine.trial_key`` -> Tune trial id, so a trial Tune re-creates under a new
 id after ``--resume`` reuses its child run), and which trials ended with what result
-(``results``, ``done``). A trial's end is written there *before* MLflow is told (``closing``
+(``results``, ``done``; a failed trial is listed in ``failed``, not ``done``: Tune retries
+errored trials on ``--resume``, and a retry that finishes is recorded then). A trial's end is written there *before* MLflow is told (``closing``
 marks the MLflow calls still owed, finished at the next start), so a kill between the two
 never loses or repeats a trial.
 
@@ -54,8 +55,8 @@ def trial_params(plan: RunPlan, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_ledger(state_dir: Path) -> dict[str, Any]:
-    state = {"parent": None, "children": {}, "steps": {}, "done": [], "results": {}, "keys": {},
-             "closing": {}}
+    state = {"parent": None, "children": {}, "steps": {}, "done": [], "failed": [], "results": {},
+             "keys": {}, "closing": {}}
     path = state_dir / STATE_FILE
     if path.exists():
         state.update(json.loads(path.read_text()))
@@ -283,11 +284,12 @@ class MlflowSweepCallback(Callback):
         self._ensure_setup()
         tid = trial.trial_id
         run_id = self._child(trial)
-        if run_id is None or self._ended(tid):
+        if run_id is None or self._ended(tid) or (status != "FINISHED"
+                                                 and tid in self.state["failed"]):
             return
         self.flush(tid)
         self.state["results"][tid] = recorded_result(trial.last_result)
-        self.state["done"].append(tid)
+        self.state["done" if status == "FINISHED" else "failed"].append(tid)
         self.state["closing"][tid] = status
         self._save()
         outcome = "failed" if status != "FINISHED" else (
@@ -320,7 +322,7 @@ class MlflowSweepCallback(Callback):
         """After a sweep ends, a child run whose trial never finished (killed with the driver
         and not continued by Tune) is marked KILLED rather than left RUNNING forever."""
         closed = 0
-        ended = {self.state["children"][t] for t in self.state["done"]
+        ended = {self.state["children"][t] for t in self.state["done"] + self.state["failed"]
                  if t in self.state["children"]}
         for run_id in set(self.state.get("children", {}).values()) - ended:
             if self.client is not None:
