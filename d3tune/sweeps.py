@@ -27,8 +27,7 @@ from d3tune.tracking_tune import MlflowSweepCallback
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("acc", "asr", "ra", "der", "epoch", "acc_before", "asr_before")
-HIDDEN_COLUMNS = ("node_id", "error", "acc_before", "asr_before", "cache_builds", "stopped_early",
-                  "feasible")
+HIDDEN_COLUMNS = ("node_id", "error", "acc_before", "asr_before", "cache_builds", "stopped_early")
 
 
 def pareto_front(df: pd.DataFrame, metrics: tuple[str, ...], modes: tuple[str, ...]) -> pd.DataFrame:

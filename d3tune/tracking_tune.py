@@ -10,9 +10,9 @@ The run map is also the run's ledger, the record resume trusts (see ``engine``):
 which (``keys``: ``engine.trial_key`` -> Tune trial id, so a trial Tune re-creates under a new
 id after ``--resume`` reuses its child run), and which trials ended with what result
 (``results``, ``done``; a failed trial is listed in ``failed``, not ``done``: Tune retries
-errored trials on ``--resume``, and a retry that finishes is recorded then). A trial's end is written there *before* MLflow is told (``closing``
-marks the MLflow calls still owed, finished at the next start), so a kill between the two
-never loses or repeats a trial.
+errored trials on ``--resume``, and a retry that finishes is recorded then). A trial's end is
+written there *before* MLflow is told (``closing`` marks the MLflow calls still owed, made at
+the next start), so a kill between the two never loses or repeats a trial.
 
 Per-epoch metrics are buffered per trial and written every ``FLUSH_EVERY_S`` seconds (and at a
 trial's checkpoint and end): a function trainable waits for the driver after each report, so
@@ -313,7 +313,8 @@ class MlflowSweepCallback(Callback):
                 RunTag("d3tune.node_id", str(last.get("node_id", ""))),
                 # users filter on it: tags.`d3tune.stopped_early` = 'false' (ran to its end)
                 RunTag("d3tune.stopped_early", "true" if stopped else "false")]
-        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics, tags=tags))
+        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
+                                                                   tags=tags))
         self._call("status", lambda: self.client.set_terminated(run_id, status))
         self.state["closing"].pop(tid, None)
         self._save()
