@@ -197,7 +197,7 @@ class ResumableOptunaSearch(OptunaSearch):
         for t in self._ot_trials.values():  # in flight at the kill and restarted by Tune
             if self._ot_study._storage.get_trial(t._trial_id).state == TrialState.RUNNING:
                 t.set_user_attr(NOTE_ATTR, "in flight when the driver was killed; continued by "
-                                "Tune from its last checkpoint after --resume")
+                                "Tune after --resume (from its last checkpoint, if it had one)")
         if self._orphans:
             log.info("resume: %d Optuna trials were created after Tune's last snapshot: they "
                      "are continued, not drawn again", len(self._orphans))
