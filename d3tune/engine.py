@@ -5,10 +5,19 @@ behind a ConcurrencyLimiter, with its study persisted in SQLite next to Tune's e
 and ASHA on one scalar (DER by default) even when the search is multi-objective. Ablations are a
 grid of cells. Either way every trial is ``trial.run_trial`` reporting each defense epoch, and
 MLflow logging happens on the driver (``tracking_tune.MlflowSweepCallback``).
+
+Where the truth lives after a killed driver (issue 22; docs/reliability.md): which trials ended,
+and with what result, is written on the driver the moment Tune says so: in the Optuna study
+(sweeps; ``optuna_search``) and in d3tune's run ledger beside it (every plan kind;
+``tracking_tune``). Tune's experiment state is a snapshot taken every few seconds: resume uses it
+only for what it alone holds (in-flight trials' checkpoints, the scheduler), and consults the
+study and the ledger for the rest (``replay_table`` here, ``ResumableOptunaSearch.restore``).
+MLflow is an output of the ledger, never read to decide anything.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -25,6 +34,53 @@ log = logging.getLogger(__name__)
 
 OPTUNA_DB = "optuna.db"
 CHECKPOINT_FILE = "defense_state.pt"
+TRIAL_KEY = "d3tune.trial"  # a sweep trial's Optuna number, carried in its Tune config
+FINAL = "final"  # reported with every epoch: True at the trial's last planned epoch
+KILL_ENV = "D3TUNE_TEST_KILL_AT"  # tests: SIGKILL the driver at this named point
+# Tune fills these in every result; they say nothing about the trial's outcome.
+TUNE_KEYS = {"trial_id", "timestamp", "time_this_iter_s", "done", "training_iteration", "date",
+             "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+             "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint",
+             "experiment_tag", "replayed"}
+
+
+def recorded_result(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of a Tune result worth keeping: the trial's own plain scalars."""
+    out = {}
+    for k, v in (result or {}).items():
+        if k in TUNE_KEYS or "/" in k or not isinstance(v, (int, float, str, bool)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            continue
+        out[k] = v
+    return out
+
+
+def kill_point(name: str) -> None:
+    """Test hook: when ``$D3TUNE_TEST_KILL_AT`` names this point, SIGKILL the driver here (with
+    its process group, i.e. the local Ray it started, when it leads one). Lets tests kill the
+    driver at an exact moment (right after an ASHA stop, between the Optuna tell and the
+    ledger, ...) instead of sleeping and hoping."""
+    if os.environ.get(KILL_ENV) != name:
+        return
+    import signal
+
+    log.warning("test hook %s=%s: killing the driver", KILL_ENV, name)
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """What a trial *is*, independent of Tune's trial id (which a resumed Tune may change):
+    a sweep trial's Optuna number, an ablation cell's content."""
+    if TRIAL_KEY in config:
+        return f"optuna:{int(config[TRIAL_KEY])}"
+    import json
+
+    return "cell:" + json.dumps(config.get("cell") or {k: v for k, v in config.items()
+                                                         if not k.startswith("d3tune.")},
+                                sort_keys=True, default=str)
 
 
 def experiment_dir(plan: RunPlan) -> Path:
@@ -41,7 +97,8 @@ def state_dir(plan: RunPlan) -> Path:
 def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
     """Tune's config -> flat dotted trial overrides (grid cells arrive under 'cell'; per-defense
     knobs as 'field@defense')."""
-    out = {k.split("@", 1)[0]: v for k, v in config.items() if k != "cell"}
+    out = {k.split("@", 1)[0]: v for k, v in config.items()
+           if k != "cell" and not k.startswith("d3tune.")}
     out.update(config.get("cell") or {})
     return out
 
@@ -67,14 +124,33 @@ def checkpoint_due(last: float | None, now: float, every_s: float) -> bool:
     return every_s <= 0 or (last is not None and now - last >= every_s)
 
 
+def replay_if_ended(config: dict[str, Any], replay: dict[str, dict[str, Any]] | None) -> bool:
+    """For any trainable run under ``--resume``: if ``replay`` (``replay_table``) says this trial
+    already ended, report its recorded final result once and return True (the caller returns
+    without training); Tune, the searcher and the MLflow callback then close it as before."""
+    recorded = (replay or {}).get(trial_key(config))
+    if recorded is None:
+        return False
+    from ray import tune
+
+    tune.report({**recorded, "replayed": True})
+    return True
+
+
 def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None,
-                   threads: int, checkpoint_every_s: float = 0.0) -> None:
+                   threads: int, checkpoint_every_s: float = 0.0,
+                   replay: dict[str, dict[str, Any]] | None = None) -> None:
     """The function Tune runs per trial (on any node). Reports every evaluated defense epoch;
     attaches a defense checkpoint at most every ``checkpoint_every_s`` seconds (0: every epoch),
-    because each one is a model-sized write that Tune then copies into its storage."""
+    because each one is a model-sized write that Tune then copies into its storage.
+    A trial that ``replay`` says already ended (a resumed Tune restarting it from a stale
+    snapshot) reports its recorded final result once and returns: it is never run twice."""
     import ray
     import torch
     from ray import tune
+
+    if replay_if_ended(config, replay):
+        return
 
     from d3tune.cache import ModelCache
     from d3tune.trial import run_trial
@@ -97,7 +173,8 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
             last_checkpoint.append(time.monotonic())
 
     def report(row: dict[str, Any]) -> bool:
-        metrics = {**row, "node_id": node, "cache_builds": cache.builds}
+        metrics = {**row, "node_id": node, "cache_builds": cache.builds,
+                   FINAL: row.get("epoch") == cfg.defense.epochs}
         state = pending.pop("state", None)
         # The last epoch always checkpoints: that forces Tune to snapshot the experiment, so a
         # driver killed right after a trial ends does not re-run it on --resume.
@@ -185,7 +262,7 @@ def make_searcher(plan: RunPlan):
     conditional = any(d.only_for for d in plan.space)
     searcher = OptunaSearch(space=partial(define_by_run, plan.space) if conditional else None,
                             metric=metric, mode=mode, sampler=sampler, storage=storage,
-                            study_name=plan.name)
+                            study_name=plan.name, constraints=plan.constraints)
     return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
 
 
@@ -210,12 +287,26 @@ def param_space(plan: RunPlan) -> dict[str, Any]:
     return {d.path: d.tune_domain() for d in plan.space}
 
 
-def trainable_for(plan: RunPlan):
+def replay_table(plan: RunPlan) -> dict[str, dict[str, Any]]:
+    """Every trial that ended, by ``trial_key``, with its recorded final result: from the run
+    ledger (every plan kind) and the Optuna study (sweeps; told before the ledger is written)."""
+    from d3tune.tracking_tune import ended_results
+
+    table = ended_results(state_dir(plan))
+    if plan.kind == "sweep" and (state_dir(plan) / OPTUNA_DB).exists():
+        from d3tune.optuna_search import ended_results as study_results
+
+        table.update(study_results(f"sqlite:///{state_dir(plan) / OPTUNA_DB}", plan.name))
+    return table
+
+
+def trainable_for(plan: RunPlan, replay: dict[str, dict[str, Any]] | None = None):
     from ray import tune
 
     threads = max(1, int(plan.resources.cpu))
     fn = tune.with_parameters(tune_trainable, base=plan.base, cache_dir=plan.cache_dir,
-                              threads=threads, checkpoint_every_s=plan.checkpoint_every_s)
+                              threads=threads, checkpoint_every_s=plan.checkpoint_every_s,
+                              replay=replay or {})
     return tune.with_resources(fn, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
 
 
@@ -225,10 +316,17 @@ def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
     from ray import tune
 
     exp_dir = experiment_dir(plan)
-    trainable = trainable_for(plan)
+    if plan.kind == "sweep":  # no "[I ...] A new study created" / "Using an existing study"
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if resume:
         if not tune.Tuner.can_restore(str(exp_dir)):
             raise UsageError(f"--resume: no interrupted run at {exp_dir} (spec name {plan.name!r})")
+        replay = replay_table(plan)
+        log.info("resume: %d trials already ended (study and run ledger); Tune will not run "
+                 "them again", len(replay))
+        trainable = trainable_for(plan, replay)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space(plan))
         # The restored run config carries a pickled copy of our callback that Tune 2.60 does not
@@ -242,6 +340,7 @@ def build_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
                          "continue it, or change the spec's name/storage")
     exp_dir.mkdir(parents=True, exist_ok=True)
     state_dir(plan).mkdir(parents=True, exist_ok=True)
+    trainable = trainable_for(plan)
     searcher = make_searcher(plan)
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=make_scheduler(plan),

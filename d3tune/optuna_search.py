@@ -1,26 +1,216 @@
-"""Ray's OptunaSearch, made safe for a trial that runs again after ``--resume``.
+"""Ray's OptunaSearch, made the sweep's record of truth and safe across a killed driver.
 
-Tune snapshots its experiment every few seconds (and at every trial checkpoint); a driver killed
-between a trial's end and the next snapshot comes back with that trial still marked running, and
-Tune runs it again. Its Optuna trial is already finished in the persistent study, so Ray's
-``on_trial_result`` would raise ``UpdateFinishedTrialError`` and end the whole sweep. The study
-keeps the first, complete result; the repeat's reports are ignored (``on_trial_complete`` already
-only warns in that case). Kept in its own module: the searcher is pickled into Tune's snapshots.
+The Optuna study (SQLite, written synchronously on the driver) records each trial's end the
+moment Tune reports it: its state (COMPLETE when it ran its planned epochs, PRUNED when ASHA
+stopped it, FAIL on error), its final result (user attr ``d3tune.result``), and its constraint
+values. Tune's experiment state is only a snapshot taken every few seconds, so after
+``--resume`` Tune may:
+
+- restart a trial that had already ended: the trainable replays its recorded result
+  (``engine.replay_table``) and the reports of the repeat are ignored here (Ray's searcher would
+  raise ``UpdateFinishedTrialError`` and end the sweep);
+- not know trials created after its snapshot, and create as many new ones: ``restore`` finds
+  them in the study and ``suggest`` hands them, oldest first, to those new Tune trials. An ended
+  one is replayed, an in-flight one runs again under its own Optuna trial (and MLflow child), so
+  the study never gains a second trial for one setting nor keeps one RUNNING. The sampler is then
+  reseeded, or it would draw the same parameters again.
+
+Kept in its own module: the searcher is pickled into Tune's snapshots.
 """
 from __future__ import annotations
 
 import logging
+import math
+import warnings
+import zlib
+from typing import Any
 
 import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.utils.util import unflatten_dict
+
+from d3tune.engine import FINAL, TRIAL_KEY, kill_point, recorded_result
+from d3tune.spec import constraint_values
 
 log = logging.getLogger(__name__)
 
+RESULT_ATTR = "d3tune.result"  # the final result Tune reported (what a replay reports)
+TRIAL_ID_ATTR = "d3tune.trial_id"  # the Tune trial id running it (dashboards, MLflow lookups)
+NOTE_ATTR = "d3tune.note"  # why a trial ended the way it did, in words
+
+
+def ended_results(storage: str, study_name: str) -> dict[str, dict[str, Any]]:
+    """``engine.trial_key`` -> recorded final result, for every trial the study says ended."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # killed before the study was created
+        return {}
+    return {f"optuna:{t.number}": t.user_attrs[RESULT_ATTR]
+            for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and t.state != TrialState.FAIL
+            and RESULT_ATTR in t.user_attrs}
+
+
+def fail_running(storage: str, study_name: str) -> int:
+    """Safety net after a sweep: a trial still RUNNING in the study (none is expected: in-flight
+    trials are continued or adopted) is failed, saying why, rather than left running."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return 0
+    failed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(
+            t._trial_id, NOTE_ATTR, "in flight when the driver was killed; not continued")
+        study.tell(t.number, state=TrialState.FAIL)
+        failed += 1
+    return failed
+
 
 class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch with the same arguments, plus ``constraints`` (``spec.CONSTRAINTS`` name ->
+    limit): their values are set on each trial before it is told (``Trial.set_constraint``),
+    so samplers and ``study.best_trials`` treat a trial outside them as infeasible."""
+
+    def __init__(self, *args: Any, constraints: tuple[tuple[str, float], ...] = (),
+                 **kwargs: Any) -> None:
+        self._constraints = tuple(constraints)
+        # (number, storage id) of study trials Tune's snapshot does not know, oldest first
+        self._orphans: list[tuple[int, int]] = []
+        super().__init__(*args, **kwargs)
+
+    # -- study set-up ------------------------------------------------------------------------
+
+    def _metrics(self) -> list[str]:
+        return list(self.metric) if isinstance(self.metric, list) else [self.metric]
+
+    def _setup_study(self, mode: Any) -> None:
+        super()._setup_study(mode)
+        # optuna-dashboard shows "0", "1" for unnamed objectives.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names(self._metrics())
+
+    def _finished(self, ot_trial: Any) -> bool:
+        return self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
+    # -- suggestions -------------------------------------------------------------------------
+
+    def suggest(self, trial_id: str) -> dict | None:
+        while self._orphans and trial_id not in self._ot_trials:
+            number, study_trial_id = self._orphans.pop(0)
+            frozen = self._ot_study._storage.get_trial(study_trial_id)
+            if frozen.state == TrialState.FAIL:
+                continue  # failed before the kill: nothing to continue
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, frozen._trial_id)
+            if frozen.state == TrialState.RUNNING:
+                self._ot_study._storage.set_trial_user_attr(frozen._trial_id, TRIAL_ID_ATTR,
+                                                            trial_id)
+                self._ot_study._storage.set_trial_user_attr(
+                    frozen._trial_id, NOTE_ATTR, "in flight when the driver was killed; "
+                    f"run again from its start as Tune trial {trial_id} after --resume")
+            log.info("Tune trial %s takes Optuna trial %d (%s when the driver was killed)",
+                     trial_id, number, frozen.state.name)
+            return {**unflatten_dict(dict(frozen.params)), TRIAL_KEY: number}
+        config = super().suggest(trial_id)
+        if config is None or config == Searcher.FINISHED:
+            return config
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return {**config, TRIAL_KEY: ot_trial.number}
+
+    # -- results -----------------------------------------------------------------------------
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """Intermediate values (one objective only: Optuna keeps none for several). Ignored for
+        a trial that already ended (a repeat after --resume) and for a step already reported
+        (a trial Tune restarted from its start): Optuna would warn or raise."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if isinstance(self.metric, list) or ot_trial is None or result.get("replayed"):
+            return
+        frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
+        if frozen.state.is_finished() or result.get("training_iteration") in \
+                frozen.intermediate_values:
+            log.debug("trial %s: result for an ended trial or a reported step ignored", trial_id)
+            return
         try:
             super().on_trial_result(trial_id, result)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            log.debug("trial %s: its Optuna trial finished before the resume; result ignored",
-                      trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:  # pragma: no cover - raced
+            log.debug("trial %s: result for a finished Optuna trial ignored", trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        """COMPLETE only for a trial that ran its planned epochs (``engine.FINAL``); one ASHA
+        stopped is PRUNED, its last values kept as user attrs (and as intermediate values
+        for one objective), so it never sits on a front; an error is FAIL."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if trial_id in self._completed_trials or ot_trial is None:
+            return
+        self._completed_trials.add(trial_id)
+        if self._finished(ot_trial):  # a repeat after --resume: the study keeps its first end
+            log.debug("trial %s: its Optuna trial already ended; completion ignored", trial_id)
+            return
+        values = [(result or {}).get(m) for m in self._metrics()]
+        known = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+        if error:
+            state = TrialState.FAIL
+        elif not known:  # stopped before its first result
+            state = TrialState.PRUNED
+        else:
+            state = TrialState.COMPLETE if result.get(FINAL, True) else TrialState.PRUNED
+        storage, tid = self._ot_study._storage, ot_trial._trial_id
+        if result:
+            storage.set_trial_user_attr(tid, RESULT_ATTR, recorded_result(result))
+        if state == TrialState.PRUNED and known:
+            step = result.get("training_iteration")
+            if (not isinstance(self.metric, list) and isinstance(step, int)
+                    and step not in storage.get_trial(tid).intermediate_values):
+                # Tune does not pass the result that stopped a trial to the searcher
+                ot_trial.report(float(values[0]), step)
+            storage.set_trial_user_attr(tid, "d3tune.last_values",
+                                        dict(zip(self._metrics(), map(float, values))))
+            storage.set_trial_user_attr(tid, NOTE_ATTR, "stopped early by the scheduler at "
+                                        f"epoch {result.get('epoch')}")
+        if state != TrialState.FAIL and self._constraints and result:
+            for name, value in constraint_values(self._constraints, result).items():
+                ot_trial.set_constraint(name, value)
+        try:
+            self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None,
+                                state=state)
+        except (ValueError, RuntimeError) as exc:  # e.g. NaN: say it in our words
+            log.warning("trial %s: Optuna could not record its result (%s)", trial_id, exc)
+        kill_point(f"told:{'finished' if state == TrialState.COMPLETE else state.name.lower()}")
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's snapshot may predate trials the study already holds: queue them (oldest
+        first) for the new Tune trials the resumed sweep will create, and reseed the sampler
+        so it does not draw their parameters again."""
+        super().restore(checkpoint_path)
+        self.__dict__.setdefault("_constraints", ())
+        known = {t.number for t in self._ot_trials.values()}
+        trials = self._ot_study.get_trials(deepcopy=False)
+        self._orphans = [(t.number, t._trial_id) for t in trials if t.number not in known]
+        for t in self._ot_trials.values():  # in flight at the kill and restarted by Tune
+            if self._ot_study._storage.get_trial(t._trial_id).state == TrialState.RUNNING:
+                t.set_user_attr(NOTE_ATTR, "in flight when the driver was killed; continued by "
+                                "Tune after --resume (from its last checkpoint, if it had one)")
+        if self._orphans:
+            log.info("resume: %d Optuna trials were created after Tune's last snapshot: they "
+                     "are continued, not drawn again", len(self._orphans))
+            self._reseed(len(trials))
+
+    def _reseed(self, salt: int) -> None:
+        """Deterministically (same study, same draw), where the sampler allows it."""
+        sampler = self._ot_study.sampler
+        seeded = False
+        for obj in (sampler, getattr(sampler, "_random_sampler", None)):
+            rng = getattr(getattr(obj, "_rng", None), "rng", None)
+            if rng is not None:
+                rng.seed((zlib.crc32(str(self._study_name).encode()) + 7919 * salt) % 2**32)
+                seeded = True
+        if not seeded:
+            sampler.reseed_rng()

@@ -21,6 +21,25 @@ from d3tune.yamlio import load_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 REPORTED_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
+# Sweep constraints: name -> (result, limit) -> value, feasible when <= 0 (Optuna's convention).
+CONSTRAINTS = {
+    "max_acc_drop": lambda r, limit: float(r["acc_before"]) - float(r["acc"]) - limit,
+    "max_asr": lambda r, limit: float(r["asr"]) - limit,
+    "min_acc": lambda r, limit: limit - float(r["acc"]),
+}
+
+
+def constraint_values(constraints: tuple[tuple[str, float], ...],
+                      result: Mapping[str, Any]) -> dict[str, float]:
+    """Each constraint's value for a trial's result (<= 0: within it); a result that lacks a
+    metric a constraint needs counts as outside it."""
+    out = {}
+    for name, limit in constraints:
+        try:
+            out[name] = CONSTRAINTS[name](result, limit)
+        except (KeyError, TypeError, ValueError):
+            out[name] = 1.0
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,8 @@ class RunPlan:
     # Every-epoch checkpoints cost ~12 ms/epoch on digits and a model-sized write per epoch
     # on a GPU (see benchmarks/README.md, sweep overhead).
     checkpoint_every_s: float = 30.0
+    # Optuna constraints (sweeps): trials outside them are infeasible, never on a front.
+    constraints: tuple[tuple[str, float], ...] = ()
     storage: str = "d3tune_results/sweeps"
     experiment: str = "d3tune"
     cache_dir: str | None = None
@@ -112,7 +133,7 @@ class RunPlan:
 _COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "checkpoint_every_s",
            "storage", "experiment", "cache_dir", "metric", "mode"}
 SWEEP_KEYS = _COMMON | {"space", "per_defense", "num_samples", "seeds", "search_seed",
-                        "scheduler"}
+                        "scheduler", "constraints"}
 ABLATION_KEYS = _COMMON | {"axes", "attacks", "datasets", "archs", "seeds", "scheduler"}
 
 
@@ -252,7 +273,25 @@ def sweep_plan(data: Any, source: str, num_samples: int | None = None) -> RunPla
     n = num_samples if num_samples is not None else data.get("num_samples", 8)
     return RunPlan(kind="sweep", space=tuple(space), num_samples=_int(n, f"{source}: num_samples", 1),
                    search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
+                   constraints=_constraints(data.get("constraints"), f"{source}: constraints"),
                    **common)
+
+
+def _constraints(raw: Any, where: str) -> tuple[tuple[str, float], ...]:
+    """`constraints: {max_acc_drop: 0.05}`: limits on a trial's final metrics (fractions)."""
+    if raw is None:
+        return ()
+    _expect(isinstance(raw, Mapping) and raw, where,
+            f"expected a mapping such as {{max_acc_drop: 0.05}}, got {raw!r}")
+    out = []
+    for name, limit in raw.items():
+        _expect(name in CONSTRAINTS, f"{where}.{name}", f"unknown constraint"
+                f"{did_you_mean(str(name), CONSTRAINTS)}; known: {', '.join(CONSTRAINTS)}")
+        _expect(isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                and _finite(limit) and 0 <= limit <= 1, f"{where}.{name}",
+                f"expected a fraction between 0 and 1, got {limit!r}")
+        out.append((str(name), float(limit)))
+    return tuple(out)
 
 
 def _per_defense(data: Mapping[str, Any], base: dict[str, Any], source: str,

@@ -1,15 +1,18 @@
 """``d3tune sweep`` and ``d3tune ablate``: run a plan on Ray, then summarise it.
 
 The summary (every trial's final row, the best trials or the Pareto front, Optuna's importance
-and parallel-coordinate plots) is printed and logged to the sweep's parent MLflow run.
+and parallel-coordinate plots) is printed and logged to the sweep's parent MLflow run. Best
+trials and fronts hold only trials that ran to their end within the spec's constraints: a trial
+the scheduler stopped has no final result. Library warnings are logged at debug level, never
+printed raw: users see d3tune's words or nothing.
 """
 from __future__ import annotations
 
 import json
 import logging
 import sys
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from d3tune.tracking_tune import MlflowSweepCallback
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("acc", "asr", "ra", "der", "epoch", "acc_before", "asr_before")
+HIDDEN_COLUMNS = ("node_id", "error", "acc_before", "asr_before", "cache_builds", "stopped_early")
 
 
 def pareto_front(df: pd.DataFrame, metrics: tuple[str, ...], modes: tuple[str, ...]) -> pd.DataFrame:
@@ -47,11 +51,32 @@ def results_frame(results: Any) -> pd.DataFrame:
         rows.append({"trial_id": r.metrics.get("trial_id"), **overrides,
                      **{k: r.metrics.get(k) for k in SUMMARY_COLUMNS},
                      "node_id": r.metrics.get("node_id"),
-                     "cache_builds": r.metrics.get("cache_builds", 0), "error": bool(r.error)})
+                     "cache_builds": r.metrics.get("cache_builds", 0), "error": bool(r.error),
+                     "stopped_early": r.metrics.get(engine.FINAL) is False})
     return pd.DataFrame(rows)
 
 
+def feasible(plan: RunPlan, df: pd.DataFrame) -> pd.Series:
+    """Rows within every constraint of the spec (all rows when it has none)."""
+    from d3tune.spec import constraint_values
+
+    if not plan.constraints or df.empty:
+        return pd.Series(True, index=df.index)
+    return df.apply(lambda r: all(v <= 0 for v in constraint_values(
+        plan.constraints, r.to_dict()).values()), axis=1).astype(bool)
+
+
 def best_rows(plan: RunPlan, df: pd.DataFrame, top: int = 5) -> pd.DataFrame:
+    """Best trials (one objective) or the Pareto front (several), among the trials that ran to
+    their end, did not fail, and keep the spec's constraints."""
+    if df.empty:
+        return df
+    keep = feasible(plan, df)
+    if "stopped_early" in df:
+        keep &= ~df["stopped_early"].astype(bool)
+    if "error" in df:
+        keep &= ~df["error"].astype(bool)
+    df = df[keep]
     if df.empty:
         return df
     if plan.multi_objective:
@@ -70,9 +95,19 @@ def _table(title: str, df: pd.DataFrame) -> Table:
 
 
 def optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
-    """Hyperparameter importance and parallel coordinates from the persisted study."""
+    """Hyperparameter importance (one plot per objective) and parallel coordinates from the
+    persisted study, over the trials that ran to their end."""
     if plan.kind != "sweep":
         return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = _optuna_plots(plan, out)
+    for w in caught:  # e.g. PedAnova's "low `target` values": we negate maximised targets
+        log.debug("optuna plots: %s: %s", w.category.__name__, w.message)
+    return paths
+
+
+def _optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,19 +116,22 @@ def optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
     from optuna.visualization import matplotlib as ovm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.load_study(study_name=plan.name,
                               storage=f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < 2:
+        return []
+    jobs = []
+    for i, (name, mode) in enumerate(zip(plan.metric, plan.mode)):
+        # The importance evaluator ranks params for *low* target values: negate a maximised one.
+        sign = -1.0 if mode == "max" else 1.0
+        target = (lambda t, i=i, sign=sign: sign * t.values[i]) if plan.multi_objective else None
+        fname = f"importance_{name}.png" if plan.multi_objective else "importance.png"
+        jobs.append((fname, ovm.plot_param_importances, target, name))
+    first = (lambda t: t.values[0]) if plan.multi_objective else None
+    jobs.append(("parallel_coordinates.png", ovm.plot_parallel_coordinate, first, plan.metric[0]))
     paths = []
-    # The importance evaluator ranks params for *low* target values: negate a maximised one.
-    sign = -1.0 if plan.mode[0] == "max" else 1.0
-    target = (lambda t: sign * t.values[0]) if plan.multi_objective else None
-    name = plan.metric[0]
-    for fname, plot in (("importance.png", ovm.plot_param_importances),
-                        ("parallel_coordinates.png", ovm.plot_parallel_coordinate)):
-        if len(done) < 2:
-            break
+    for fname, plot, target, name in jobs:
         try:
             plot(study, target=target, target_name=name)
             plt.gcf().set_size_inches(9, 5)
@@ -101,7 +139,8 @@ def optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
             plt.savefig(out / fname, dpi=110)
             paths.append(out / fname)
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. one distinct value
-            log.warning("could not draw %s: %s", fname, exc)
+            log.warning("could not draw %s: %s", fname, str(exc).splitlines()[0] if str(exc)
+                        else type(exc).__name__)
         finally:
             plt.close("all")
     return paths
@@ -119,11 +158,13 @@ def finish_parent(cb: MlflowSweepCallback, plan: RunPlan, df: pd.DataFrame,
     if not best.empty:
         top = best.iloc[0].to_dict()
         (out / "best_config.json").write_text(json.dumps(
-            {k: v for k, v in top.items() if k not in SUMMARY_COLUMNS}, indent=1, default=str))
+            {k: v for k, v in top.items() if k not in SUMMARY_COLUMNS + HIDDEN_COLUMNS},
+            indent=1, default=str))
         cb._call("parent metrics", lambda: cb.client.log_batch(cb.parent_id, metrics=[
             Metric(f"best_{m}", float(top[m]), 0, 0) for m in plan.metric]))
     for path in sorted(out.iterdir()):
         cb._call("parent artifact", lambda p=path: cb.client.log_artifact(cb.parent_id, str(p)))
+    engine.kill_point("report:artifacts")
     status = "FINISHED" if not df.empty and not df["error"].any() else "FAILED"
     cb._call("parent status", lambda: cb.client.set_terminated(cb.parent_id, status))
 
@@ -143,8 +184,16 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
     finally:
         if started:
             ray.shutdown()
+    engine.kill_point("report")
     callback = MlflowSweepCallback(plan, exp_dir, engine.state_dir(plan))  # for the summary
     callback.setup()
+    if plan.kind == "sweep":
+        from d3tune.optuna_search import fail_running
+
+        failed = fail_running(f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}", plan.name)
+        if failed:
+            log.warning("%d Optuna trials were still running after the sweep; marked failed",
+                        failed)
     callback.close_unfinished()
     df = results_frame(results)
     best = best_rows(plan, df)
@@ -154,11 +203,11 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
         finish_parent(callback, plan, df, best, plots, out)
     title = ("Pareto front (" + " vs ".join(f"{m} {d}" for m, d in zip(plan.metric, plan.mode))
              + ")") if plan.multi_objective else f"best trials by {plan.metric[0]} ({plan.mode[0]})"
-    shown = [c for c in best.columns
-             if c not in ("node_id", "error", "acc_before", "asr_before", "cache_builds")]
+    shown = [c for c in best.columns if c not in HIDDEN_COLUMNS]
     console.print(_table(f"{plan.name}: {len(df)} trials; {title}", best[shown]))
     if callback.client is not None and callback.parent_id:
-        console.print(f"MLflow parent run {callback.parent_id} ({len(callback.state['children'])} "
+        children = len(set(callback.state["children"].values()))
+        console.print(f"MLflow parent run {callback.parent_id} ({children} "
                       f"child runs) in experiment {plan.experiment!r}")
         console.print(tracking.ui_hint(callback.uri, callback.exp_id), soft_wrap=True)
     console.print(f"Tune results: {exp_dir}")

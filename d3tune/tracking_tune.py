@@ -6,6 +6,14 @@ the head node works on a cluster). The parent run id and the trial -> child-run 
 the experiment folder, so a resumed sweep reuses them: no duplicate runs, no repeated steps.
 A failing store costs a warning, never the sweep: Tune's own storage keeps every result.
 
+The run map is also the run's ledger, the record resume trusts (see ``engine``): which trial is
+which (``keys``: ``engine.trial_key`` -> Tune trial id, so a trial Tune re-creates under a new
+id after ``--resume`` reuses its child run), and which trials ended with what result
+(``results``, ``done``; a failed trial is listed in ``failed``, not ``done``: Tune retries
+errored trials on ``--resume``, and a retry that finishes is recorded then). A trial's end is
+written there *before* MLflow is told (``closing`` marks the MLflow calls still owed, made at
+the next start), so a kill between the two never loses or repeats a trial.
+
 Per-epoch metrics are buffered per trial and written every ``FLUSH_EVERY_S`` seconds (and at a
 trial's checkpoint and end): a function trainable waits for the driver after each report, so
 one store transaction per epoch per trial both slows every trial and caps how many results per
@@ -33,6 +41,7 @@ STATE_FILE = "mlflow_state.json"
 RETRY_AFTER_S = 30
 FLUSH_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late while a trial runs
 BATCH_ROWS = 100  # epochs per log_batch (MLflow takes at most 1000 metrics per call)
+FINAL = "final"  # engine.FINAL: True when a result is the trial's last planned epoch
 EPOCH_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
 FINAL_KEYS = {"acc": "acc_after", "asr": "asr_after", "ra": "ra_after", "der": "der",
               "acc_before": "acc_before", "asr_before": "asr_before", "ra_before": "ra_before"}
@@ -43,6 +52,23 @@ def trial_params(plan: RunPlan, config: dict[str, Any]) -> dict[str, Any]:
     from d3tune.engine import trial_from_tune
 
     return flatten(to_dict(trial_from_tune(plan.base, config)))
+
+
+def load_ledger(state_dir: Path) -> dict[str, Any]:
+    state = {"parent": None, "children": {}, "steps": {}, "done": [], "failed": [], "results": {},
+             "keys": {}, "closing": {}}
+    path = state_dir / STATE_FILE
+    if path.exists():
+        state.update(json.loads(path.read_text()))
+    return state
+
+
+def ended_results(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """``engine.trial_key`` -> recorded final result, for every trial the ledger says ended
+    (what a resumed trainable replays instead of training again)."""
+    state = load_ledger(state_dir)
+    return {key: state["results"][tid] for key, tid in state["keys"].items()
+            if tid in state["results"] and tid in state["done"]}
 
 
 def _now_ms() -> int:
@@ -66,6 +92,7 @@ class MlflowSweepCallback(Callback):
         self.down_until = 0.0
         self.pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # trial -> (ms, row)
         self.flushed_at: dict[str, float] = {}
+        self.seen: set[str] = set()  # trials started by this driver (vs. before a kill)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -105,10 +132,9 @@ class MlflowSweepCallback(Callback):
     def load_state(self) -> None:
         """Read the run map from disk: after a resume this object may be an old unpickled copy."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state = {"parent": None, "children": {}, "steps": {}, "done": []}
-        if self.state_path.exists():
-            self.state.update(json.loads(self.state_path.read_text()))
+        self.state = load_ledger(self.state_dir)
         self.pending, self.flushed_at = {}, {}
+        self.seen: set[str] = set()  # trials started by this driver (vs. before a kill)
 
     def setup(self, **info: Any) -> None:
         self.load_state()
@@ -130,6 +156,8 @@ class MlflowSweepCallback(Callback):
             if Path(self.plan.source).is_file():
                 self._call("spec artifact", lambda: self.client.log_artifact(
                     self.parent_id, self.plan.source, "spec"))
+        for tid, status in list(self.state["closing"].items()):  # owed since a driver kill
+            self._close_child(tid, status)
 
     def _parent_tags(self) -> dict[str, str]:
         tags = {"d3tune.kind": self.plan.kind, "d3tune.spec": self.plan.source,
@@ -153,6 +181,18 @@ class MlflowSweepCallback(Callback):
         tid = trial.trial_id
         if tid in self.state["children"]:
             return self.state["children"][tid]
+        from d3tune.engine import trial_key
+
+        key = trial_key(trial.config or {})
+        first = self.state["keys"].get(key)
+        if first is not None and first != tid and first in self.state["children"]:
+            # The same trial under a new Tune id (re-created after --resume): same child run.
+            self.state["children"][tid] = self.state["children"][first]
+            self.state["steps"][tid] = self.state["steps"].get(first, 0)
+            if not self._ended(first):  # the new id carries the unfinished trial on
+                self.state["keys"][key] = tid
+            self._save()
+            return self.state["children"][tid]
         if self.client is None or self.parent_id is None:
             return None
         run = self._call("child run", lambda: self.client.create_run(
@@ -161,10 +201,17 @@ class MlflowSweepCallback(Callback):
         if run is None:
             return None
         self.state["children"][tid] = run.info.run_id
+        self.state["keys"][key] = tid
         self._save()
         params = self._call("trial config", lambda: trial_params(self.plan, trial.config)) or {}
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def _ended(self, tid: str) -> bool:
+        """Whether the ledger holds this trial's end (under this or an earlier Tune id)."""
+        run_id = self.state["children"].get(tid)
+        return tid in self.state["done"] or (run_id is not None and any(
+            self.state["children"].get(t) == run_id for t in self.state["done"]))
 
     def _ensure_setup(self) -> None:
         """Tune does not call ``setup`` on a callback restored by ``Tuner.restore``."""
@@ -172,8 +219,19 @@ class MlflowSweepCallback(Callback):
             self.setup()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from d3tune.engine import kill_point, trial_key
+
         self._ensure_setup()
-        self._child(trial)
+        tid = trial.trial_id
+        before = tid in self.state["children"] or (
+            self.state["keys"].get(trial_key(trial.config or {})) in self.state["children"])
+        run_id = self._child(trial)
+        if before and tid not in self.seen and not self._ended(tid) and run_id:
+            self._call("resume tag", lambda: self.client.set_tag(
+                run_id, "d3tune.resumed", "in flight when the driver was killed; run again "
+                "after --resume (epochs already logged are not logged twice)"))
+        self.seen.add(tid)
+        kill_point("started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -187,8 +245,14 @@ class MlflowSweepCallback(Callback):
         row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
         self.pending.setdefault(tid, []).append((_now_ms(), row))
         now = time.monotonic()
-        if now - self.flushed_at.setdefault(tid, now) >= FLUSH_EVERY_S:
+        # A trial's last result (its planned end, or a scheduler stop: Tune marks it done) is
+        # written at once: the searcher records the trial's end right after this call.
+        if (now - self.flushed_at.setdefault(tid, now) >= FLUSH_EVERY_S
+                or result.get("done") or result.get(FINAL)):
             self.flush(tid)
+        from d3tune.engine import kill_point
+
+        kill_point(f"result:{step}")
 
     def flush(self, tid: str) -> None:
         """Write a trial's buffered epochs; the run map records them as logged."""
@@ -214,29 +278,55 @@ class MlflowSweepCallback(Callback):
             self.flush(tid)
 
     def _finish(self, trial: Any, status: str) -> None:
-        from mlflow.entities import Metric, RunTag
+        """The ledger first (the trial ended, with this result), then MLflow."""
+        from d3tune.engine import kill_point, recorded_result
 
         self._ensure_setup()
+        tid = trial.trial_id
         run_id = self._child(trial)
-        if run_id is None or trial.trial_id in self.state["done"]:
+        if run_id is None or self._ended(tid) or (status != "FINISHED"
+                                                 and tid in self.state["failed"]):
             return
-        self.flush(trial.trial_id)
-        last = trial.last_result or {}
+        self.flush(tid)
+        self.state["results"][tid] = recorded_result(trial.last_result)
+        self.state["done" if status == "FINISHED" else "failed"].append(tid)
+        self.state["closing"][tid] = status
+        self._save()
+        outcome = "failed" if status != "FINISHED" else (
+            "finished" if self.state["results"][tid].get(FINAL, True) else "stopped")
+        kill_point(f"ledger:{outcome}")
+        self._close_child(tid, status)
+        kill_point(f"done:{outcome}")
+
+    def _close_child(self, tid: str, status: str) -> None:
+        """Tell MLflow a trial's end from the ledger (again, harmlessly, after a kill)."""
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.state["children"].get(tid)
+        last = self.state["results"].get(tid, {})
+        if run_id is None or self.client is None:
+            return
         metrics = [Metric(name, float(last[k]), _now_ms(), 0) for k, name in FINAL_KEYS.items()
-                   if isinstance(last.get(k), (int, float))]
+                   if isinstance(last.get(k), (int, float)) and not isinstance(last.get(k), bool)]
+        stopped = status == "FINISHED" and last.get(FINAL) is False
         tags = [RunTag("d3tune.last_epoch", str(last.get("epoch", ""))),
-                RunTag("d3tune.node_id", str(last.get("node_id", "")))]
-        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics, tags=tags))
+                RunTag("d3tune.node_id", str(last.get("node_id", ""))),
+                # users filter on it: tags.`d3tune.stopped_early` = 'false' (ran to its end)
+                RunTag("d3tune.stopped_early", "true" if stopped else "false")]
+        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
+                                                                   tags=tags))
         self._call("status", lambda: self.client.set_terminated(run_id, status))
-        self.state["done"].append(trial.trial_id)
+        self.state["closing"].pop(tid, None)
         self._save()
 
     def close_unfinished(self) -> int:
         """After a sweep ends, a child run whose trial never finished (killed with the driver
         and not continued by Tune) is marked KILLED rather than left RUNNING forever."""
         closed = 0
-        for tid, run_id in self.state.get("children", {}).items():
-            if tid not in self.state.get("done", []) and self.client is not None:
+        ended = {self.state["children"][t] for t in self.state["done"] + self.state["failed"]
+                 if t in self.state["children"]}
+        for run_id in set(self.state.get("children", {}).values()) - ended:
+            if self.client is not None:
                 self._call("close run", lambda r=run_id: self.client.set_terminated(r, "KILLED"))
                 closed += 1
         return closed

@@ -135,3 +135,78 @@ def test_a_trial_rerun_after_resume_does_not_end_the_sweep(tmp_path):
         else:
             with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
                 resumed.on_trial_result("t1", {"der": 0.1, "training_iteration": 3})
+
+
+def test_an_early_stopped_trial_is_tagged_so_users_can_filter_it(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cb = _callback(tmp_path)
+    for tid, epoch, final in (("ran", 4, True), ("cut", 1, False)):
+        trial = FakeTrial(tid, config={"d3tune.trial": len(cb.state["children"])},
+                          last_result={**_result(epoch), "final": final})
+        cb.on_trial_start(0, [], trial)
+        cb.on_trial_complete(0, [], trial)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    tags = {tid: client.get_run(cb.state["children"][tid]).data.tags["d3tune.stopped_early"]
+            for tid in ("ran", "cut")}
+    assert tags == {"ran": "false", "cut": "true"}
+    runs = client.search_runs([cb.exp_id], "tags.`d3tune.stopped_early` = 'false'")
+    assert [r.info.run_id for r in runs] == [cb.state["children"]["ran"]]
+
+
+def test_a_trial_recreated_under_a_new_id_after_resume_reuses_its_child_run(tmp_path,
+                                                                            monkeypatch):
+    """Tune's snapshot may predate a trial: after --resume the same trial (same Optuna number)
+    comes back under a new Tune id. The ledger maps it to its first child run: no second one,
+    and an ended trial is not finished twice."""
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cb = _callback(tmp_path)
+    ended = FakeTrial("old_ended", config={"d3tune.trial": 0}, last_result=_result(4))
+    running = FakeTrial("old_running", config={"d3tune.trial": 1})
+    for t in (ended, running):
+        cb.on_trial_start(0, [], t)
+    cb.on_trial_result(0, [], running, _result(1))
+    cb.on_checkpoint(0, [], running, checkpoint=None)
+    cb.on_trial_complete(0, [], ended)
+    assert engine.replay_table(cb.plan) == {"optuna:0": {**_result(4)}}
+    # the driver is killed; a new driver (new callback) sees both again under new ids
+    cb2 = tracking_tune.MlflowSweepCallback(cb.plan, cb.exp_dir, cb.state_dir)
+    cb2.setup()
+    again = FakeTrial("new_ended", config={"d3tune.trial": 0}, last_result=_result(4))
+    rerun = FakeTrial("new_running", config={"d3tune.trial": 1}, last_result=_result(2))
+    for t in (again, rerun):
+        cb2.on_trial_start(0, [], t)
+    for epoch in (1, 2):
+        cb2.on_trial_result(0, [], rerun, _result(epoch))
+    cb2.on_trial_complete(0, [], again)
+    cb2.on_trial_complete(0, [], rerun)
+    assert cb2.close_unfinished() == 0
+    with sqlite3.connect(db) as con:
+        children = dict(con.execute(
+            "select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+            "where t.key = 'mlflow.parentRunId'"))
+        resumed = con.execute("select count(*) from tags where key='d3tune.resumed'").fetchone()
+    assert sorted(children.values()) == ["FINISHED", "FINISHED"]  # two trials, two runs
+    assert _steps(db)[cb.state["children"]["old_running"]] == [1, 2]  # epoch 1 not twice
+    assert resumed == (1,)  # the in-flight trial says it was run again
+
+
+def test_mlflow_calls_owed_at_a_kill_are_made_by_the_next_driver(tmp_path, monkeypatch):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cb = _callback(tmp_path)
+    trial = FakeTrial("t1", config={"d3tune.trial": 0}, last_result=_result(4))
+    cb.on_trial_start(0, [], trial)
+    monkeypatch.setattr(cb, "_close_child", lambda tid, status: None)  # killed right here
+    cb.on_trial_complete(0, [], trial)
+    assert cb.state["closing"] == {"t1": "FINISHED"}
+    cb2 = tracking_tune.MlflowSweepCallback(cb.plan, cb.exp_dir, cb.state_dir)
+    cb2.setup()
+    assert cb2.state["closing"] == {}
+    with sqlite3.connect(db) as con:
+        status = con.execute("select status from runs where run_uuid=?",
+                             (cb.state["children"]["t1"],)).fetchone()[0]
+    assert status == "FINISHED"

@@ -1,0 +1,153 @@
+"""Issue 22: the driver is SIGKILLed at a named moment (``engine.kill_point``, through
+``$D3TUNE_TEST_KILL_AT``: no sleeping and hoping), then ``--resume`` finishes the run. After each
+kill, for sweeps (Optuna + ASHA) and ablations alike:
+
+- MLflow holds exactly the planned number of child runs, all FINISHED, no setting twice;
+- the Optuna study holds only COMPLETE/PRUNED/FAIL trials, exactly the planned number ended
+  (COMPLETE + PRUNED), no parameter set twice;
+- ``d3tune report`` and the resumed driver's own summary count each trial once.
+
+Each case runs the CLI twice in subprocesses (a local Ray each): the broad matrix is slow; one
+sweep and one ablation kill point stay in the default suite.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+from d3tune.engine import KILL_ENV  # noqa: E402
+
+BASE = """
+base:
+  data: {name: digits}
+  attack: {name: badnets}
+  train: {epochs: 3}
+  defense: {name: d3, epochs: 4}
+  eval: {subset: 100}
+"""
+# One trial at a time and two learning rates far apart: the seeded sampler draws both and ASHA
+# (first rung at epoch 1) stops the weak ones, in the same order every run.
+SWEEP = """
+space:
+  defense.lr: {choice: [0.00001, 0.02]}
+  defense.eps: {uniform: [0.0, 0.3]}
+metric: der
+mode: max
+num_samples: 5
+max_concurrent: 1
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2, metric: der, mode: max}
+"""
+ABLATION = """
+axes:
+  defense.radius: [0.5, 1.0, 1.5]
+seeds: [0]
+max_concurrent: 1
+"""
+PLANNED = {"sweep": 5, "ablate": 3}
+
+# Where the driver dies: right after an ASHA stop (before and after the run ledger and MLflow
+# hear of it), right after a normal finish (Optuna told / ledger written / MLflow closed),
+# mid-trial (the driver took epoch 2 while the worker computes epoch 3), at a trial's start,
+# and during the final report (before it, and after the parent's artifacts).
+SWEEP_POINTS = ["told:pruned", "done:stopped", "told:finished", "ledger:finished",
+                "done:finished", "result:2", "started", "report", "report:artifacts"]
+ABLATION_POINTS = ["result:2", "ledger:finished", "done:finished", "report"]
+DEFAULT = {("sweep", "told:pruned"), ("ablate", "done:finished")}
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory) -> Path:
+    """One backdoored model for every case (it is the same attack): built by the first run."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _spec(tmp_path: Path, kind: str, cache: Path) -> Path:
+    p = tmp_path / f"{kind}.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: k{kind}
+        storage: {tmp_path / 'tune'}
+        cache_dir: {cache}
+        experiment: resume
+        """) + BASE + textwrap.dedent(SWEEP if kind == "sweep" else ABLATION))
+    return p
+
+
+def _kill_then_resume(tmp_path: Path, kind: str, point: str, cache: Path) -> tuple[Path, str]:
+    spec = _spec(tmp_path, kind, cache)
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    env.pop(KILL_ENV, None)
+    cmd = [sys.executable, "-m", "d3tune", kind, str(spec)]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:  # its own process group: the kill takes its local Ray along
+        first = subprocess.Popen(cmd, cwd=tmp_path, env={**env, KILL_ENV: point},
+                                 start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            rc = first.wait(900)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+    assert rc == -signal.SIGKILL, f"kill point {point} never reached:\n{log.read_text()[-3000:]}"
+    proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900, start_new_session=True)
+    (tmp_path / "resumed.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return db, proc.stdout
+
+
+def _assert_invariants(tmp_path: Path, kind: str, db: Path, stdout: str, monkeypatch) -> None:
+    import optuna
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from d3tune.report import make_report
+
+    planned = PLANNED[kind]
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("resume")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert Counter(r.info.status for r in children) == {"FINISHED": planned}
+    settings = {tuple(sorted(r.data.params.items())) for r in children}
+    assert len(settings) == planned  # no setting finished twice
+    assert all("der" in r.data.metrics and r.data.tags.get("d3tune.stopped_early") in
+               ("true", "false") for r in children)
+    if kind == "sweep":
+        study = optuna.load_study(study_name=f"k{kind}", storage="sqlite:///" + str(
+            tmp_path / "tune" / f"k{kind}.d3tune" / "optuna.db"))
+        states = Counter(t.state.name for t in study.trials)
+        assert set(states) <= {"COMPLETE", "PRUNED", "FAIL"}, states
+        ended = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+        assert len(ended) == planned, states
+        assert len({tuple(sorted(t.params.items())) for t in ended}) == planned
+        # the MLflow children and the study agree on which trials stopped early
+        stopped = sum(r.data.tags["d3tune.stopped_early"] == "true" for r in children)
+        assert stopped == states["PRUNED"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    out = make_report(parents[0].info.run_id, tmp_path / "report")
+    assert len(pd.read_csv(out / "trials.csv")) == planned
+    assert f"k{kind}: {planned} trials" in stdout  # the resumed driver's summary
+
+
+CASES = [pytest.param(kind, point, id=f"{kind}-{point}",
+                      marks=() if (kind, point) in DEFAULT else pytest.mark.slow)
+         for kind, points in (("sweep", SWEEP_POINTS), ("ablate", ABLATION_POINTS))
+         for point in points]
+
+
+@pytest.mark.parametrize("kind,point", CASES)
+def test_driver_killed_at_a_named_point_then_resumed_keeps_every_invariant(
+        tmp_path, kind, point, shared_cache, monkeypatch):
+    db, stdout = _kill_then_resume(tmp_path, kind, point, shared_cache)
+    _assert_invariants(tmp_path, kind, db, stdout, monkeypatch)
