@@ -175,7 +175,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grace", type=float, default=5)
     ap.add_argument("--rf", type=float, default=2.0)
     ap.add_argument("--cache", help="model cache folder (default: d3tune's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: nothing here is timed, and one thread wastes "
+                    "least on a shared machine)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cache = ModelCache(args.cache)
     curves = []
     start = time.perf_counter()
