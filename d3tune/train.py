@@ -35,8 +35,8 @@ class Augment:
 
 # ---------------------------------------------------------------------------------------------
 # Device and precision: environment variables because they are properties of the machine, not of
-# the experiment. channels_last is on by default (CPU and CUDA: the fastest path measured on both,
-# benchmarks/README.md); bf16 and compile are opt-in.
+# the experiment. channels_last is on by default (CUDA, and CPU since issue 17: see prepare_model);
+# bf16 and compile are opt-in.
 
 AMP_ENV = "D3TUNE_AMP"  # "bf16": bfloat16 autocast of forward passes (default: off)
 CHANNELS_LAST_ENV = "D3TUNE_CHANNELS_LAST"  # "auto" (default: on) | "1" | "0" (plain NCHW)
@@ -61,10 +61,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move to ``device``; channels_last unless D3TUNE_CHANNELS_LAST=0 (on CPU too: whole D3 runs
-    1.2-1.3x faster with the cnn and PreActResNet-18, final metrics unchanged; logits move by
-    ~1e-6, benchmarks/README.md); compile in place (state-dict keys unchanged) where
-    D3TUNE_COMPILE=1."""
+    """Move to ``device``; channels_last unless D3TUNE_CHANNELS_LAST=0 (on CPU too: the digits
+    cnn's D3 runs 1.27-1.32x faster with unchanged final metrics; PreActResNet-18's CPU
+    training step measured 0.88-0.96x under heavy load, still open: benchmarks/README.md);
+    compile in place (state-dict keys unchanged) where D3TUNE_COMPILE=1."""
     model = model.to(device)
     cl = _env(CHANNELS_LAST_ENV, "auto")
     if cl in ("1", "on", "true", "auto"):
