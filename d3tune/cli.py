@@ -46,6 +46,8 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
              "defense.name": args.defense, "model.arch": args.arch, "seed": args.seed,
              "defense.epochs": args.epochs, "defense.lr": args.lr, "device": args.device}
     base.update({k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "eval_full", False):
+        base["eval.subset"] = 0  # every epoch on the full test sets
     base.update(dict(_kv(s) for s in args.set or []))
     if getattr(args, "attack_result", None):
         base.update(_imported_fields(args.attack_result, base))
@@ -140,6 +142,10 @@ def _add_trial_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack-result", metavar="PATH",
                    help="defend a BackdoorBench model: its attack_result.pt (bd_test_dataset/ "
                    "beside it); the clean data comes from --data-dir")
+    p.add_argument("--eval-full", action="store_true",
+                   help="score every defense epoch on the full test sets (eval.subset=0); by "
+                   "default epochs before the last use a fixed class-stratified subset (the "
+                   "final metrics always use the full sets)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any trial field, e.g. --set defense.eps=0.2 (repeatable)")
 

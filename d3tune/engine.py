@@ -139,7 +139,8 @@ def replay_if_ended(config: dict[str, Any], replay: dict[str, dict[str, Any]] | 
 
 def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None,
                    threads: int, checkpoint_every_s: float = 0.0,
-                   replay: dict[str, dict[str, Any]] | None = None) -> None:
+                   replay: dict[str, dict[str, Any]] | None = None,
+                   full_eval_at: tuple[float, ...] = ()) -> None:
     """The function Tune runs per trial (on any node). Reports every evaluated defense epoch;
     attaches a defense checkpoint at most every ``checkpoint_every_s`` seconds (0: every epoch),
     because each one is a model-sized write that Tune then copies into its storage.
@@ -189,7 +190,8 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
             last_checkpoint[:] = [time.monotonic()]
         return False  # ASHA stops a trial by ending its actor, not through this flag
 
-    run_trial(cfg, report=report, cache=cache, resume=resume, save=save)
+    # ASHA decides on full-set values: its rung epochs are never scored on eval.subset.
+    run_trial(cfg, report=report, cache=cache, resume=resume, save=save, full_eval_at=full_eval_at)
 
 
 def max_epochs(plan: RunPlan) -> int:
@@ -266,6 +268,15 @@ def make_searcher(plan: RunPlan):
     return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
 
 
+def rung_epochs(plan: RunPlan) -> tuple[float, ...]:
+    """The epochs at which make_scheduler's ASHA decides (none without a scheduler)."""
+    from d3tune.trial import asha_rungs
+
+    s = plan.scheduler
+    return () if s.name == "none" else asha_rungs(s.grace_period, s.reduction_factor,
+                                                  max_epochs(plan))
+
+
 def make_scheduler(plan: RunPlan):
     if plan.scheduler.name == "none":
         return None
@@ -306,7 +317,7 @@ def trainable_for(plan: RunPlan, replay: dict[str, dict[str, Any]] | None = None
     threads = max(1, int(plan.resources.cpu))
     fn = tune.with_parameters(tune_trainable, base=plan.base, cache_dir=plan.cache_dir,
                               threads=threads, checkpoint_every_s=plan.checkpoint_every_s,
-                              replay=replay or {})
+                              replay=replay or {}, full_eval_at=rung_epochs(plan))
     return tune.with_resources(fn, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
 
 

@@ -29,12 +29,38 @@ class EvalSets:
     y_bd_true: torch.Tensor
 
     def subset(self, n: int, generator: torch.Generator) -> "EvalSets":
-        """A fixed random subset of at most n images of each set (cheap per-epoch evaluation)."""
-        def pick(size: int) -> torch.Tensor:
-            return torch.randperm(size, generator=generator)[: min(n, size)].to(self.x_clean.device)
-        c, b = pick(len(self.y_clean)), pick(len(self.y_bd_true))
+        """A fixed class-stratified subset of at most n images of each set (cheap per-epoch
+        evaluation): clean images stratified by label, poisoned ones by true label, so every
+        class keeps its share and a few classes cannot swing the per-epoch ACC/ASR."""
+        if n >= len(self.y_clean) and n >= len(self.y_bd_true):
+            return self
+        c = stratified_indices(self.y_clean, n, generator).to(self.x_clean.device)
+        b = stratified_indices(self.y_bd_true, n, generator).to(self.x_bd.device)
         return EvalSets(self.x_clean[c], self.y_clean[c], self.x_bd[b], self.y_bd_target[b],
                         self.y_bd_true[b])
+
+
+def stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """At most ``n`` indices into ``labels`` (sorted), each class getting its proportional share
+    (largest remainder, so the total is exactly min(n, len)); which images of a class are taken
+    is random under ``generator``. A uniform sample of 256 can miss a tenth of a 10-class set's
+    share of one class by chance; this cannot."""
+    size = len(labels)
+    if n >= size:
+        return torch.arange(size)
+    y = labels.cpu()
+    order = torch.randperm(size, generator=generator)
+    order = order[torch.sort(y[order], stable=True).indices]  # by class, random within a class
+    classes, counts = torch.unique(y, return_counts=True)
+    quota = counts.double() * n / size
+    take = quota.floor().long()
+    short = n - int(take.sum())
+    if short:  # largest remainders first; ties broken by class order (deterministic)
+        rem = quota - take.double()
+        take[torch.sort(rem, descending=True, stable=True).indices[:short]] += 1
+    starts = torch.cumsum(counts, 0) - counts
+    picked = [order[s:s + k] for s, k in zip(starts.tolist(), take.tolist())]
+    return torch.sort(torch.cat(picked)).values
 
 
 def evaluate(model: nn.Module, sets: EvalSets) -> dict[str, float]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +74,7 @@ def model_for(cfg: TrialConfig, data: Dataset, device: torch.device,
     c, h, w = data.shape
     mean, std = normalization or (data.mean, data.std)
     spec = ModelSpec(data.num_classes, c, min(h, w), mean, std)
-    return prepare_model(build_model(cfg.model.arch, spec), device)  # channels_last on CUDA
+    return prepare_model(build_model(cfg.model.arch, spec), device)  # channels_last (train.prepare_model)
 
 
 def check_import(cfg: TrialConfig, imported: ImportedBackdoor,
@@ -192,12 +192,37 @@ def clean_subset(cfg: TrialConfig, data: Dataset) -> tuple[torch.Tensor, torch.T
     return data.x_train[idx], data.y_train[idx]
 
 
+def asha_rungs(grace_period: float, reduction_factor: float, max_t: float) -> tuple[float, ...]:
+    """The epochs at which Ray's ASHAScheduler (one bracket) decides whether a trial goes on,
+    computed as Ray computes them (ray/tune/schedulers/async_hyperband.py, ``_Bracket``): it
+    decides on a trial's first result at or past each of them."""
+    import numpy as np  # as Ray computes it, so float rounding agrees too
+
+    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
+    return tuple(grace_period * reduction_factor ** k for k in range(max(0, count)))
+
+
+def eval_subset_sets(cfg: TrialConfig, sets: EvalSets) -> EvalSets:
+    """The per-epoch evaluation sets: the fixed class-stratified subset (``eval.subset``), drawn
+    from the trial's seed alone, or the full sets when ``eval.subset`` is 0."""
+    if not cfg.eval.subset:
+        return sets
+    return sets.subset(cfg.eval.subset, generator(cfg.seed, "eval-subset"))
+
+
 def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache | None = None,
               on_attack_epoch: Callable[[int, dict[str, float]], None] | None = None,
               data: Dataset | None = None, resume: dict[str, Any] | None = None,
-              save: Callable[[dict[str, Any]], None] | None = None) -> TrialResult:
+              save: Callable[[dict[str, Any]], None] | None = None,
+              full_eval_at: Sequence[float] = ()) -> TrialResult:
     """Run one resolved trial (see config.resolve). ``save``/``resume`` checkpoint the defense
-    after every epoch and continue from such a checkpoint (defenses built on ``fit``)."""
+    after every epoch and continue from such a checkpoint (defenses built on ``fit``).
+
+    Epochs before the last are scored on ``eval.subset`` (config.EvalConfig), except the first
+    evaluated epoch at or past each of ``full_eval_at`` (a scheduler's decision points, e.g.
+    ``asha_rungs``): those use the full sets, so a scheduler decides on the same values as with
+    full evaluation, and a trial it stops ends on full-set metrics. Each history row says which
+    it was (``eval_full``: 1.0 full sets, 0.0 subset)."""
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -220,9 +245,9 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     x_clean, y_clean = clean_subset(cfg, data)
 
     history: list[dict[str, Any]] = []
-    epoch_sets = sets.subset(cfg.eval.subset, generator(cfg.seed, "eval-subset")) \
-        if cfg.eval.subset else sets
+    epoch_sets = eval_subset_sets(cfg, sets)
     last = cfg.defense.epochs
+    rungs = sorted(full_eval_at)
     stopped = False
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> bool:
@@ -230,11 +255,14 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
         if epoch % cfg.eval.every and epoch != last:
             return False
         lap("defense")
-        now = evaluate(model, sets if epoch == last else epoch_sets)
+        full = epoch == last or epoch_sets is sets or bool(rungs and epoch >= rungs[0])
+        while rungs and epoch >= rungs[0]:
+            rungs.pop(0)
+        now = evaluate(model, sets if full else epoch_sets)
         lap("evaluate")
         row = {"epoch": epoch, **now,
                "der": der(before["acc"], before["asr"], now["acc"], now["asr"]), **logs,
-               **{f"{k}_before": v for k, v in before.items()}}
+               **{f"{k}_before": v for k, v in before.items()}, "eval_full": float(full)}
         history.append(row)
         if report is not None and report(row) and epoch != last:
             stopped = True
@@ -247,8 +275,9 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
                          on_epoch=on_epoch, resume=resume, save=save)
     DEFENSES[cfg.defense.name].run(model, x_clean, y_clean, cfg.defense, ctx)
     lap("defense")
-    after = evaluate(model, sets) if stopped or not history or history[-1]["epoch"] != last \
-        else {k: history[-1][k] for k in ("acc", "asr", "ra")}
+    ended = bool(history) and (stopped or history[-1]["epoch"] == last)
+    after = {k: history[-1][k] for k in ("acc", "asr", "ra")} \
+        if ended and history[-1]["eval_full"] else evaluate(model, sets)
     lap("evaluate")
     metrics = {**{f"{k}_before": v for k, v in before.items()},
                **{f"{k}_after": v for k, v in after.items()},

@@ -162,23 +162,61 @@ def test_both_evaluations_agree(setup):
 def test_both_pipelines_run_and_report_metrics(setup):
     a = dp.run_d3tune(setup)
     b = dp.run_reference(setup, dp.ref_data(setup))
-    for r in (a, b):
+    c = dp.run_d3tune(setup, eval_subset=8)  # d3tune's default mode, on a tiny subset
+    for r in (a, b, c):
         assert set(r.final) == {"acc", "asr", "ra"}
         assert all(0.0 <= v <= 1.0 for v in r.final.values())
         assert 0.0 < r.eval_seconds < r.seconds
+    assert c.final == a.final  # the last epoch is always scored on the full sets
+
+
+@pytest.mark.slow
+def test_real_size_mode_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
+    """--real-size: a d3tune-trained PreActResNet-18 written as a BackdoorBench attack_result.pt
+    (+ a CIFAR-10-layout folder), imported back, D3 three ways; d3tune default and full eval end
+    on identical metrics."""
+    dp.main(["--real-size", "--train-size", "100", "--test-size", "40", "--attack-epochs", "1",
+             "--epochs", "2", "--eval-subset", "8", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "preactresnet18 (imported attack_result.pt" in out and "clean 5 images" in out
+    assert "identical: True" in out and "speedup:" in out and "projection to CIFAR-10" in out
+    record = next(tmp_path.glob("record_*/attack_result.pt"))
+    assert len(list(record.parent.glob("bd_test_dataset/*/*.png"))) == 36  # non-target of 40
+
+
+def test_real_size_record_imports_like_a_backdoorbench_file(tmp_path):
+    """The file the real-size mode writes is read by d3tune's BackdoorBench importer: weights,
+    poisoned images and labels come back as written."""
+    from d3tune.backdoorbench import load_attack_result
+
+    g = torch.Generator().manual_seed(0)
+    state = build_model("preactresnet18", ModelSpec(10, 3, 32, (0.5,) * 3, (0.2,) * 3)).state_dict()
+    x = torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8)
+    target, true = torch.zeros(6, dtype=torch.int64), torch.arange(1, 7)
+    path = dp.write_attack_result(tmp_path, state, x, target, true)
+    r = load_attack_result(path)
+    assert r.arch == "preactresnet18" and r.clean_data == "cifar10" and r.image_shape == (3, 32, 32)
+    assert torch.equal(r.x_bd_test, x) and torch.equal(r.y_bd_target, target)
+    assert torch.equal(r.y_bd_true, true)
+    assert all(torch.equal(r.state_dict[k], v) for k, v in state.items()
+               if not k.startswith("normalize."))
+    assert not any(k.startswith("normalize.") for k in r.state_dict)
 
 
 # --------------------------------------------------------------------------------------------
 # GPU-path switches, exercised on the CPU
 
 
-def test_switches_are_off_by_default_on_cpu(monkeypatch):
+def test_cpu_defaults_channels_last_on_amp_and_compile_off(monkeypatch):
     for name in (AMP_ENV, CHANNELS_LAST_ENV, "D3TUNE_COMPILE"):
         monkeypatch.delenv(name, raising=False)
     assert autocast_dtype() is None
     model = prepare_model(small_cnn(), CPU)
     conv = model.features[0][0].weight
-    assert conv.is_contiguous() and not getattr(model, "_compiled_call_impl", None)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not getattr(model, "_compiled_call_impl", None)
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "0")
+    assert prepare_model(small_cnn(), CPU).features[0][0].weight.is_contiguous()
     monkeypatch.setenv(AMP_ENV, "fp8")
     with pytest.raises(ValueError, match=AMP_ENV):
         autocast_dtype()
@@ -188,7 +226,8 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(monkeypatch):
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (32, 3, 16, 16), generator=g, dtype=torch.uint8)
     y = torch.randint(0, 10, (32,), generator=g)
-    reference = predict(small_cnn(3), x)
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "0")
+    reference = predict(prepare_model(small_cnn(3), CPU), x)
     monkeypatch.setenv(CHANNELS_LAST_ENV, "1")
     model = prepare_model(small_cnn(3), CPU)
     assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
