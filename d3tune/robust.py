@@ -49,7 +49,7 @@ PRUNED_FILE = "pruned.json"
 @dataclass
 class RobustOutcome:
     spec: RobustSpec
-    population: pd.DataFrame  # one row per member (search and holdout): before metrics, excluded
+    population: pd.DataFrame  # one row per member (search, then holdout): before, excluded
     search: pd.DataFrame  # one row per setting tried
     holdout: pd.DataFrame  # one row per finalist / reference on the holdout seeds
     chosen: dict[str, Any] | None  # the holdout row chosen (None: no finalist kept the budget)
@@ -92,14 +92,16 @@ def _threads(spec: RobustSpec) -> int:
 
 
 def build_population(spec: RobustSpec, state: Path) -> pd.DataFrame:
-    """Every member's model once (search and holdout members), in parallel; reused on resume."""
+    """Every search member's model once, in parallel, scored before any defense; reused on
+    resume. The holdout members' models are built by the confirmation's first use of them
+    (through the same cache), so the search starts as soon as its own members are ready."""
     import ray
 
     from d3tune.robust_tune import member_before
 
     path = state / POPULATION_FILE
     rows: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
-    todo = [m for m in spec.members + spec.holdout if m.id not in rows]
+    todo = [m for m in spec.members if m.id not in rows]
     task = _remote(member_before, spec)
     pending = {task.remote(spec, m, _threads(spec)): m for m in todo}
     while pending:
@@ -109,14 +111,16 @@ def build_population(spec: RobustSpec, state: Path) -> pd.DataFrame:
         _write_json(path, rows)
         log.info("population: %s ready (%s, %.1f s)", m.id, rows[m.id]["origin"],
                  rows[m.id]["seconds"])
-    holdout_ids = {m.id for m in spec.holdout}
-    df = pd.DataFrame([{**rows[m.id], "phase": "holdout" if m.id in holdout_ids else "search"}
-                       for m in spec.members + spec.holdout])
+    df = pd.DataFrame([{**rows[m.id], "phase": "search"} for m in spec.members])
     df["excluded"] = df["asr_before"] < spec.min_asr
     for _, r in df[df["excluded"]].iterrows():
-        log.warning("population member %s left out: its attack did not plant (ASR before %.3f < "
-                    "min_asr %.2f); it is not scored", r["member"], r["asr_before"], spec.min_asr)
+        _warn_excluded(r["member"], r["asr_before"], spec.min_asr)
     return df
+
+
+def _warn_excluded(member: str, asr: float, min_asr: float) -> None:
+    log.warning("population member %s left out: its attack did not plant (ASR before %.3f < "
+                "min_asr %.2f); it is not scored", member, asr, min_asr)
 
 
 def kept(members: tuple[Member, ...], population: pd.DataFrame) -> tuple[Member, ...]:
@@ -212,10 +216,12 @@ def holdout_task(spec: RobustSpec, members: tuple[Member, ...], setting: dict[st
     return run_members(spec, members, setting, reference, threads=threads)
 
 
-def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], members: tuple[Member, ...],
-            state: Path, callback: Any) -> pd.DataFrame:
+def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, callback: Any,
+            population: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finalists and references on the holdout members (Ray tasks); finished rows are kept in
-    the state folder, so a resumed search re-runs only the missing ones."""
+    the state folder, so a resumed search re-runs only the missing ones. Each task starts at
+    another member, so the first tasks build the holdout models side by side. A holdout member
+    whose backdoor did not plant is left out of every row (warning), as in the search."""
     import ray
 
     path = state / HOLDOUT_FILE
@@ -223,18 +229,38 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], members: tuple[M
     refs = {r.name: r for r in spec.references}
     task = _remote(holdout_task, spec)
     pending = {}
-    for c in candidates:
+    members = spec.holdout
+    for i, c in enumerate(candidates):
         if c["label"] not in done:
             ref = refs.get(c["reference"]) if c["reference"] else None
-            pending[task.remote(spec, members, c["setting"], ref, _threads(spec))] = c
+            k = i % len(members)
+            pending[task.remote(spec, members[k:] + members[:k], c["setting"], ref,
+                                _threads(spec))] = c
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         c = pending.pop(ready[0])
         done[c["label"]] = ray.get(ready[0])
         _write_json(path, done)
+    before: dict[str, dict[str, Any]] = {}
+    for member_rows in done.values():
+        for r in member_rows:
+            before.setdefault(r["member"], {"member": r["member"], "seed": r["seed"],
+                                            "acc_before": r["acc_before"],
+                                            "asr_before": r["asr_before"], "phase": "holdout"})
+    hold_pop = pd.DataFrame([before[m.id] for m in members if m.id in before])
+    if not hold_pop.empty:
+        hold_pop["excluded"] = hold_pop["asr_before"] < spec.min_asr
+        for _, r in hold_pop[hold_pop["excluded"]].iterrows():
+            _warn_excluded(r["member"], r["asr_before"], spec.min_asr)
+        population = pd.concat([population, hold_pop], ignore_index=True)
+    out = set(hold_pop.loc[hold_pop["excluded"], "member"]) if not hold_pop.empty else set()
     rows = []
     for c in candidates:
-        member_rows = done[c["label"]]
+        order = {m.id: i for i, m in enumerate(members)}
+        member_rows = sorted((r for r in done[c["label"]] if r["member"] not in out),
+                             key=lambda r: order[r["member"]])
+        if not member_rows:
+            continue
         ders = [r["der"] for r in member_rows]
         drops = [r["acc_drop"] for r in member_rows]
         figures = {"holdout_worst_der": min(ders), "holdout_mean_der": sum(ders) / len(ders),
@@ -246,7 +272,7 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], members: tuple[M
                      "holdout_ders": {r["member"]: r["der"] for r in member_rows},
                      "holdout_admissible": admissible(figures["holdout_mean_acc_drop"],
                                                       spec.max_acc_drop)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), population
 
 
 def candidates_of(spec: RobustSpec, search: pd.DataFrame) -> list[dict[str, Any]]:
@@ -290,13 +316,12 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         callback = RobustMlflowCallback(plan, exp_dir, state, spec)
         callback.setup()
         population = build_population(spec, state)
-        members, holdout = kept(spec.members, population), kept(spec.holdout, population)
+        members = kept(spec.members, population)
         _log_population(callback, spec, population)
         seconds["population"] = time.monotonic() - clock
-        if not members or not holdout:
-            raise UsageError(f"{spec.source}: population: no member left to "
-                             f"{'search on' if not members else 'confirm on'}: every backdoor "
-                             f"scored ASR before < min_asr {spec.min_asr}")
+        if not members:
+            raise UsageError(f"{spec.source}: population: no member left to search on: every "
+                             f"backdoor scored ASR before < min_asr {spec.min_asr}")
         t = time.monotonic()
         tuner = build_tuner(spec, members, resume=resume, callbacks=[callback])
         results = tuner.fit()
@@ -304,7 +329,8 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         callback.load_state()  # Tune may have logged through a copy of the callback
         search = search_frame(results, members, state)
         t = time.monotonic()
-        holdout_df = confirm(spec, candidates_of(spec, search), holdout, state, callback)
+        holdout_df, population = confirm(spec, candidates_of(spec, search), state, callback,
+                                          population)
         seconds["confirmation"] = time.monotonic() - t
     finally:
         if started:
