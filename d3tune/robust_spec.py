@@ -20,7 +20,7 @@ from typing import Any
 from d3tune.config import build, flatten, unflatten
 from d3tune.errors import UsageError, did_you_mean
 from d3tune.spec import (Dist, ResourceSpec, _check_override, _expect, _int, _parse_dist,
-                         _per_defense, _seconds, absolute, flatten_space)
+                         _per_defense, absolute, flatten_space)
 from d3tune.yamlio import load_yaml
 
 ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "space", "per_defense",
@@ -300,8 +300,7 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
         tradeoff_budgets=tuple(sorted(set(budgets))),
         references=_references(data, base, source),
         search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
-        time_budget_s=None if data.get("time_budget_s") is None else _seconds(
-            data["time_budget_s"], f"{source}: time_budget_s"),
+        time_budget_s=_time_budget(data.get("time_budget_s"), f"{source}: time_budget_s"),
         resources=res,
         max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
         max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),
@@ -309,6 +308,14 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
         experiment=data.get("experiment") or RobustSpec.experiment,
         cache_dir=absolute(data.get("cache_dir")))
     return spec
+
+
+def _time_budget(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _expect(ok and value > 0, where, f"expected a number of seconds > 0, got {value!r}")
+    return float(value)
 
 
 def load_robust(path: str | Path) -> RobustSpec:

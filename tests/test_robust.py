@@ -144,10 +144,10 @@ SPEC = """
 name: tiny
 defense: d3
 base:
-  train: {epochs: 2}
+  train: {epochs: 3}
   defense: {epochs: 2}
 population:
-  attacks: [blended, sig]
+  attacks: [blended, {name: badnets, ratio: 0.0}]   # the second plants nothing: left out
   seeds: [0]
 holdout_seeds: [1]
 budget: 2
@@ -164,9 +164,9 @@ max_concurrent: 2
 
 
 def test_spec_members_and_cache_keys_match_single_runs(tmp_path):
-    spec = robust_plan(load_yaml_text(SPEC.replace("train: {epochs: 2}\n  ", "")), "tiny.yaml")
-    assert [m.id for m in spec.members] == ["blended_s0", "sig_s0"]
-    assert [m.id for m in spec.holdout] == ["blended_s1", "sig_s1"]
+    spec = robust_plan(load_yaml_text(SPEC.replace("train: {epochs: 3}\n  ", "")), "tiny.yaml")
+    assert [m.id for m in spec.members] == ["blended_s0", "badnets-ratio0-0_s0"]
+    assert [m.id for m in spec.holdout] == ["blended_s1", "badnets-ratio0-0_s1"]
     cfg = member_config(spec, spec.holdout[0], {"defense.lr": 0.02})
     assert cfg.seed == 1 and cfg.attack.name == "blended" and cfg.defense.lr == 0.02
     assert cfg.eval.every == cfg.defense.epochs  # only the final metrics are computed
@@ -228,9 +228,12 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
     caplog.set_level("WARNING")
     outcome = robust_search(spec, out=tmp_path / "defaults.yaml")
 
-    # sig does not plant on digits: left out with a warning naming it, never scored
-    assert outcome.population.set_index("member").loc["sig_s0", "excluded"]
-    assert any("sig_s0" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+    # no poison, no backdoor (ASR before ~0.01): left out with a warning naming it, not scored
+    pop = outcome.population.set_index("member")
+    for member in ("badnets-ratio0-0_s0", "badnets-ratio0-0_s1"):
+        assert pop.loc[member, "excluded"] and not pop.loc["blended_s0", "excluded"]
+        assert any(member in r.getMessage() and "left out" in r.getMessage()
+                   for r in caplog.records)
     assert len(outcome.search) == 2 and outcome.search["complete"].all()
     kinds = sorted(outcome.holdout["kind"])
     assert kinds == ["finalist", "reference"]  # top_k 1, plus the named reference
