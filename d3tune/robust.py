@@ -265,7 +265,8 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
         drops = [r["acc_drop"] for r in member_rows]
         figures = {"holdout_worst_der": min(ders), "holdout_mean_der": sum(ders) / len(ders),
                    "holdout_mean_acc_drop": sum(drops) / len(drops)}
-        shown = setting_fields(spec, c["setting"], refs.get(c["reference"]) if c["reference"] else None)
+        ref = refs.get(c["reference"]) if c["reference"] else None
+        shown = setting_fields(spec, c["setting"], ref)
         shown = {k: v for k, v in shown.items() if k.startswith("defense.")}
         callback.log_holdout(c["label"], shown, member_rows, figures)
         rows.append({**c, **figures, "shown": shown,

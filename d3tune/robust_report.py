@@ -113,8 +113,9 @@ def markdown(outcome: Any, images: list[Path]) -> str:
              f"{', '.join(excluded) or 'none'}.",
              f"Budget {spec.budget} settings; ACC budget {spec.max_acc_drop * 100:.1f} points "
              f"(mean ACC drop); top_k {spec.top_k}.",
-             f"Time: total {sec.get('total', 0):.0f} s (population {sec.get('population', 0):.0f} s,"
-             f" search {sec.get('search', 0):.0f} s, confirmation {sec.get('confirmation', 0):.0f} s)"
+             f"Time: total {sec.get('total', 0):.0f} s (population "
+             f"{sec.get('population', 0):.0f} s, search {sec.get('search', 0):.0f} s, "
+             f"confirmation {sec.get('confirmation', 0):.0f} s)"
              " in this invocation.",
              f"Settings: {len(search)} tried, {n_done} complete ({n_ok} within the ACC budget), "
              f"{n_pruned} stopped by exact pruning, {n_cut} cut by the time budget; member "
@@ -126,7 +127,8 @@ def markdown(outcome: Any, images: list[Path]) -> str:
         lines += [f"**Chosen**: {short(c['shown'])}: holdout worst-case DER "
                   f"{c['holdout_worst_der']:.3f}, mean ACC drop "
                   f"{c['holdout_mean_acc_drop'] * 100:.1f} points (search: "
-                  f"{c['search_worst_der']:.3f}, {c['search_mean_acc_drop'] * 100:.1f} points).", ""]
+                  f"{c['search_worst_der']:.3f}, "
+                  f"{c['search_mean_acc_drop'] * 100:.1f} points).", ""]
     else:
         lines += ["**No finalist kept the ACC budget on the holdout seeds**; nothing chosen.", ""]
     if not hold.empty:

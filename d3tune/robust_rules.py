@@ -65,7 +65,8 @@ def incumbent(rows: Iterable[Mapping[str, Any]], max_acc_drop: float) -> Mapping
                                     r["worst_der"], r["mean_der"]))
 
 
-def member_order(member_ids: Sequence[str], incumbent_ders: Mapping[str, float] | None) -> list[str]:
+def member_order(member_ids: Sequence[str],
+                 incumbent_ders: Mapping[str, float] | None) -> list[str]:
     """Likely failures first: the members on which the incumbent scored lowest DER come first,
     so a weaker setting falls below the pruning threshold after as few members as possible.
     Members the incumbent has no figure for keep their spec order, ahead of the rest."""
@@ -94,7 +95,8 @@ def finalists(rows: Sequence[Mapping[str, Any]], top_k: int, max_acc_drop: float
     return picked
 
 
-def choose(holdout_rows: Sequence[Mapping[str, Any]], max_acc_drop: float) -> Mapping[str, Any] | None:
+def choose(holdout_rows: Sequence[Mapping[str, Any]],
+           max_acc_drop: float) -> Mapping[str, Any] | None:
     """The confirmed setting: best holdout worst-case DER among rows within the ACC budget on
     the holdout (mean DER breaks ties). None when no row keeps the budget there."""
     ok = [r for r in holdout_rows if admissible(r["holdout_mean_acc_drop"], max_acc_drop)]

@@ -25,8 +25,8 @@ from d3tune.yamlio import load_yaml
 
 ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "space", "per_defense",
                "budget", "max_acc_drop", "min_asr", "top_k", "tradeoff_budgets", "references",
-               "search_seed", "time_budget_s", "resources", "max_concurrent", "max_failures", "storage",
-               "experiment", "cache_dir"}
+               "search_seed", "time_budget_s", "resources", "max_concurrent", "max_failures",
+               "storage", "experiment", "cache_dir"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
 # Trial fields that say *which threat model* a member is: the population owns them.
 POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.clean_ratio",
@@ -105,7 +105,8 @@ def _fraction(value: Any, where: str, low: float = 0.0) -> float:
 
 def _list(data: Mapping[str, Any], key: str, where: str, default: Any = None) -> list[Any]:
     values = data.get(key, default)
-    _expect(isinstance(values, list) and values, where, f"expected a non-empty list, got {values!r}")
+    _expect(isinstance(values, list) and values, where,
+            f"expected a non-empty list, got {values!r}")
     return values
 
 
@@ -149,7 +150,8 @@ def _population(data: Mapping[str, Any], source: str) -> tuple[list[dict[str, An
             "seeds, and optionally datasets, archs, clean_ratios")
     for key in pop:
         _expect(key in POPULATION_KEYS, f"{where}.{key}", f"unknown field"
-                f"{did_you_mean(str(key), POPULATION_KEYS)}; known: {', '.join(sorted(POPULATION_KEYS))}")
+                f"{did_you_mean(str(key), POPULATION_KEYS)}; "
+                f"known: {', '.join(sorted(POPULATION_KEYS))}")
     for key in ("attacks", "records"):
         _expect(pop.get(key) is None or isinstance(pop.get(key), list), f"{where}.{key}",
                 f"expected a list, got {pop.get(key)!r}")
@@ -188,7 +190,8 @@ def _is_population_field(path: str) -> bool:
     return any(path == f or (f.endswith(".") and path.startswith(f)) for f in POPULATION_FIELDS)
 
 
-def _references(data: Mapping[str, Any], base: dict[str, Any], source: str) -> tuple[Reference, ...]:
+def _references(data: Mapping[str, Any], base: dict[str, Any],
+                source: str) -> tuple[Reference, ...]:
     where = f"{source}: references"
     raw = data.get("references", [])
     _expect(isinstance(raw, list), where, "expected a list of paper, profile or "
@@ -247,7 +250,8 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
                 "a population field: set it under population (attacks, records, datasets, "
                 "archs, clean_ratios, seeds)")
     defense = data.get("defense", base_flat.get("defense.name", "d3"))
-    _expect(isinstance(defense, str), f"{source}: defense", f"expected a defense name, got {defense!r}")
+    _expect(isinstance(defense, str), f"{source}: defense",
+            f"expected a defense name, got {defense!r}")
     base_flat["defense.name"] = defense
     base = unflatten(base_flat)
     _check_override(base, {}, f"{source}: base")  # also checks the defense name
@@ -276,7 +280,8 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
         space.append(dist)
     space += _per_defense(data, base, source, space)
 
-    max_drop = _fraction(data.get("max_acc_drop", RobustSpec.max_acc_drop), f"{source}: max_acc_drop")
+    max_drop = _fraction(data.get("max_acc_drop", RobustSpec.max_acc_drop),
+                         f"{source}: max_acc_drop")
     budgets = data.get("tradeoff_budgets", [])
     _expect(isinstance(budgets, list), f"{source}: tradeoff_budgets",
             f"expected a list of fractions, got {budgets!r}")

@@ -251,7 +251,8 @@ class RobustMlflowCallback(MlflowSweepCallback):
                 "d3tune.holdout_seeds": ",".join(str(s) for s in sorted(
                     {m.seed for m in self.spec.holdout}))}
 
-    def child_run(self, key: str, name: str, tags: dict[str, str], params: dict[str, Any]) -> str | None:
+    def child_run(self, key: str, name: str, tags: dict[str, str],
+                  params: dict[str, Any]) -> str | None:
         """A child run for ``key`` (a Tune trial id or a holdout label), created once."""
         self._ensure_setup()
         if key in self.state["children"]:
@@ -315,7 +316,8 @@ class RobustMlflowCallback(MlflowSweepCallback):
         tags = [RunTag("d3tune.pruned", str(pruned).lower()),
                 RunTag("d3tune.admissible", str(complete(last) and last["mean_acc_drop"]
                                                  <= self.spec.max_acc_drop + 1e-12).lower())]
-        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics, tags=tags))
+        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
+                                                                  tags=tags))
         self._call("status", lambda: self.client.set_terminated(run_id, status))
         self.state["done"].append(trial.trial_id)
         self._save()

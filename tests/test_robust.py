@@ -283,3 +283,65 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
     assert len(again.search) == 2
     assert again.chosen["label"] == outcome.chosen["label"]
     assert len(client.search_runs([exp.experiment_id])) == len(runs)
+
+
+@pytest.mark.slow
+def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
+    """Kill the driver (and its local Ray) once a setting has finished; --resume completes the
+    search: every setting once in Optuna and MLflow, the finished one never evaluated again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    data = load_yaml_text(SPEC)
+    data.update(population={"attacks": ["blended"], "seeds": [0, 1]}, holdout_seeds=[2],
+                budget=3, max_concurrent=1, references=[], storage=str(tmp_path / "tune"),
+                cache_dir=str(tmp_path / "cache"), experiment="robust-resume", name="resume")
+    from d3tune.yamlio import dump_yaml
+
+    spec = tmp_path / "resume.robust.yaml"
+    dump_yaml(data, spec)
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    state = tmp_path / "tune" / "resume.d3tune" / "mlflow_state.json"
+    cmd = [sys.executable, "-m", "d3tune", "robust", str(spec), "--out", str(tmp_path / "d.yaml")]
+    with open(tmp_path / "first.log", "w") as out:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and first.poll() is None and not (
+                state.exists() and json.loads(state.read_text())["done"]):
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        done_before = json.loads(state.read_text())["done"]
+        killed_at = time.time()
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        first.wait(30)
+    assert len(done_before) >= 1
+
+    proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads(state.read_text())
+    search_done = [k for k in final["done"] if not k.startswith("holdout:")]
+    assert len(search_done) == 3 and set(done_before) <= set(search_done)
+
+    client = MlflowClient(f"sqlite:///{db}")
+    for tid in done_before:  # finished before the kill: its members ran once, before the kill
+        run_id = final["children"][tid]
+        for member in ("blended_s0", "blended_s1"):
+            history = client.get_metric_history(run_id, f"der.{member}")
+            assert len(history) == 1 and history[0].timestamp / 1000 < killed_at
+    db = tmp_path / "tune" / "resume.d3tune" / "optuna.db"
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert (tmp_path / "d.yaml").exists()
