@@ -185,12 +185,14 @@ def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.D
 
     path = state / PRUNED_FILE
     pruned = json.loads(path.read_text()) if path.exists() else {}
+    numbers = trial_numbers(state)
     rows = []
     for i, r in enumerate(results):
         m = r.metrics or {}
         if "worst_der" not in m:
             continue
-        row = {"trial": i, "trial_id": m.get("trial_id"), "setting": setting_of(r.config or {}),
+        row = {"trial": numbers.get(m.get("trial_id"), len(numbers) + i),
+               "trial_id": m.get("trial_id"), "setting": setting_of(r.config or {}),
                "worst_der": m["worst_der"], "mean_der": m["mean_der"],
                "mean_acc_drop": m["mean_acc_drop"], "members_done": m["members_done"],
                "members_total": m["members_total"], "complete": complete(m),
@@ -199,10 +201,27 @@ def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.D
                "ders": {x.id: m[f"der.{x.id}"] for x in members if f"der.{x.id}" in m}}
         rows.append(row)
     df = pd.DataFrame(rows)
-    if not df.empty:
-        df = df.sort_values("trial_id").reset_index(drop=True)
-        df["trial"] = range(len(df))
+    if not df.empty:  # creation order: Tune's trial ids are random, Optuna numbers are not
+        df = df.sort_values("trial").reset_index(drop=True)
     return df
+
+
+def trial_numbers(state: Path) -> dict[str, int]:
+    """Tune trial id -> Optuna trial number (the order TPE proposed the settings in)."""
+    import optuna
+
+    db = state / engine.OPTUNA_DB
+    if not db.exists():
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    numbers = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for t in study.trials:
+            if "tune_trial_id" in t.user_attrs:
+                numbers[t.user_attrs["tune_trial_id"]] = t.number
+    return numbers
 
 
 # ---------------------------------------------------------------------------------------------
