@@ -212,6 +212,7 @@ def test_shipped_spec_loads():
 # A tiny search on a real local Ray
 
 
+@pytest.mark.slow  # ~40 s on an idle 2-core machine, 110 s under load: over the default budget
 def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog):
     import optuna
     from mlflow.tracking import MlflowClient
