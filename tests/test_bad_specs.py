@@ -1,7 +1,7 @@
 """Malformed sweep and ablation specs: one line on stderr, exit 2, nothing written, no Ray.
 
 Every file in tests/bad_specs/ (*.sweep.yaml -> ``d3tune sweep``, *.ablate.yaml -> ``d3tune
-ablate``) is run in-process through ``d3tune.cli.main``; EXPECTED.yaml says which field (or
+ablate``, *.robust.yaml -> ``d3tune robust``) is run in-process through ``d3tune.cli.main``; EXPECTED.yaml says which field (or
 line:column, or reason) its error line must name. A few run as real subprocesses to show that
 no traceback reaches the shell.
 """
@@ -25,6 +25,8 @@ GOOD_SWEEP = REPO / "search_spaces" / "d3_default.yaml"
 
 
 def _command(name: str) -> str:
+    if name.endswith(".robust.yaml"):
+        return "robust"
     return "sweep" if name.endswith(".sweep.yaml") else "ablate"
 
 
@@ -53,7 +55,7 @@ def _assert_one_line_error(err: str, *needles: str) -> None:
 def test_every_bad_spec_has_an_expectation():
     assert len(SPECS) >= 40
     assert set(SPECS) == set(EXPECTED), set(SPECS) ^ set(EXPECTED)
-    assert all(n.endswith((".sweep.yaml", ".ablate.yaml")) for n in SPECS)
+    assert all(n.endswith((".sweep.yaml", ".ablate.yaml", ".robust.yaml")) for n in SPECS)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -85,6 +87,7 @@ def test_bad_command_lines_around_a_spec(argv, needle, capsys, tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("name", ["syntax_binary.sweep.yaml", "alias_bomb.ablate.yaml",
+                                  "holdout_overlaps_population.robust.yaml",
                                   "syntax_python_tag.sweep.yaml",
                                   "cifar10_data_dir_missing.sweep.yaml"])
 def test_bad_spec_from_the_shell_has_no_traceback(name, tmp_path):

@@ -1,0 +1,74 @@
+"""``d3tune robust SPEC``: robust defaults by search, confirmed on holdout seeds (robust.py)."""
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_robust(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from d3tune.errors import UsageError
+    from d3tune.robust import robust_search
+    from d3tune.robust_spec import load_robust
+    from d3tune.spec import absolute
+
+    spec = load_robust(args.spec)
+    if args.budget is not None:
+        if args.resume:
+            raise UsageError("--budget: a resumed search keeps the budget it started with")
+        spec = spec.with_budget(args.budget)
+    changes = {}
+    if args.time_budget_s is not None:
+        if not args.time_budget_s > 0:
+            raise UsageError(f"--time-budget-s: expected a number of seconds > 0, got "
+                             f"{args.time_budget_s}")
+        changes["time_budget_s"] = args.time_budget_s
+    if args.storage:
+        if "://" in args.storage:
+            raise UsageError(f"--storage {args.storage!r}: URIs are not supported yet; use a "
+                             "folder, shared by all nodes on a cluster (e.g. NFS)")
+        changes["storage"] = args.storage
+    if args.cache_dir:
+        changes["cache_dir"] = absolute(args.cache_dir)
+    if args.experiment:
+        changes["experiment"] = args.experiment
+    spec = replace(spec, **changes)
+    check_members(spec)
+    robust_search(spec, resume=args.resume, address=args.address, out=args.out)
+    return 0
+
+
+def check_members(spec) -> None:
+    """Every member's data folder and imported model exists and fits, before Ray starts."""
+    from d3tune.errors import UsageError
+    from d3tune.robust_spec import member_config
+    from d3tune.runner import check_paths
+
+    seen: set[str] = set()
+    for m in spec.members + spec.holdout:
+        inputs = repr(sorted((k, v) for k, v in m.overrides if k != "seed"))
+        if inputs in seen:
+            continue
+        seen.add(inputs)
+        try:
+            check_paths(member_config(spec, m, {}))
+        except UsageError as exc:
+            raise UsageError(f"{spec.source}: population ({m.id}): {exc}") from None
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("robust", help="search defense settings for the best worst-case DER over "
+                       "a population (ACC budget as a constraint), confirmed on holdout seeds")
+    p.add_argument("spec", help="YAML robust spec (see search_spaces/robust_d3_digits.yaml)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted search (finished settings are not re-run)")
+    p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT")
+    p.add_argument("--budget", type=int, help="number of settings to try (overrides the spec)")
+    p.add_argument("--time-budget-s", type=float, help="stop searching after this many seconds "
+                   "(settings still running are cut; the confirmation follows)")
+    p.add_argument("--storage", help="Tune storage folder (shared storage on a cluster)")
+    p.add_argument("--cache-dir", help="backdoored-model cache folder")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--out", help="YAML of the chosen defaults (default "
+                   "d3tune_results/robust/NAME.yaml); use it with `d3tune run --config`")
+    p.set_defaults(func=cmd_robust)

@@ -1,0 +1,403 @@
+"""``d3tune robust``: search for defense settings that hold on the worst case, then confirm
+the best few on seeds the search never saw.
+
+Phases, all resumable (``--resume``):
+1. population: every member's backdoored model is built (or loaded from the cache) once, up
+   front, as parallel Ray tasks, and scored before any defense; a member whose backdoor did
+   not plant (ASR before < min_asr) is left out with a warning naming it.
+2. search: Optuna TPE (seeded, persisted beside Tune's state) proposes settings; one Tune trial
+   evaluates a setting on every member in turn; exact pruning stops a trial as soon as its
+   running worst case proves it cannot become a finalist; the ACC budget is an Optuna
+   constraint, not a penalty.
+3. confirmation: the top_k admissible settings (and the references: the paper's defaults, the
+   profile's, named ones) run on the holdout seeds; the chosen defaults are the best holdout
+   worst case within the budget.
+Output: a ``d3tune run --config`` YAML, an MLflow parent run with a child per setting, and a
+report (Markdown + plots) logged to the parent.
+
+``robust_search(spec)`` is the function a leaderboard calls (one per defense, same population
+and budget); its ``RobustOutcome.holdout`` holds the confirmation rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from d3tune import engine
+from d3tune.errors import UsageError
+from d3tune.robust_rules import admissible, choose, finalists, pruning_savings
+from d3tune.robust_spec import Member, Reference, RobustSpec, defaults_yaml, setting_fields
+from d3tune.spec import RunPlan
+
+log = logging.getLogger(__name__)
+
+POPULATION_FILE = "population.json"
+HOLDOUT_FILE = "holdout.json"
+PRUNED_FILE = "pruned.json"
+
+
+@dataclass
+class RobustOutcome:
+    spec: RobustSpec
+    population: pd.DataFrame  # one row per member (search, then holdout): before, excluded
+    search: pd.DataFrame  # one row per setting tried
+    holdout: pd.DataFrame  # one row per finalist / reference on the holdout seeds
+    chosen: dict[str, Any] | None  # the holdout row chosen (None: no finalist kept the budget)
+    skipped: int  # member evaluations exact pruning saved
+    total: int  # member evaluations an unpruned search would have run
+    seconds: dict[str, float] = field(default_factory=dict)
+    report_dir: Path | None = None
+    yaml_path: Path | None = None
+    parent_run_id: str | None = None
+
+
+def run_plan_of(spec: RobustSpec) -> RunPlan:
+    """The engine's view of a robust search (folders, parent-run plumbing)."""
+    return RunPlan(kind="robust", name=spec.name, source=spec.source, base=spec.base,
+                   metric=("worst_der",), mode=("max",), num_samples=spec.budget,
+                   resources=spec.resources, max_concurrent=spec.max_concurrent,
+                   max_failures=spec.max_failures, storage=spec.storage,
+                   experiment=spec.experiment, cache_dir=spec.cache_dir)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _remote(fn: Any, spec: RobustSpec) -> Any:
+    import ray
+
+    return ray.remote(num_cpus=spec.resources.cpu, num_gpus=spec.resources.gpu,
+                      max_retries=spec.max_failures)(fn)
+
+
+def _threads(spec: RobustSpec) -> int:
+    return max(1, int(spec.resources.cpu))
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: population
+
+
+def build_population(spec: RobustSpec, state: Path) -> pd.DataFrame:
+    """Every search member's model once, in parallel, scored before any defense; reused on
+    resume. The holdout members' models are built by the confirmation's first use of them
+    (through the same cache), so the search starts as soon as its own members are ready."""
+    import ray
+
+    from d3tune.robust_tune import member_before
+
+    path = state / POPULATION_FILE
+    rows: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
+    todo = [m for m in spec.members if m.id not in rows]
+    task = _remote(member_before, spec)
+    pending = {task.remote(spec, m, _threads(spec)): m for m in todo}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        m = pending.pop(ready[0])
+        rows[m.id] = ray.get(ready[0])
+        _write_json(path, rows)
+        log.info("population: %s ready (%s, %.1f s)", m.id, rows[m.id]["origin"],
+                 rows[m.id]["seconds"])
+    df = pd.DataFrame([{**rows[m.id], "phase": "search"} for m in spec.members])
+    df["excluded"] = df["asr_before"] < spec.min_asr
+    for _, r in df[df["excluded"]].iterrows():
+        _warn_excluded(r["member"], r["asr_before"], spec.min_asr)
+    return df
+
+
+def _warn_excluded(member: str, asr: float, min_asr: float) -> None:
+    log.warning("population member %s left out: its attack did not plant (ASR before %.3f < "
+                "min_asr %.2f); it is not scored", member, asr, min_asr)
+
+
+def kept(members: tuple[Member, ...], population: pd.DataFrame) -> tuple[Member, ...]:
+    out = set(population.loc[~population["excluded"], "member"])
+    return tuple(m for m in members if m.id in out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 2: search
+
+
+def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, callbacks: list):
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import optuna
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from d3tune.robust_tune import (ExactPruning, RobustOptunaSearch, acc_constraint,
+                                    population_trainable)
+
+    plan = run_plan_of(spec)
+    exp_dir = engine.experiment_dir(plan)
+    fn = tune.with_parameters(population_trainable, spec=spec, members=members,
+                              threads=_threads(spec))
+    trainable = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    if resume and tune.Tuner.can_restore(str(exp_dir)):
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space={})
+        internal = getattr(tuner, "_local_tuner", None)  # see engine.build_tuner
+        if internal is not None and getattr(internal, "_run_config", None) is not None:
+            internal._run_config.callbacks = callbacks
+        return tuner
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
+    sampler = optuna.samplers.TPESampler(
+        seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)),
+        constraints_func=partial(acc_constraint, spec.max_acc_drop))
+    searcher = RobustOptunaSearch(space=partial(engine.define_by_run, spec.space),
+                                  metric="worst_der", mode="max", sampler=sampler,
+                                  storage=storage, study_name=spec.name,
+                                  member_ids=[m.id for m in members],
+                                  max_acc_drop=spec.max_acc_drop)
+    tune_config = tune.TuneConfig(
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+        scheduler=ExactPruning(spec.top_k, spec.max_acc_drop,
+                               str(engine.state_dir(plan) / PRUNED_FILE)),
+        num_samples=spec.budget, time_budget_s=spec.time_budget_s,
+        reuse_actors=True, trial_name_creator=lambda t: f"{spec.name}_{t.trial_id}",
+        trial_dirname_creator=lambda t: t.trial_id)
+    run_config = tune.RunConfig(
+        name=spec.name, storage_path=str(exp_dir.parent), callbacks=callbacks,
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
+    return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
+
+
+def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.DataFrame:
+    """One row per setting tried: the setting, its figures, complete / pruned / cut (stopped by
+    the time budget), per-member DER."""
+    from d3tune.robust_tune import complete, setting_of
+
+    path = state / PRUNED_FILE
+    pruned = json.loads(path.read_text()) if path.exists() else {}
+    numbers = trial_numbers(state)
+    rows = []
+    for i, r in enumerate(results):
+        m = r.metrics or {}
+        if "worst_der" not in m:
+            continue
+        row = {"trial": numbers.get(m.get("trial_id"), len(numbers) + i),
+               "trial_id": m.get("trial_id"), "setting": setting_of(r.config or {}),
+               "worst_der": m["worst_der"], "mean_der": m["mean_der"],
+               "mean_acc_drop": m["mean_acc_drop"], "members_done": m["members_done"],
+               "members_total": m["members_total"], "complete": complete(m),
+               "pruned": m.get("trial_id") in pruned, "error": bool(r.error),
+               "cut": not r.error and not complete(m) and m.get("trial_id") not in pruned,
+               "ders": {x.id: m[f"der.{x.id}"] for x in members if f"der.{x.id}" in m}}
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if not df.empty:  # creation order: Tune's trial ids are random, Optuna numbers are not
+        df = df.sort_values("trial").reset_index(drop=True)
+    return df
+
+
+def trial_numbers(state: Path) -> dict[str, int]:
+    """Tune trial id -> Optuna trial number (the order TPE proposed the settings in)."""
+    import optuna
+
+    db = state / engine.OPTUNA_DB
+    if not db.exists():
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{db}"
+    numbers = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        for t in study.trials:
+            if "tune_trial_id" in t.user_attrs:
+                numbers[t.user_attrs["tune_trial_id"]] = t.number
+    return numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 3: confirmation on the holdout seeds
+
+
+def holdout_task(spec: RobustSpec, members: tuple[Member, ...], setting: dict[str, Any],
+                 reference: Reference | None, threads: int) -> list[dict[str, Any]]:
+    from d3tune.robust_tune import run_members
+
+    return run_members(spec, members, setting, reference, threads=threads)
+
+
+def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, callback: Any,
+            population: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Finalists and references on the holdout members (Ray tasks); finished rows are kept in
+    the state folder, so a resumed search re-runs only the missing ones. Each task starts at
+    another member, so the first tasks build the holdout models side by side. A holdout member
+    whose backdoor did not plant is left out of every row (warning), as in the search."""
+    import ray
+
+    path = state / HOLDOUT_FILE
+    done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    refs = {r.name: r for r in spec.references}
+    task = _remote(holdout_task, spec)
+    pending = {}
+    members = spec.holdout
+    for i, c in enumerate(candidates):
+        if c["label"] not in done:
+            ref = refs.get(c["reference"]) if c["reference"] else None
+            k = i % len(members)
+            pending[task.remote(spec, members[k:] + members[:k], c["setting"], ref,
+                                _threads(spec))] = c
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        c = pending.pop(ready[0])
+        done[c["label"]] = ray.get(ready[0])
+        _write_json(path, done)
+    before: dict[str, dict[str, Any]] = {}
+    for member_rows in done.values():
+        for r in member_rows:
+            before.setdefault(r["member"], {"member": r["member"], "seed": r["seed"],
+                                            "acc_before": r["acc_before"],
+                                            "asr_before": r["asr_before"], "phase": "holdout"})
+    hold_pop = pd.DataFrame([before[m.id] for m in members if m.id in before])
+    if not hold_pop.empty:
+        hold_pop["excluded"] = hold_pop["asr_before"] < spec.min_asr
+        for _, r in hold_pop[hold_pop["excluded"]].iterrows():
+            _warn_excluded(r["member"], r["asr_before"], spec.min_asr)
+        population = pd.concat([population, hold_pop], ignore_index=True)
+    out = set(hold_pop.loc[hold_pop["excluded"], "member"]) if not hold_pop.empty else set()
+    rows = []
+    for c in candidates:
+        order = {m.id: i for i, m in enumerate(members)}
+        member_rows = sorted((r for r in done[c["label"]] if r["member"] not in out),
+                             key=lambda r: order[r["member"]])
+        if not member_rows:
+            continue
+        ders = [r["der"] for r in member_rows]
+        drops = [r["acc_drop"] for r in member_rows]
+        figures = {"holdout_worst_der": min(ders), "holdout_mean_der": sum(ders) / len(ders),
+                   "holdout_mean_acc_drop": sum(drops) / len(drops)}
+        ref = refs.get(c["reference"]) if c["reference"] else None
+        shown = setting_fields(spec, c["setting"], ref)
+        shown = {k: v for k, v in shown.items() if k.startswith("defense.")}
+        callback.log_holdout(c["label"], shown, member_rows, figures)
+        rows.append({**c, **figures, "shown": shown,
+                     "holdout_ders": {r["member"]: r["der"] for r in member_rows},
+                     "holdout_admissible": admissible(figures["holdout_mean_acc_drop"],
+                                                      spec.max_acc_drop)})
+    return pd.DataFrame(rows), population
+
+
+def candidates_of(spec: RobustSpec, search: pd.DataFrame) -> list[dict[str, Any]]:
+    rows = search.to_dict("records") if not search.empty else []
+    picked = finalists(rows, spec.top_k, spec.max_acc_drop, spec.tradeoff_budgets)
+    out = [{"label": f"trial-{r['trial']}", "kind": "finalist", "reference": None,
+            "setting": r["setting"], "search_worst_der": r["worst_der"],
+            "search_mean_acc_drop": r["mean_acc_drop"], "search_ders": r["ders"]} for r in picked]
+    out += [{"label": f"ref-{ref.name}", "kind": "reference", "reference": ref.name,
+             "setting": dict(ref.setting), "search_worst_der": None,
+             "search_mean_acc_drop": None, "search_ders": {}} for ref in spec.references]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole search
+
+
+def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None = None,
+                  out: str | Path | None = None, console: Console | None = None) -> RobustOutcome:
+    """Population -> search -> confirmation -> YAML, report, MLflow. Raises UsageError for
+    problems with the user's input (an existing run without --resume, an empty population)."""
+    import ray
+
+    from d3tune.robust_tune import RobustMlflowCallback
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    clock = time.monotonic()
+    seconds: dict[str, float] = {}
+    plan = run_plan_of(spec)
+    exp_dir, state = engine.experiment_dir(plan), engine.state_dir(plan)
+    if resume and not state.exists():
+        raise UsageError(f"--resume: no interrupted robust search at {state} "
+                         f"(spec name {spec.name!r})")
+    if not resume and (state.exists() or (exp_dir.exists() and any(exp_dir.iterdir()))):
+        raise UsageError(f"{exp_dir} already holds a robust search named {spec.name!r}: pass "
+                         "--resume to continue it, or change the spec's name/storage")
+    state.mkdir(parents=True, exist_ok=True)
+    started = engine.init_ray(address)
+    try:
+        callback = RobustMlflowCallback(plan, exp_dir, state, spec)
+        callback.setup()
+        population = build_population(spec, state)
+        members = kept(spec.members, population)
+        _log_population(callback, spec, population)
+        seconds["population"] = time.monotonic() - clock
+        if not members:
+            raise UsageError(f"{spec.source}: population: no member left to search on: every "
+                             f"backdoor scored ASR before < min_asr {spec.min_asr}")
+        t = time.monotonic()
+        tuner = build_tuner(spec, members, resume=resume, callbacks=[callback])
+        results = tuner.fit()
+        seconds["search"] = time.monotonic() - t
+        callback.load_state()  # Tune may have logged through a copy of the callback
+        search = search_frame(results, members, state)
+        t = time.monotonic()
+        holdout_df, population = confirm(spec, candidates_of(spec, search), state, callback,
+                                          population)
+        seconds["confirmation"] = time.monotonic() - t
+    finally:
+        if started:
+            ray.shutdown()
+    callback.close_unfinished()
+    finals = holdout_df[holdout_df["kind"] == "finalist"].to_dict("records") \
+        if not holdout_df.empty else []
+    chosen = choose(finals, spec.max_acc_drop)
+    skipped, total = pruning_savings(search.to_dict("records") if not search.empty else [])
+    seconds["total"] = time.monotonic() - clock
+    outcome = RobustOutcome(spec, population, search, holdout_df, chosen, skipped, total,
+                            seconds, parent_run_id=callback.parent_id)
+    yaml_path = Path(out) if out else Path("d3tune_results") / "robust" / f"{spec.name}.yaml"
+    if chosen is not None:
+        from d3tune.yamlio import dump_yaml
+
+        yaml_path.parent.mkdir(parents=True, exist_ok=True)
+        dump_yaml(defaults_yaml(spec, chosen["setting"]), yaml_path)
+        outcome.yaml_path = yaml_path
+    from d3tune.robust_report import finish_parent, print_summary, write_report
+
+    outcome.report_dir = write_report(outcome, state / "report")
+    finish_parent(callback, outcome)
+    print_summary(outcome, console, callback)
+    return outcome
+
+
+def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -> None:
+    """Before-metrics of every member on the parent run; the excluded members as a tag."""
+    from mlflow.entities import Metric, RunTag
+
+    if callback.client is None or callback.parent_id is None:
+        return
+    ms = int(time.time() * 1000)
+    metrics = [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for _, r in population.iterrows()
+               for k in ("acc_before", "asr_before")]
+    excluded = ",".join(population.loc[population["excluded"], "member"])
+    tags = [RunTag("d3tune.excluded", excluded or "none")]
+    callback._call("population", lambda: callback.client.log_batch(
+        callback.parent_id, metrics=metrics, tags=tags))
+    params = {"budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
+              "min_asr": spec.min_asr, "defense": spec.defense,
+              "population": ",".join(m.id for m in spec.members),
+              "holdout": ",".join(m.id for m in spec.holdout)}
+    if "budget" not in callback.state.get("parent_params", []):
+        callback._log_params(callback.parent_id, params)
+        callback.state["parent_params"] = list(params)
+        callback._save()
+
+

@@ -1,0 +1,365 @@
+"""Robust-search specs: YAML -> a frozen ``RobustSpec``, validated once before Ray starts.
+
+A robust search looks for one defense setting that holds on a whole *population* of threat
+models (attacks and/or BackdoorBench records x datasets x architectures x clean-data regimes x
+seeds), judged by its worst-case DER under a mean ACC-drop budget, and then confirms the best
+few on ``holdout_seeds`` that the search never saw. The population and the holdout are explicit
+lists of ``Member``s here, so every later stage (model build, trials, confirmation, report)
+iterates over the same objects. Errors name the spec field, as for sweeps (``spec.py``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from d3tune.config import build, flatten, unflatten
+from d3tune.errors import UsageError, did_you_mean
+from d3tune.spec import (Dist, ResourceSpec, _check_override, _expect, _int, _parse_dist,
+                         _per_defense, absolute, flatten_space)
+from d3tune.yamlio import load_yaml
+
+ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "space", "per_defense",
+               "budget", "max_acc_drop", "min_asr", "top_k", "tradeoff_budgets", "references",
+               "search_seed", "time_budget_s", "resources", "max_concurrent", "max_failures",
+               "storage", "experiment", "cache_dir"}
+POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
+# Trial fields that say *which threat model* a member is: the population owns them.
+POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.clean_ratio",
+                     "data.clean_count", "model.arch", "seed")
+BUILTIN_REFERENCES = ("paper", "profile")
+# The paper's D3 optimisation schedule (../shared/D3_SPEC.md, step 3); its eps/lmd/p/init/radius
+# are the defaults of D3's Params. The clean-data regime stays the population's: a reference
+# row changes the defense's knobs, never the threat model it is judged on.
+PAPER_SCHEDULE = {"defense.epochs": 100, "defense.batch_size": 256, "defense.lr": 0.01,
+                  "defense.momentum": 0.9, "defense.weight_decay": 0.0}
+
+
+@dataclass(frozen=True)
+class Member:
+    """One threat model of the population: flat trial overrides plus a readable id (the id
+    names the member's MLflow metrics, e.g. ``der.blended_s1``)."""
+
+    id: str
+    overrides: tuple[tuple[str, Any], ...]
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.overrides)
+
+    @property
+    def seed(self) -> int:
+        return int(self.fields["seed"])
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A named setting confirmed on the holdout next to the finalists. ``setting`` holds flat
+    ``defense.*`` fields; with ``replace_base`` the base's defense knobs are dropped first."""
+
+    name: str
+    setting: tuple[tuple[str, Any], ...]
+    replace_base: bool = True
+
+
+@dataclass(frozen=True)
+class RobustSpec:
+    name: str
+    source: str
+    base: dict[str, Any]  # nested trial dict without population fields; defense.name set
+    members: tuple[Member, ...]  # the search population
+    holdout: tuple[Member, ...]  # the same threat models on holdout_seeds
+    space: tuple[Dist, ...]
+    budget: int = 32  # Optuna trials (settings)
+    max_acc_drop: float = 0.03  # mean ACC drop over the population (fraction)
+    min_asr: float = 0.5  # a member whose backdoor reaches less ASR is left out
+    top_k: int = 3  # finalists confirmed on the holdout
+    tradeoff_budgets: tuple[float, ...] = ()  # extra finalists: the best complete one at each
+    references: tuple[Reference, ...] = ()
+    search_seed: int = 0
+    time_budget_s: float | None = None  # stop the search (not the confirmation) after this long
+    resources: ResourceSpec = ResourceSpec()
+    max_concurrent: int = 2
+    max_failures: int = 1
+    storage: str = "d3tune_results/robust"
+    experiment: str = "d3tune-robust"
+    cache_dir: str | None = None
+
+    @property
+    def defense(self) -> str:
+        return str(self.base["defense"]["name"])
+
+    def with_budget(self, budget: int) -> "RobustSpec":
+        return replace(self, budget=_int(budget, "--budget", 1))
+
+
+def _fraction(value: Any, where: str, low: float = 0.0) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _expect(ok and low <= value <= 1.0, where, f"expected a fraction in [{low}, 1], got {value!r}")
+    return float(value)
+
+
+def _list(data: Mapping[str, Any], key: str, where: str, default: Any = None) -> list[Any]:
+    values = data.get(key, default)
+    _expect(isinstance(values, list) and values, where,
+            f"expected a non-empty list, got {values!r}")
+    return values
+
+
+def _seed_list(values: list[Any], where: str) -> list[int]:
+    seeds = [_int(s, where, 0) for s in values]
+    _expect(len(set(seeds)) == len(seeds), where, f"a seed is listed twice: {seeds}")
+    return seeds
+
+
+def _slug(text: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-") or "x"
+
+
+def _attacks(pop: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(label, flat attack overrides) for every attack and record of the population."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, a in enumerate(pop.get("attacks") or []):
+        w = f"{where}.attacks[{i}]"
+        if isinstance(a, str):
+            out.append((a, {"attack.name": a}))
+        else:
+            _expect(isinstance(a, Mapping) and isinstance(a.get("name"), str), w,
+                    f"expected an attack name or {{name: ..., knob: value}}, got {a!r}")
+            flat = {f"attack.{k}": v for k, v in a.items()}
+            extra = "-".join(f"{_slug(k)}{_slug(v)}" for k, v in a.items() if k != "name")
+            out.append((f"{a['name']}-{extra}" if extra else a["name"], flat))
+    for i, r in enumerate(pop.get("records") or []):
+        w = f"{where}.records[{i}]"
+        _expect(isinstance(r, str) and r, w, f"expected the path of an attack_result.pt, got {r!r}")
+        full = absolute(r)
+        out.append((f"bb-{_slug(Path(full).parent.name)}",
+                    {"attack.name": "backdoorbench", "attack.result": full}))
+    return out
+
+
+def _population(data: Mapping[str, Any], source: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The population's threat models (without seeds) and its seeds."""
+    where = f"{source}: population"
+    pop = data.get("population")
+    _expect(isinstance(pop, Mapping), where, "expected a mapping with attacks and/or records, "
+            "seeds, and optionally datasets, archs, clean_ratios")
+    for key in pop:
+        _expect(key in POPULATION_KEYS, f"{where}.{key}", f"unknown field"
+                f"{did_you_mean(str(key), POPULATION_KEYS)}; "
+                f"known: {', '.join(sorted(POPULATION_KEYS))}")
+    for key in ("attacks", "records"):
+        _expect(pop.get(key) is None or isinstance(pop.get(key), list), f"{where}.{key}",
+                f"expected a list, got {pop.get(key)!r}")
+    _expect(bool(pop.get("attacks") or pop.get("records")), f"{where}.attacks",
+            "the population needs at least one attack or record")
+    attacks = _attacks(pop, where)
+    labels = [label for label, _ in attacks]
+    _expect(len(set(labels)) == len(labels), f"{where}.attacks", f"listed twice: {labels}")
+    axes: list[list[tuple[str, dict[str, Any]]]] = [attacks]
+    for key, path, tag in (("datasets", "data.name", ""), ("archs", "model.arch", ""),
+                           ("clean_ratios", "data.clean_ratio", "c")):
+        if key in pop:
+            values = _list(pop, key, f"{where}.{key}")
+            _expect(len(set(map(str, values))) == len(values), f"{where}.{key}",
+                    f"a value is listed twice: {values}")
+            # only an axis with several values goes into the member id (ids stay short)
+            axes.append([(f"{tag}{_slug(v)}" if len(values) > 1 else "", {path: v})
+                         for v in values])
+    seeds = _seed_list(_list(pop, "seeds", f"{where}.seeds", [0]), f"{where}.seeds")
+    models = []
+    for combo in itertools.product(*axes):
+        label = "_".join(part for part, _ in combo if part)
+        fields_: dict[str, Any] = {}
+        for _, part in combo:
+            fields_.update(part)
+        models.append({"label": label, "fields": fields_})
+    return models, seeds
+
+
+def _members(models: list[dict[str, Any]], seeds: list[int]) -> tuple[Member, ...]:
+    return tuple(Member(f"{m['label']}_s{s}", tuple(sorted({**m["fields"], "seed": s}.items())))
+                 for m in models for s in seeds)
+
+
+def _is_population_field(path: str) -> bool:
+    return any(path == f or (f.endswith(".") and path.startswith(f)) for f in POPULATION_FIELDS)
+
+
+def _references(data: Mapping[str, Any], base: dict[str, Any],
+                source: str) -> tuple[Reference, ...]:
+    where = f"{source}: references"
+    raw = data.get("references", [])
+    _expect(isinstance(raw, list), where, "expected a list of paper, profile or "
+            "{name: NAME, setting: {defense.field: value}}")
+    out: list[Reference] = []
+    for i, item in enumerate(raw):
+        w = f"{where}[{i}]"
+        if isinstance(item, str):
+            _expect(item in BUILTIN_REFERENCES, w, f"unknown built-in reference {item!r}"
+                    f"{did_you_mean(item, BUILTIN_REFERENCES)}; built-ins: paper, profile "
+                    "(or give {name: NAME, setting: {...}})")
+            setting = PAPER_SCHEDULE if item == "paper" else {}
+            out.append(Reference(item, tuple(sorted(setting.items()))))
+            continue
+        _expect(isinstance(item, Mapping) and set(item) <= {"name", "setting"}
+                and isinstance(item.get("name"), str) and isinstance(item.get("setting"), Mapping),
+                w, f"expected {{name: NAME, setting: {{defense.field: value}}}}, got {item!r}")
+        flat = flatten(item["setting"])
+        for path in flat:
+            _expect(path.startswith("defense."), f"{w}.setting.{path}",
+                    "a reference sets defense.* fields only (the population is fixed)")
+        out.append(Reference(item["name"], tuple(sorted(flat.items())), replace_base=False))
+    names = [r.name for r in out]
+    _expect(len(set(names)) == len(names), where, f"a reference name is used twice: {names}")
+    for ref in out:
+        _check_override(_defense_only(base, ref), dict(ref.setting),
+                        f"{where}.{ref.name}")
+    return tuple(out)
+
+
+def _defense_only(base: dict[str, Any], ref: Reference) -> dict[str, Any]:
+    """The base a reference runs on: with ``replace_base`` only the defense's name survives
+    from the base's defense section (a built-in reference means exactly those knobs)."""
+    if not ref.replace_base:
+        return base
+    flat = {k: v for k, v in flatten(base).items()
+            if not k.startswith("defense.") or k == "defense.name"}
+    return unflatten(flat)
+
+
+def robust_plan(data: Any, source: str) -> RobustSpec:
+    """Validate a robust spec given as plain data (YAML, or a dict built by a leaderboard)."""
+    _expect(isinstance(data, Mapping), source,
+            f"expected a mapping at the top of the spec, got {type(data).__name__}")
+    for key in data:
+        _expect(key in ROBUST_KEYS, f"{source}: {key}", f"unknown field"
+                f"{did_you_mean(str(key), ROBUST_KEYS)}; known: {', '.join(sorted(ROBUST_KEYS))}")
+    name = data.get("name", Path(source).stem.split(".")[0])
+    _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
+            f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
+    base_raw = data.get("base") or {}
+    _expect(isinstance(base_raw, Mapping), f"{source}: base", "expected a mapping of trial fields")
+    base_flat = flatten(base_raw)
+    for path in base_flat:
+        _expect(not _is_population_field(path), f"{source}: base.{path}",
+                "a population field: set it under population (attacks, records, datasets, "
+                "archs, clean_ratios, seeds)")
+    defense = data.get("defense", base_flat.get("defense.name", "d3"))
+    _expect(isinstance(defense, str), f"{source}: defense",
+            f"expected a defense name, got {defense!r}")
+    base_flat["defense.name"] = defense
+    base = unflatten(base_flat)
+    _check_override(base, {}, f"{source}: base")  # also checks the defense name
+
+    models, seeds = _population(data, source)
+    members = _members(models, seeds)
+    for m in members[:: len(seeds)]:  # one per threat model: the seed is checked below
+        _check_override(base, m.fields, f"{source}: population ({m.id})")
+    holdout_seeds = _seed_list(_list(data, "holdout_seeds", f"{source}: holdout_seeds"),
+                               f"{source}: holdout_seeds")
+    shared = sorted(set(seeds) & set(holdout_seeds))
+    _expect(not shared, f"{source}: holdout_seeds", f"seed(s) {shared} are also population seeds; "
+            "holdout seeds must never be seen by the search")
+
+    space_raw = data.get("space")
+    _expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
+            "expected a mapping of defense fields to distributions")
+    space: list[Dist] = []
+    for path, raw in flatten_space(space_raw).items():
+        where = f"{source}: space.{path}"
+        _expect(path.startswith("defense."), where, "a robust search tunes defense.* fields; "
+                "the threat model belongs to population")
+        dist = _parse_dist(path, raw, where)
+        for value in dist.extremes():
+            _check_override(base, {**members[0].fields, path: value}, where)
+        space.append(dist)
+    space += _per_defense(data, base, source, space)
+
+    max_drop = _fraction(data.get("max_acc_drop", RobustSpec.max_acc_drop),
+                         f"{source}: max_acc_drop")
+    budgets = data.get("tradeoff_budgets", [])
+    _expect(isinstance(budgets, list), f"{source}: tradeoff_budgets",
+            f"expected a list of fractions, got {budgets!r}")
+    budgets = [_fraction(b, f"{source}: tradeoff_budgets") for b in budgets]
+    for key in ("storage", "experiment", "cache_dir"):
+        _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
+                f"expected a string, got {data.get(key)!r}")
+    if isinstance(data.get("storage"), str) and "://" in data["storage"]:
+        raise UsageError(f"{source}: storage: {data['storage']!r}: URIs are not supported yet; "
+                         "use a folder, shared by all nodes on a cluster (e.g. NFS)")
+    res = build(ResourceSpec, data.get("resources"), f"{source}: resources")
+    _expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
+            f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
+    spec = RobustSpec(
+        name=name, source=source, base=base, members=members,
+        holdout=_members(models, holdout_seeds), space=tuple(space),
+        budget=_int(data.get("budget", RobustSpec.budget), f"{source}: budget", 1),
+        max_acc_drop=max_drop,
+        min_asr=_fraction(data.get("min_asr", RobustSpec.min_asr), f"{source}: min_asr"),
+        top_k=_int(data.get("top_k", RobustSpec.top_k), f"{source}: top_k", 1),
+        tradeoff_budgets=tuple(sorted(set(budgets))),
+        references=_references(data, base, source),
+        search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
+        time_budget_s=_time_budget(data.get("time_budget_s"), f"{source}: time_budget_s"),
+        resources=res,
+        max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
+        max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),
+        storage=data.get("storage") or RobustSpec.storage,
+        experiment=data.get("experiment") or RobustSpec.experiment,
+        cache_dir=absolute(data.get("cache_dir")))
+    return spec
+
+
+def _time_budget(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    _expect(ok and value > 0, where, f"expected a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def load_robust(path: str | Path) -> RobustSpec:
+    data = load_yaml(path)
+    _expect(data is not None, str(path), "empty spec")
+    return robust_plan(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# From a spec to trial configs
+
+
+def setting_fields(spec: RobustSpec, setting: Mapping[str, Any],
+                   reference: Reference | None = None) -> dict[str, Any]:
+    """The flat trial fields a setting runs with (base + setting), population excluded."""
+    base = _defense_only(spec.base, reference) if reference is not None else spec.base
+    return {**flatten(base), **setting}
+
+
+def member_config(spec: RobustSpec, member: Member, setting: Mapping[str, Any],
+                  reference: Reference | None = None):
+    """The resolved trial config of ``setting`` on ``member``. Only the final metrics count in
+    a robust search, so the defense evaluates once, at its last epoch (eval.every = epochs).
+    The attack side resolves exactly as ``d3tune run --attack A --seed S`` does, so members
+    share the model cache with single runs."""
+    from d3tune.config import resolve, trial_config
+
+    flat = {**setting_fields(spec, setting, reference), **member.fields}
+    cfg = resolve(trial_config(unflatten(flat)))
+    return replace(cfg, eval=replace(cfg.eval, every=cfg.defense.epochs, subset=None))
+
+
+def defaults_yaml(spec: RobustSpec, setting: Mapping[str, Any],
+                  reference: Reference | None = None) -> dict[str, Any]:
+    """The chosen setting as a ``d3tune run --config`` file: the defense section only."""
+    flat = {k: v for k, v in setting_fields(spec, setting, reference).items()
+            if k.startswith("defense.")}
+    return unflatten(flat)
+
+
+__all__ = ["Member", "Reference", "RobustSpec", "robust_plan", "load_robust", "member_config",
+           "setting_fields", "defaults_yaml"]

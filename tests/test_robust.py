@@ -1,0 +1,421 @@
+"""Robust search: the pure decision rules on hand-made member reports (exact pruning, the ACC
+constraint, member order), spec validation, and a tiny search on a real local Ray (holdout
+seeds never seen by the search, member exclusion, MLflow layout, YAML usable by ``run``)."""
+from __future__ import annotations
+
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from d3tune.errors import UsageError
+from d3tune.robust_rules import (Finished, choose, finalists, incumbent, member_order,
+                                 prune_threshold, pruning_savings, should_prune, worst_and_drop)
+from d3tune.robust_spec import load_robust, member_config, robust_plan
+
+# ---------------------------------------------------------------------------------------------
+# Exact pruning on hand-made reports
+
+
+def test_no_pruning_until_top_k_admissible_settings_have_finished():
+    one = [Finished(0.9, 0.01)]
+    assert prune_threshold([], 1, 0.03) is None
+    assert prune_threshold(one, 2, 0.03) is None  # only one finalist known: anything may enter
+    assert not should_prune(0.0, prune_threshold(one, 2, 0.03))
+    assert prune_threshold(one, 1, 0.03) == 0.9
+
+
+def test_prunes_only_when_the_running_worst_case_is_below_the_kth_best():
+    finished = [Finished(0.95, 0.01), Finished(0.80, 0.02), Finished(0.70, 0.00)]
+    thr = prune_threshold(finished, 2, 0.03)
+    assert thr == 0.80  # the second best admissible final worst case
+    assert should_prune(0.79, thr)
+    assert not should_prune(0.80, thr)  # a tie may still enter the top 2: never pruned
+    assert not should_prune(0.85, thr)
+
+
+def test_inadmissible_settings_never_set_the_bar():
+    # 0.99 blew the ACC budget: it is not a finalist, so it must not raise the threshold
+    finished = [Finished(0.99, 0.10), Finished(0.60, 0.02)]
+    assert prune_threshold(finished, 1, 0.03) == 0.60
+    assert prune_threshold([Finished(0.99, 0.10)], 1, 0.03) is None
+    assert not should_prune(0.7, prune_threshold(finished, 1, 0.03))
+
+
+def test_never_prunes_the_incumbent_at_any_prefix_of_its_members():
+    others = [Finished(0.70, 0.01), Finished(0.82, 0.02)]
+    best = [{"der": d, "acc_drop": 0.01} for d in (0.97, 0.91, 0.88, 0.93, 0.85)]
+    thr = prune_threshold(others, 1, 0.03)
+    for n in range(1, len(best) + 1):  # its running minimum never falls below its final 0.85
+        running, _, _ = worst_and_drop(best[:n])
+        assert not should_prune(running, thr)
+
+
+def _search(settings, top_k, max_drop, prune):
+    """Sequential search over hand-made settings (each a list of (der, acc_drop) per member):
+    the finalists and how many member evaluations ran."""
+    finished, evaluated, rows = [], 0, []
+    for i, members in enumerate(settings):
+        reports = []
+        for der, drop in members:
+            reports.append({"der": der, "acc_drop": drop})
+            evaluated += 1
+            worst, mean_drop, mean_der = worst_and_drop(reports)
+            if prune and len(reports) < len(members) and should_prune(
+                    worst, prune_threshold(finished, top_k, max_drop)):
+                break
+        else:
+            finished.append(Finished(worst, mean_drop))
+            rows.append({"id": i, "worst_der": worst, "mean_der": mean_der,
+                         "mean_acc_drop": mean_drop, "complete": True})
+    picked = finalists(rows, top_k, max_drop)
+    return [r["id"] for r in picked], evaluated
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pruning_is_exact_the_finalists_equal_an_unpruned_search(seed):
+    rng = random.Random(seed)
+    settings = [[(rng.random(), rng.uniform(-0.01, 0.06)) for _ in range(6)] for _ in range(25)]
+    for top_k in (1, 3):
+        pruned, n_pruned = _search(settings, top_k, 0.03, prune=True)
+        full, n_full = _search(settings, top_k, 0.03, prune=False)
+        assert pruned == full
+        assert n_pruned <= n_full == 25 * 6
+
+
+def test_pruning_saves_evaluations_on_a_clear_case():
+    settings = [[(0.9, 0.0)] * 4, [(0.2, 0.0)] + [(0.95, 0.0)] * 3]
+    ids, evaluated = _search(settings, 1, 0.03, prune=True)
+    assert ids == [0] and evaluated == 5  # the second setting stopped after its first member
+    rows = [{"members_total": 4, "members_done": 4}, {"members_total": 4, "members_done": 1,
+                                                      "pruned": True}]
+    assert pruning_savings(rows) == (3, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ACC constraint and the choice
+
+
+def test_inadmissible_setting_is_never_the_incumbent_or_a_finalist():
+    rows = [{"worst_der": 0.99, "mean_der": 0.99, "mean_acc_drop": 0.08, "complete": True},
+            {"worst_der": 0.70, "mean_der": 0.80, "mean_acc_drop": 0.02, "complete": True},
+            {"worst_der": 0.95, "mean_der": 0.95, "mean_acc_drop": 0.00, "complete": False}]
+    assert incumbent(rows, 0.03) is rows[1]
+    assert finalists(rows, 3, 0.03) == [rows[1]]
+    # a trade-off budget admits the 8-point setting as an extra finalist, ranked after
+    assert finalists(rows, 3, 0.03, tradeoff_budgets=(0.10,)) == [rows[1], rows[0]]
+
+
+def test_choice_on_the_holdout_respects_the_budget():
+    rows = [{"label": "a", "holdout_worst_der": 0.97, "holdout_mean_der": 0.98,
+             "holdout_mean_acc_drop": 0.05},
+            {"label": "b", "holdout_worst_der": 0.81, "holdout_mean_der": 0.9,
+             "holdout_mean_acc_drop": 0.03},
+            {"label": "c", "holdout_worst_der": 0.81, "holdout_mean_der": 0.8,
+             "holdout_mean_acc_drop": 0.01}]
+    assert choose(rows, 0.03)["label"] == "b"  # a is better but over budget; b wins the tie on mean
+    assert choose(rows[:1], 0.03) is None
+
+
+def test_optuna_constraint_reads_the_stored_acc_drop():
+    from d3tune.robust_tune import acc_constraint
+
+    class T:
+        user_attrs = {"mean_acc_drop": 0.05}
+
+    assert acc_constraint(0.03, T())[0] == pytest.approx(0.02)  # > 0: infeasible
+    T.user_attrs = {}
+    assert acc_constraint(0.03, T())[0] > 0  # a failed trial is infeasible
+
+
+def test_members_the_incumbent_failed_on_come_first():
+    ids = ["badnets_s0", "blended_s0", "wanet_s0", "lf_s0"]
+    assert member_order(ids, None) == ids
+    order = member_order(ids, {"badnets_s0": 0.99, "blended_s0": 0.55, "wanet_s0": 0.97})
+    assert order == ["lf_s0", "blended_s0", "wanet_s0", "badnets_s0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec
+
+
+SPEC = """
+name: tiny
+defense: d3
+base:
+  train: {epochs: 3}
+  defense: {epochs: 2}
+population:
+  attacks: [blended, {name: badnets, ratio: 0.0}]   # the second plants nothing: left out
+  seeds: [0]
+holdout_seeds: [1]
+budget: 2
+top_k: 1
+max_acc_drop: 0.9
+space:
+  defense.lr: {loguniform: [0.005, 0.05]}
+  defense.eps: {uniform: [0.0, 0.3]}
+references:
+  - name: gentle
+    setting: {defense.epochs: 2, defense.lr: 0.001}
+max_concurrent: 2
+"""
+
+
+def test_spec_members_and_cache_keys_match_single_runs(tmp_path):
+    spec = robust_plan(load_yaml_text(SPEC.replace("train: {epochs: 3}\n  ", "")), "tiny.yaml")
+    assert [m.id for m in spec.members] == ["blended_s0", "badnets-ratio0-0_s0"]
+    assert [m.id for m in spec.holdout] == ["blended_s1", "badnets-ratio0-0_s1"]
+    cfg = member_config(spec, spec.holdout[0], {"defense.lr": 0.02})
+    assert cfg.seed == 1 and cfg.attack.name == "blended" and cfg.defense.lr == 0.02
+    assert cfg.eval.every == cfg.defense.epochs  # only the final metrics are computed
+    from d3tune.cache import cache_key
+    from d3tune.cli import build_parser, trial_dict_from_args
+    from d3tune.config import resolve, trial_config
+    from d3tune.data import load_dataset
+    from d3tune.trial import attack_settings
+
+    single = resolve(trial_config(trial_dict_from_args(
+        build_parser().parse_args(["run", "--attack", "blended", "--seed", "1"]))))
+    data = load_dataset("digits")
+    assert cache_key(attack_settings(cfg, data)) == cache_key(attack_settings(single, data))
+
+
+def load_yaml_text(text: str):
+    from d3tune.yamlio import parse_yaml
+
+    return parse_yaml(textwrap.dedent(text), "spec")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda s: s.replace("holdout_seeds: [1]", "holdout_seeds: [0, 1]"), "holdout_seeds"),
+    (lambda s: s.replace("defense.eps: {uniform", "seed: {choice: [0, 1]}\n  x: {uniform"),
+     "space.seed"),
+    (lambda s: s.replace("  defense: {epochs: 2}", "  attack: {name: wanet}"), "base.attack.name"),
+    (lambda s: s.replace("references:", "references:\n  - papper"), "did you mean 'paper'"),
+    (lambda s: s.replace("budget: 2", "budget: 0"), "budget"),
+])
+def test_bad_robust_spec_names_the_field(edit, needle):
+    with pytest.raises(UsageError, match=needle):
+        robust_plan(load_yaml_text(edit(SPEC)), "tiny.yaml")
+
+
+def test_shipped_spec_loads():
+    spec = load_robust(Path(__file__).parent.parent / "search_spaces" / "robust_d3_digits.yaml")
+    assert len(spec.members) == 18 and {m.seed for m in spec.holdout} == {3, 4}
+    assert {r.name for r in spec.references} >= {"paper", "profile"}
+    assert spec.max_acc_drop == 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny search on a real local Ray
+
+
+@pytest.mark.slow  # ~40 s on an idle 2-core machine, 110 s under load: over the default budget
+def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from d3tune.config import trial_config
+    from d3tune.robust import robust_search
+    from d3tune.yamlio import load_yaml
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = load_yaml_text(SPEC)
+    data.update(storage=str(tmp_path / "tune"), cache_dir=str(tmp_path / "cache"),
+                experiment="robust-test")
+    spec = robust_plan(data, str(tmp_path / "tiny.yaml"))
+    caplog.set_level("WARNING")
+    outcome = robust_search(spec, out=tmp_path / "defaults.yaml")
+
+    # no poison, no backdoor (ASR before ~0.01): left out with a warning naming it, not scored
+    pop = outcome.population.set_index("member")
+    for member in ("badnets-ratio0-0_s0", "badnets-ratio0-0_s1"):
+        assert pop.loc[member, "excluded"] and not pop.loc["blended_s0", "excluded"]
+        assert any(member in r.getMessage() and "left out" in r.getMessage()
+                   for r in caplog.records)
+    assert len(outcome.search) == 2 and outcome.search["complete"].all()
+    kinds = sorted(outcome.holdout["kind"])
+    assert kinds == ["finalist", "reference"]  # top_k 1, plus the named reference
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("robust-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["d3tune.kind"] == "robust"
+    search = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
+    holdout = [r for r in children if r.data.tags.get("d3tune.phase") == "holdout"]
+    assert len(search) == 2 and len(holdout) == len(outcome.holdout)
+    for r in search:  # holdout seeds never used during the search, read back from MLflow
+        assert r.data.params["seeds"] == "0"
+        members = {k.split(".", 1)[1] for k in r.data.metrics if k.startswith("der.")}
+        assert members == {"blended_s0"}  # and the excluded member was never scored
+        assert r.data.metrics["worst_der"] == pytest.approx(r.data.metrics["der.blended_s0"])
+    for r in holdout:
+        assert r.data.params["seeds"] == "1"
+        assert {k for k in r.data.metrics if k.startswith("der.")} == {"der.blended_s1"}
+
+    # the ACC budget reached Optuna as a constraint, stored per trial
+    db = tmp_path / "tune" / "tiny.d3tune" / "optuna.db"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 2
+    for t in done:
+        assert t.system_attrs["constraints"][0] == pytest.approx(
+            t.user_attrs["mean_acc_drop"] - spec.max_acc_drop)
+
+    # the chosen defaults are a `d3tune run --config` file
+    assert outcome.chosen is not None and outcome.chosen["kind"] == "finalist"
+    cfg = trial_config(load_yaml(tmp_path / "defaults.yaml"))
+    assert cfg.defense.name == "d3" and cfg.defense.lr == pytest.approx(
+        outcome.chosen["setting"]["defense.lr"])
+    report = outcome.report_dir
+    for name in ("report.md", "worst_der_over_trials.png", "heatmap_holdout.png"):
+        assert (report / name).stat().st_size > 0
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
+    assert "report/report.md" in artifacts
+
+    # a second search of the same name needs --resume; resuming a finished one re-runs nothing
+    with pytest.raises(UsageError, match="--resume"):
+        robust_search(spec)
+    again = robust_search(spec, resume=True, out=tmp_path / "again.yaml")
+    assert len(again.search) == 2
+    assert again.chosen["label"] == outcome.chosen["label"]
+    assert len(client.search_runs([exp.experiment_id])) == len(runs)
+
+
+@pytest.mark.slow
+def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
+    """Kill the driver (and its local Ray) once a setting has finished; --resume completes the
+    search: every setting once in Optuna and MLflow, the finished one never evaluated again."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    data = load_yaml_text(SPEC)
+    data.update(population={"attacks": ["blended"], "seeds": [0, 1]}, holdout_seeds=[2],
+                budget=3, max_concurrent=1, references=[], storage=str(tmp_path / "tune"),
+                cache_dir=str(tmp_path / "cache"), experiment="robust-resume", name="resume")
+    from d3tune.yamlio import dump_yaml
+
+    spec = tmp_path / "resume.robust.yaml"
+    dump_yaml(data, spec)
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    state = tmp_path / "tune" / "resume.d3tune" / "mlflow_state.json"
+    cmd = [sys.executable, "-m", "d3tune", "robust", str(spec), "--out", str(tmp_path / "d.yaml")]
+    with open(tmp_path / "first.log", "w") as out:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and first.poll() is None and not (
+                state.exists() and json.loads(state.read_text())["done"]):
+            time.sleep(0.5)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        done_before = json.loads(state.read_text())["done"]
+        killed_at = time.time()
+        os.killpg(first.pid, signal.SIGKILL)
+    finally:
+        first.wait(30)
+    assert len(done_before) >= 1
+
+    proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = json.loads(state.read_text())
+    search_done = [k for k in final["done"] if not k.startswith("holdout:")]
+    assert len(search_done) == 3 and set(done_before) <= set(search_done)
+
+    client = MlflowClient(f"sqlite:///{db}")
+    for tid in done_before:  # finished before the kill: its members ran once, before the kill
+        run_id = final["children"][tid]
+        for member in ("blended_s0", "blended_s1"):
+            history = client.get_metric_history(run_id, f"der.{member}")
+            assert len(history) == 1 and history[0].timestamp / 1000 < killed_at
+    db = tmp_path / "tune" / "resume.d3tune" / "optuna.db"
+    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    assert (tmp_path / "d.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver-side pieces, without a cluster
+
+
+class _Trial:
+    def __init__(self, trial_id, status, last_result=None):
+        self.trial_id, self.status, self.last_result = trial_id, status, last_result
+
+
+class _Controller:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+
+def _result(worst, drop, done, total=3):
+    return {"worst_der": worst, "mean_acc_drop": drop, "mean_der": worst, "members_done": done,
+            "members_total": total}
+
+
+def test_pruning_scheduler_stops_only_settings_that_cannot_win(tmp_path):
+    import json
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from d3tune.robust_tune import ExactPruning
+
+    record = tmp_path / "pruned.json"
+    sched = ExactPruning(top_k=1, max_acc_drop=0.03, record=str(record))
+    best = _Trial("a", "TERMINATED", _result(0.8, 0.01, 3))
+    greedy = _Trial("g", "TERMINATED", _result(0.99, 0.20, 3))  # over the ACC budget
+    cut = _Trial("c", "TERMINATED", _result(0.95, 0.0, 1))  # incomplete: sets no bar
+    running = _Trial("b", "RUNNING")
+    ctrl = _Controller([best, greedy, cut, running])
+    assert sched.on_trial_result(ctrl, running, _result(0.81, 0.0, 1)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(ctrl, running, _result(0.80, 0.0, 2)) == TrialScheduler.CONTINUE
+    assert not record.exists()
+    assert sched.on_trial_result(ctrl, running, _result(0.79, 0.0, 2)) == TrialScheduler.STOP
+    assert json.loads(record.read_text())["b"]["members_done"] == 2
+    # without the admissible finisher, the 0.99 one (over budget) sets no bar
+    alone = _Controller([greedy, cut, running])
+    assert sched.on_trial_result(alone, running, _result(0.1, 0.0, 1)) == TrialScheduler.CONTINUE
+
+
+def test_searcher_orders_members_and_stores_the_constraint():
+    from functools import partial
+
+    import optuna
+
+    from d3tune.engine import define_by_run
+    from d3tune.robust_tune import ORDER_KEY, RobustOptunaSearch, acc_constraint
+    from d3tune.spec import Dist
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ids = ["badnets_s0", "blended_s0", "wanet_s0"]
+    sampler = optuna.samplers.TPESampler(seed=0, constraints_func=partial(acc_constraint, 0.03))
+    search = RobustOptunaSearch(space=partial(define_by_run, (Dist("defense.lr", "loguniform",
+                                                                   (0.001, 0.1)),)),
+                                metric="worst_der", mode="max", sampler=sampler,
+                                member_ids=ids, max_acc_drop=0.03)
+    first = search.suggest("t1")
+    assert first[ORDER_KEY] == ids and 0.001 <= first["defense.lr"] <= 0.1
+    ders = {"der.badnets_s0": 0.99, "der.blended_s0": 0.6, "der.wanet_s0": 0.9}
+    search.on_trial_complete("t1", {**_result(0.6, 0.05, 3), **ders})  # over budget
+    second = search.suggest("t2")
+    assert second[ORDER_KEY] == ["blended_s0", "wanet_s0", "badnets_s0"]  # weakest first
+    trial = search._ot_study.trials[0]
+    assert trial.user_attrs["mean_acc_drop"] == 0.05 and trial.user_attrs["der.blended_s0"] == 0.6
+    assert trial.system_attrs["constraints"][0] == pytest.approx(0.02)  # infeasible
