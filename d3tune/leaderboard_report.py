@@ -24,9 +24,9 @@ from d3tune.leaderboard_spec import DEFAULT_REFERENCE, LeaderboardSpec
 log = logging.getLogger(__name__)
 
 DEFAULT_LABEL = f"ref-{DEFAULT_REFERENCE}"
-COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "tuned_worst_der",
-           "tuned_acc_drop", "gain", "default_s_per_member", "tuned_s_per_member", "trials",
-           "compute_s", "tuned_label")
+COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tuned_worst_der",
+           "tuned_acc_drop", "tuned_ok", "gain", "default_s_per_member", "tuned_s_per_member",
+           "trials", "compute_s", "tuned_label", "chosen")
 
 
 def _per_member(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -48,8 +48,11 @@ def _children(client: Any, exp_id: str, run_id: str) -> list[Any]:
 
 
 def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(table, members): one row per defense, sorted by tuned holdout worst case (best first),
-    and one row per (defense, default|tuned, holdout member) with its DER."""
+    """(table, members): one row per defense, sorted by tuned holdout worst case (best first;
+    rows whose tuned setting keeps the ACC budget before those that do not), and one row per
+    (defense, default|tuned, holdout member) with its DER. The tuned row is the robust search's
+    choice; when no finalist kept the budget on the holdout, its best finalist, flagged
+    (``chosen`` False, ``tuned_ok`` False)."""
     exp_id = client.get_run(parent).info.experiment_id
     rows, members = [], []
     for search in _children(client, exp_id, parent):
@@ -57,19 +60,26 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if tags.get("d3tune.kind") != "robust":
             continue
         defense = tags["d3tune.defense"]
+        budget = float(search.data.params.get("max_acc_drop", "nan"))
         chosen = tags.get("d3tune.chosen", "none")
         children = _children(client, exp_id, search.info.run_id)
         holdout = {r.data.tags.get("d3tune.label"): r for r in children
                    if r.data.tags.get("d3tune.phase") == "holdout"}
+        figures = {label: _figures(r) for label, r in holdout.items()}
+        tuned = chosen
+        if tuned not in holdout:  # no finalist kept the ACC budget: show the best, flagged
+            finals = [lb for lb in figures if lb != DEFAULT_LABEL and lb.startswith("trial-")]
+            tuned = max(finals, key=lambda lb: figures[lb]["worst_der"], default="none")
         trials = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
         compute = sum(v for r in children for k, v in r.data.metrics.items()
                       if k.startswith("seconds."))
         row: dict[str, Any] = {"defense": defense, "trials": len(trials), "compute_s": compute,
-                               "tuned_label": chosen}
-        for side, label in (("default", DEFAULT_LABEL), ("tuned", chosen)):
-            f = _figures(holdout[label]) if label in holdout else {
-                "worst_der": math.nan, "acc_drop": math.nan, "s_per_member": math.nan, "ders": {}}
+                               "tuned_label": tuned, "chosen": chosen in holdout}
+        for side, label in (("default", DEFAULT_LABEL), ("tuned", tuned)):
+            f = figures.get(label, {"worst_der": math.nan, "acc_drop": math.nan,
+                                    "s_per_member": math.nan, "ders": {}})
             row.update({f"{side}_worst_der": f["worst_der"], f"{side}_acc_drop": f["acc_drop"],
+                        f"{side}_ok": bool(f["acc_drop"] <= budget + 1e-12),
                         f"{side}_s_per_member": f["s_per_member"]})
             members += [{"defense": defense, "row": side, "member": k, "der": v}
                         for k, v in sorted(f["ders"].items())]
@@ -77,8 +87,8 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append(row)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     if not table.empty:
-        table = table.sort_values(["tuned_worst_der", "default_worst_der"], ascending=False,
-                                  na_position="last").reset_index(drop=True)
+        table = table.sort_values(["tuned_ok", "tuned_worst_der", "default_worst_der"],
+                                  ascending=False, na_position="last").reset_index(drop=True)
     return table, pd.DataFrame(members, columns=["defense", "row", "member", "der"])
 
 
@@ -86,8 +96,11 @@ def _f(v: Any, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
-def _pts(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+def _pts(v: Any, ok: bool = True) -> str:
+    """Points of ACC drop; '!' marks a drop over the ACC budget."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}" + ("" if ok else "!")
 
 
 def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | None) -> str:
@@ -102,16 +115,17 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
              f"{_f(population_s, 0)} s.", "",
              "All figures are on the holdout seeds, read back from MLflow. *Tuned* is the robust "
              "search's confirmed choice (best holdout worst case among its top_k finalists "
-             "within the ACC budget; '-' when none kept it). Gain = tuned - default worst-case "
-             "DER. Seconds per member: one member evaluation (model load, defense, evaluation). "
+             "within the ACC budget; when none kept it, the best finalist, marked '!'). "
+             "'!' after an ACC drop: over the budget. Gain = tuned - default worst-case DER. Seconds per member: one member evaluation (model load, defense, evaluation). "
              "Compute: the sum of every member evaluation of the defense (search and holdout).",
              "", "| # | defense | default worst DER | default ACC drop (pts) | tuned worst DER | "
              "tuned ACC drop (pts) | tuning gain | s/member default | s/member tuned | trials | "
              "compute (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in table.iterrows():
         lines.append(f"| {i + 1} | {r['defense']} | {_f(r['default_worst_der'])} | "
-                     f"{_pts(r['default_acc_drop'])} | {_f(r['tuned_worst_der'])} | "
-                     f"{_pts(r['tuned_acc_drop'])} | {_f(r['gain'])} | "
+                     f"{_pts(r['default_acc_drop'], r['default_ok'])} | "
+                     f"{_f(r['tuned_worst_der'])} | "
+                     f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {_f(r['gain'])} | "
                      f"{_f(r['default_s_per_member'], 1)} | {_f(r['tuned_s_per_member'], 1)} | "
                      f"{r['trials']} | {_f(r['compute_s'], 0)} |")
     return "\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n"
@@ -124,7 +138,7 @@ def plot(table: pd.DataFrame, members: pd.DataFrame, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(table)), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 1.1 * len(table)), 4.2))
     for x, defense in enumerate(table["defense"]):
         for side, dx, color in (("default", -0.17, "tab:gray"), ("tuned", 0.17, "tab:blue")):
             ders = members[(members["defense"] == defense) & (members["row"] == side)]["der"]
@@ -136,9 +150,10 @@ def plot(table: pd.DataFrame, members: pd.DataFrame, out: Path) -> Path:
                        label=f"{side}: worst case" if x == 0 else None)
     ax.set_xticks(range(len(table)), list(table["defense"]))
     ax.set_ylabel("DER on the holdout members")
-    ax.set_title("Default (gray) vs tuned (blue), equal budget; dots = members, bar = worst case")
+    ax.set_title("Default (gray) vs tuned (blue) on the holdout seeds\n"
+                 "dots: members; bar: worst case", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = out / "leaderboard.png"
     fig.savefig(path, dpi=110)
@@ -190,11 +205,15 @@ def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) ->
                 "s/member", "compute s"):
         t.add_column(col, justify="right")
     for _, r in table.iterrows():
-        t.add_row(r["defense"], _f(r["default_worst_der"]), _pts(r["default_acc_drop"]),
-                  _f(r["tuned_worst_der"]), _pts(r["tuned_acc_drop"]), _f(r["gain"]),
+        t.add_row(r["defense"], _f(r["default_worst_der"]),
+                  _pts(r["default_acc_drop"], r["default_ok"]), _f(r["tuned_worst_der"]),
+                  _pts(r["tuned_acc_drop"], r["tuned_ok"]), _f(r["gain"]),
                   f"{_f(r['default_s_per_member'], 1)} / {_f(r['tuned_s_per_member'], 1)}",
                   _f(r["compute_s"], 0))
     console.print(t)
+    console.print("'!': mean ACC drop over the budget "
+                  f"({first.max_acc_drop * 100:.1f} points); a '!' tuned row means no finalist "
+                  "kept the budget on the holdout seeds (its best finalist is shown)")
     for _, r in table.iterrows():  # each defense's total compute, so a cheap one's edge shows
         console.print(f"{r['defense']}: total compute {_f(r['compute_s'], 0)} s "
                       f"({r['trials']} settings searched + holdout rows)")

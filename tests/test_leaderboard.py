@@ -93,6 +93,7 @@ def _store(tmp_path, figures):
         rid = client.create_run(exp, tags={"mlflow.parentRunId": parent, "d3tune.kind": "robust",
                                            "d3tune.defense": defense,
                                            "d3tune.chosen": "trial-0"}).info.run_id
+        client.log_param(rid, "max_acc_drop", 0.02)  # as the robust search logs it
         for i in range(trials):
             c = client.create_run(exp, tags={"mlflow.parentRunId": rid,
                                              "d3tune.phase": "search"}).info.run_id
@@ -121,6 +122,7 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
     assert d3["gain"] == pytest.approx(0.1)
     assert d3["default_acc_drop"] == pytest.approx(0.03)
     assert d3["tuned_acc_drop"] == pytest.approx(0.01)
+    assert d3["tuned_ok"] and not d3["default_ok"]  # 3 points over the 2-point budget
     assert d3["trials"] == 2 and d3["tuned_s_per_member"] == 1.0
     assert d3["compute_s"] == pytest.approx(2 * 2.0 + 4 * 1.0)  # search + holdout evaluations
     assert len(members) == 8 and set(members["row"]) == {"default", "tuned"}
@@ -133,17 +135,24 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
     assert list(table["defense"]) == ["ft", "d3"] and table.iloc[0]["tuned_worst_der"] == 0.95
 
 
-def test_table_without_a_tuned_choice_shows_a_gap(tmp_path):
+def test_without_a_tuned_choice_the_best_finalist_is_shown_flagged_and_ranked_last(tmp_path):
     from d3tune.leaderboard_report import markdown, read_back
 
-    client, parent = _store(tmp_path, {"ft": ({"a_s3": 0.5}, {"a_s3": 0.7}, 1)})
+    client, parent = _store(tmp_path, {"ft": ({"a_s3": 0.5}, {"a_s3": 0.7}, 1),
+                                       "fst": ({"a_s3": 0.4}, {"a_s3": 0.6}, 1)})
     robust = client.search_runs([client.get_run(parent).info.experiment_id],
-                                "tags.`d3tune.kind` = 'robust'")[0]
+                                "tags.`d3tune.defense` = 'ft'")[0]
     client.set_tag(robust.info.run_id, "d3tune.chosen", "none")  # no finalist kept the budget
+    client.log_metric([r for r in client.search_runs(
+        [robust.info.experiment_id], f"tags.mlflow.parentRunId = '{robust.info.run_id}'")
+        if r.data.tags.get("d3tune.label") == "trial-0"][0].info.run_id, "acc_drop.a_s3", 0.05)
     table, _ = read_back(client, parent)
-    assert math.isnan(table.iloc[0]["tuned_worst_der"]) and math.isnan(table.iloc[0]["gain"])
+    assert list(table["defense"]) == ["fst", "ft"]  # ft's 0.7 is over the budget: after fst
+    ft = table.iloc[1]
+    assert ft["tuned_label"] == "trial-0" and not ft["chosen"] and not ft["tuned_ok"]
+    assert ft["tuned_worst_der"] == 0.7 and ft["gain"] == pytest.approx(0.2)
     spec = leaderboard_plan(SPEC, "lb.yaml")
-    assert "| 1 | ft | 0.500 | 3.0 | - | - | - |" in markdown(spec, table, 1.0)
+    assert "| 2 | ft | 0.500 | 3.0! | 0.700 | 5.0! | 0.200 |" in markdown(spec, table, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,5 +243,5 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
         assert (outcome.out_dir / name).stat().st_size > 0
     for _, row in table.iterrows():
-        if row["tuned_label"] != "none":
+        if row["chosen"]:  # a YAML only for a setting that kept the ACC budget
             assert (spec.state_dir / "tuned" / f"{row['defense']}.yaml").exists()
