@@ -70,10 +70,14 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
     if state["parent"] is not None:
         return state["parent"]
     first = spec.searches[0]
+
+    def seeds(members: Any) -> str:
+        return ",".join(str(s) for s in sorted({m.seed for m in members}))
+
     run = client.create_run(exp_id, run_name=spec.name, tags={
         "d3tune.kind": "leaderboard", "d3tune.spec": spec.source,
-        "d3tune.population_seeds": ",".join(str(s) for s in sorted({m.seed for m in first.members})),
-        "d3tune.holdout_seeds": ",".join(str(s) for s in sorted({m.seed for m in first.holdout}))})
+        "d3tune.population_seeds": seeds(first.members),
+        "d3tune.holdout_seeds": seeds(first.holdout)})
     state["parent"] = run.info.run_id
     _save(path, state)
     params = {"defenses": ",".join(spec.defenses), "budget": first.budget,

@@ -116,7 +116,8 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
              "All figures are on the holdout seeds, read back from MLflow. *Tuned* is the robust "
              "search's confirmed choice (best holdout worst case among its top_k finalists "
              "within the ACC budget; when none kept it, the best finalist, marked '!'). "
-             "'!' after an ACC drop: over the budget. Gain = tuned - default worst-case DER. Seconds per member: one member evaluation (model load, defense, evaluation). "
+             "'!' after an ACC drop: over the budget. Gain = tuned - default worst-case DER. "
+             "Seconds per member: one member evaluation (model load, defense, evaluation). "
              "Compute: the sum of every member evaluation of the defense (search and holdout).",
              "", "| # | defense | default worst DER | default ACC drop (pts) | tuned worst DER | "
              "tuned ACC drop (pts) | tuning gain | s/member default | s/member tuned | trials | "
