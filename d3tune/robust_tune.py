@@ -107,7 +107,7 @@ def summary(rows: Sequence[Mapping[str, Any]], total: int) -> dict[str, Any]:
                            "members_done": len(rows), "members_total": total,
                            "member": last["member"]}
     for r in rows:
-        out.update({f"{k}.{r['member']}": float(r[k]) for k in MEMBER_METRICS})
+        out.update({f"{k}.{r['member']}": float(r[k]) for k in MEMBER_METRICS if k in r})
     return out
 
 
@@ -343,7 +343,8 @@ class RobustMlflowCallback(MlflowSweepCallback):
         ms = _now_ms()
         metrics = [Metric(k, float(v), ms, 0) for k, v in figures.items()]
         for r in rows:
-            metrics += [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for k in MEMBER_METRICS]
+            metrics += [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for k in MEMBER_METRICS
+                        if k in r]
         for i in range(0, len(metrics), 900):
             self._call("holdout metrics", lambda m=metrics[i:i + 900]: self.client.log_batch(
                 run_id, metrics=m))
