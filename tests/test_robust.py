@@ -345,3 +345,76 @@ def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3
     assert (tmp_path / "d.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver-side pieces, without a cluster
+
+
+class _Trial:
+    def __init__(self, trial_id, status, last_result=None):
+        self.trial_id, self.status, self.last_result = trial_id, status, last_result
+
+
+class _Controller:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+
+def _result(worst, drop, done, total=3):
+    return {"worst_der": worst, "mean_acc_drop": drop, "mean_der": worst, "members_done": done,
+            "members_total": total}
+
+
+def test_pruning_scheduler_stops_only_settings_that_cannot_win(tmp_path):
+    import json
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from d3tune.robust_tune import ExactPruning
+
+    record = tmp_path / "pruned.json"
+    sched = ExactPruning(top_k=1, max_acc_drop=0.03, record=str(record))
+    best = _Trial("a", "TERMINATED", _result(0.8, 0.01, 3))
+    greedy = _Trial("g", "TERMINATED", _result(0.99, 0.20, 3))  # over the ACC budget
+    cut = _Trial("c", "TERMINATED", _result(0.95, 0.0, 1))  # incomplete: sets no bar
+    running = _Trial("b", "RUNNING")
+    ctrl = _Controller([best, greedy, cut, running])
+    assert sched.on_trial_result(ctrl, running, _result(0.81, 0.0, 1)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(ctrl, running, _result(0.80, 0.0, 2)) == TrialScheduler.CONTINUE
+    assert not record.exists()
+    assert sched.on_trial_result(ctrl, running, _result(0.79, 0.0, 2)) == TrialScheduler.STOP
+    assert json.loads(record.read_text())["b"]["members_done"] == 2
+    # without the admissible finisher, the 0.99 one (over budget) sets no bar
+    alone = _Controller([greedy, cut, running])
+    assert sched.on_trial_result(alone, running, _result(0.1, 0.0, 1)) == TrialScheduler.CONTINUE
+
+
+def test_searcher_orders_members_and_stores_the_constraint():
+    from functools import partial
+
+    import optuna
+
+    from d3tune.engine import define_by_run
+    from d3tune.robust_tune import ORDER_KEY, RobustOptunaSearch, acc_constraint
+    from d3tune.spec import Dist
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ids = ["badnets_s0", "blended_s0", "wanet_s0"]
+    sampler = optuna.samplers.TPESampler(seed=0, constraints_func=partial(acc_constraint, 0.03))
+    search = RobustOptunaSearch(space=partial(define_by_run, (Dist("defense.lr", "loguniform",
+                                                                   (0.001, 0.1)),)),
+                                metric="worst_der", mode="max", sampler=sampler,
+                                member_ids=ids, max_acc_drop=0.03)
+    first = search.suggest("t1")
+    assert first[ORDER_KEY] == ids and 0.001 <= first["defense.lr"] <= 0.1
+    ders = {"der.badnets_s0": 0.99, "der.blended_s0": 0.6, "der.wanet_s0": 0.9}
+    search.on_trial_complete("t1", {**_result(0.6, 0.05, 3), **ders})  # over budget
+    second = search.suggest("t2")
+    assert second[ORDER_KEY] == ["blended_s0", "wanet_s0", "badnets_s0"]  # weakest first
+    trial = search._ot_study.trials[0]
+    assert trial.user_attrs["mean_acc_drop"] == 0.05 and trial.user_attrs["der.blended_s0"] == 0.6
+    assert trial.system_attrs["constraints"][0] == pytest.approx(0.02)  # infeasible
