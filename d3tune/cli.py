@@ -1,4 +1,4 @@
-"""Command line: ``d3tune run | sweep | ablate | robust | report | defaults | list``.
+"""Command line: ``d3tune run | sweep | ablate | robust | leaderboard | report | defaults | list``.
 
 Every bad input becomes one line on stderr and exit status 2 (``--debug`` shows the traceback).
 Configuration is validated here, once, into frozen dataclasses before any work starts.
@@ -172,10 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit*'")
     lst.set_defaults(func=cmd_list)
 
-    from d3tune import cli_robust, cli_sweeps
+    from d3tune import cli_leaderboard, cli_robust, cli_sweeps
 
     cli_sweeps.add_commands(sub)
     cli_robust.add_commands(sub)
+    cli_leaderboard.add_commands(sub)
     return parser
 
 

@@ -312,9 +312,12 @@ def candidates_of(spec: RobustSpec, search: pd.DataFrame) -> list[dict[str, Any]
 
 
 def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None = None,
-                  out: str | Path | None = None, console: Console | None = None) -> RobustOutcome:
+                  out: str | Path | None = None, console: Console | None = None,
+                  parent_tags: dict[str, str] | None = None) -> RobustOutcome:
     """Population -> search -> confirmation -> YAML, report, MLflow. Raises UsageError for
-    problems with the user's input (an existing run without --resume, an empty population)."""
+    problems with the user's input (an existing run without --resume, an empty population).
+    ``parent_tags`` go on the parent run when it is created (a leaderboard nests the search
+    under its own run with ``mlflow.parentRunId``)."""
     import ray
 
     from d3tune.robust_tune import RobustMlflowCallback
@@ -333,7 +336,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
     state.mkdir(parents=True, exist_ok=True)
     started = engine.init_ray(address)
     try:
-        callback = RobustMlflowCallback(plan, exp_dir, state, spec)
+        callback = RobustMlflowCallback(plan, exp_dir, state, spec, parent_tags)
         callback.setup()
         population = build_population(spec, state)
         members = kept(spec.members, population)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 ORDER_KEY = "__order"  # the member order the searcher put into a trial's config
 ROWS_FILE = "members.json"  # a trial's checkpoint: the member rows done so far
-MEMBER_METRICS = ("der", "acc_drop", "acc_after", "asr_after", "ra_after")
+MEMBER_METRICS = ("der", "acc_drop", "acc_after", "asr_after", "ra_after", "seconds")
+# ("seconds": wall time of one member evaluation; a leaderboard sums them into its compute)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def summary(rows: Sequence[Mapping[str, Any]], total: int) -> dict[str, Any]:
                            "members_done": len(rows), "members_total": total,
                            "member": last["member"]}
     for r in rows:
-        out.update({f"{k}.{r['member']}": float(r[k]) for k in MEMBER_METRICS})
+        out.update({f"{k}.{r['member']}": float(r[k]) for k in MEMBER_METRICS if k in r})
     return out
 
 
@@ -235,9 +236,11 @@ class RobustMlflowCallback(MlflowSweepCallback):
     member a metric named by it (``der.<member>``, ``acc_drop.<member>``, ...), the running
     worst case with step = members done; holdout rows are children too (phase=holdout)."""
 
-    def __init__(self, plan: Any, exp_dir: Path, state_dir: Path, spec: RobustSpec) -> None:
+    def __init__(self, plan: Any, exp_dir: Path, state_dir: Path, spec: RobustSpec,
+                 extra_tags: Mapping[str, str] | None = None) -> None:
         super().__init__(plan, exp_dir, state_dir)
         self.spec = spec
+        self.extra_tags = dict(extra_tags or {})  # e.g. a leaderboard's mlflow.parentRunId
 
     def _parent_tags(self) -> dict[str, str]:
         from d3tune.engine import OPTUNA_DB
@@ -249,7 +252,7 @@ class RobustMlflowCallback(MlflowSweepCallback):
                 "d3tune.population_seeds": ",".join(str(s) for s in sorted(
                     {m.seed for m in self.spec.members})),
                 "d3tune.holdout_seeds": ",".join(str(s) for s in sorted(
-                    {m.seed for m in self.spec.holdout}))}
+                    {m.seed for m in self.spec.holdout})), **self.extra_tags}
 
     def child_run(self, key: str, name: str, tags: dict[str, str],
                   params: dict[str, Any]) -> str | None:
@@ -340,7 +343,8 @@ class RobustMlflowCallback(MlflowSweepCallback):
         ms = _now_ms()
         metrics = [Metric(k, float(v), ms, 0) for k, v in figures.items()]
         for r in rows:
-            metrics += [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for k in MEMBER_METRICS]
+            metrics += [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for k in MEMBER_METRICS
+                        if k in r]
         for i in range(0, len(metrics), 900):
             self._call("holdout metrics", lambda m=metrics[i:i + 900]: self.client.log_batch(
                 run_id, metrics=m))

@@ -1,8 +1,9 @@
 """Malformed sweep and ablation specs: one line on stderr, exit 2, nothing written, no Ray.
 
 Every file in tests/bad_specs/ (*.sweep.yaml -> ``d3tune sweep``, *.ablate.yaml -> ``d3tune
-ablate``, *.robust.yaml -> ``d3tune robust``) is run in-process through ``d3tune.cli.main``; EXPECTED.yaml says which field (or
-line:column, or reason) its error line must name. A few run as real subprocesses to show that
+ablate``, *.robust.yaml -> ``d3tune robust``, *.leaderboard.yaml -> ``d3tune leaderboard``) is
+run in-process through ``d3tune.cli.main``; EXPECTED.yaml says which field (or line:column, or
+reason) its error line must name. A few run as real subprocesses to show that
 no traceback reaches the shell.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ GOOD_SWEEP = REPO / "search_spaces" / "d3_default.yaml"
 def _command(name: str) -> str:
     if name.endswith(".robust.yaml"):
         return "robust"
+    if name.endswith(".leaderboard.yaml"):
+        return "leaderboard"
     return "sweep" if name.endswith(".sweep.yaml") else "ablate"
 
 
@@ -55,7 +58,8 @@ def _assert_one_line_error(err: str, *needles: str) -> None:
 def test_every_bad_spec_has_an_expectation():
     assert len(SPECS) >= 40
     assert set(SPECS) == set(EXPECTED), set(SPECS) ^ set(EXPECTED)
-    assert all(n.endswith((".sweep.yaml", ".ablate.yaml", ".robust.yaml")) for n in SPECS)
+    assert all(n.endswith((".sweep.yaml", ".ablate.yaml", ".robust.yaml", ".leaderboard.yaml"))
+               for n in SPECS)
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -88,6 +92,7 @@ def test_bad_command_lines_around_a_spec(argv, needle, capsys, tmp_path, monkeyp
 
 @pytest.mark.parametrize("name", ["syntax_binary.sweep.yaml", "alias_bomb.ablate.yaml",
                                   "holdout_overlaps_population.robust.yaml",
+                                  "space_wrong_knob.leaderboard.yaml",
                                   "syntax_python_tag.sweep.yaml",
                                   "cifar10_data_dir_missing.sweep.yaml"])
 def test_bad_spec_from_the_shell_has_no_traceback(name, tmp_path):

@@ -1,0 +1,183 @@
+"""``d3tune leaderboard``: every defense tuned with the same budget on the same population,
+default and tuned settings confirmed on the same holdout seeds.
+
+Why a leaderboard and not one sweep with ``defense.name`` as a knob: a shared sweep gives a
+defense as many trials as TPE happens to spend on it. Here each defense gets its own robust
+search (``robust.robust_search``) with exactly ``budget`` settings, the same members, the same
+search seed and the same ACC budget; the default setting and the search's winner are confirmed
+by the same code on the same holdout members.
+
+Order of work (resumable: ``--resume`` continues with the defense it was in):
+1. the backdoored models of every member, search and holdout, are built once, up front, in
+   parallel (the model cache then serves every defense's searches);
+2. per defense, in spec order: a robust search with one reference row (``default``); a defense
+   whose search finished is marked done in the leaderboard's state and never re-run;
+3. the table is read back from MLflow (``leaderboard_report.read_back``), then the plot, the
+   Markdown/CSV table and the tuned settings' YAML (one per defense).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+
+from d3tune import engine, tracking
+from d3tune.errors import UsageError
+from d3tune.leaderboard_spec import LeaderboardSpec
+from d3tune.robust import run_plan_of
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "leaderboard.json"
+
+
+@dataclass
+class LeaderboardOutcome:
+    spec: LeaderboardSpec
+    table: pd.DataFrame  # one row per defense, read back from MLflow (leaderboard_report)
+    members: pd.DataFrame  # one row per (defense, row, holdout member): the per-member spread
+    parent_run_id: str | None
+    seconds: float  # wall time of this invocation
+    out_dir: Path
+
+
+def _load(path: Path) -> dict[str, Any]:
+    state = {"parent": None, "defenses": {}, "population_seconds": None}
+    if path.exists():
+        state.update(json.loads(path.read_text()))
+    return state
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, path)
+
+
+def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, Any],
+            path: Path) -> str:
+    """The leaderboard's MLflow parent run, created once (its id is kept in the state)."""
+    from mlflow.entities import Param
+
+    if state["parent"] is not None:
+        return state["parent"]
+    first = spec.searches[0]
+
+    def seeds(members: Any) -> str:
+        return ",".join(str(s) for s in sorted({m.seed for m in members}))
+
+    run = client.create_run(exp_id, run_name=spec.name, tags={
+        "d3tune.kind": "leaderboard", "d3tune.spec": spec.source,
+        "d3tune.population_seeds": seeds(first.members),
+        "d3tune.holdout_seeds": seeds(first.holdout)})
+    state["parent"] = run.info.run_id
+    _save(path, state)
+    params = {"defenses": ",".join(spec.defenses), "budget": first.budget,
+              "max_acc_drop": first.max_acc_drop, "top_k": first.top_k,
+              "min_asr": first.min_asr, "search_seed": first.search_seed,
+              "population": ",".join(m.id for m in first.members),
+              "holdout": ",".join(m.id for m in first.holdout)}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    if Path(spec.source).is_file():
+        client.log_artifact(run.info.run_id, spec.source, "spec")
+    return state["parent"]
+
+
+def build_models(spec: LeaderboardSpec, state_dir: Path) -> float:
+    """Every member's backdoored model, search and holdout, once, in parallel (Ray tasks), for
+    all defenses: the searches then load them from the cache. Returns the seconds spent."""
+    from d3tune.robust import build_population
+
+    start = time.monotonic()
+    first = spec.searches[0]
+    build_population(replace(first, members=first.members + first.holdout), state_dir)
+    return time.monotonic() - start
+
+
+def _member_seconds(robust_state: Path) -> dict[str, float]:
+    """Mean seconds of one member evaluation per holdout row (from the search's own record)."""
+    path = robust_state / "holdout.json"
+    rows = json.loads(path.read_text()) if path.exists() else {}
+    return {label: sum(r["seconds"] for r in rs) / len(rs) for label, rs in rows.items() if rs}
+
+
+def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Console) -> Any:
+    """One defense's robust search, nested under the leaderboard's parent run; resumed when an
+    earlier invocation had started it."""
+    from d3tune.robust import robust_search
+
+    search = spec.search_of(defense)
+    resume = engine.state_dir(run_plan_of(search)).exists()
+    out = spec.state_dir / "tuned" / f"{defense}.yaml"
+    console.rule(f"{spec.name}: {defense} ({'resumed' if resume else 'new'} robust search, "
+                 f"budget {search.budget})")
+    return robust_search(search, resume=resume, out=out, console=console,
+                         parent_tags={"mlflow.parentRunId": parent,
+                                      "d3tune.leaderboard": spec.name})
+
+
+def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str | None = None,
+                    console: Console | None = None) -> LeaderboardOutcome:
+    """Models once -> one robust search per defense (skipping finished ones) -> table from
+    MLflow, plot, YAMLs. Raises UsageError for an existing leaderboard without --resume."""
+    import ray
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from d3tune.leaderboard_report import finish
+
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
+    clock = time.monotonic()
+    state_dir = spec.state_dir
+    path = state_dir / STATE_FILE
+    if resume and not path.exists():
+        raise UsageError(f"--resume: no interrupted leaderboard at {state_dir} "
+                         f"(spec name {spec.name!r})")
+    if not resume and state_dir.exists():
+        raise UsageError(f"{state_dir} already holds a leaderboard named {spec.name!r}: pass "
+                         "--resume to continue it, or change the spec's name/storage")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = _load(path)
+    _save(path, state)
+    uri = tracking.tracking_uri()
+    client = MlflowClient(uri)
+    exp_id = tracking.experiment_id(client, spec.experiment, uri)
+    parent = _parent(client, exp_id, spec, state, path)
+    started = engine.init_ray(address)
+    try:
+        if state["population_seconds"] is None:
+            state["population_seconds"] = build_models(spec, state_dir)
+            _save(path, state)
+            client.log_metric(parent, "population_seconds", state["population_seconds"])
+        for defense in spec.defenses:
+            if state["defenses"].get(defense, {}).get("done"):
+                log.info("leaderboard: %s finished earlier; not re-run", defense)
+                continue
+            t = time.monotonic()
+            outcome = run_defense(spec, defense, parent, console)
+            seconds = _member_seconds(engine.state_dir(run_plan_of(outcome.spec)))
+            chosen = outcome.chosen["label"] if outcome.chosen is not None else "none"
+            rid = outcome.parent_run_id
+            if rid is not None:
+                metrics = [Metric(f"seconds_per_member.{label}", s, 0, 0)
+                           for label, s in seconds.items()]
+                metrics.append(Metric("wall_seconds_last_invocation", time.monotonic() - t, 0, 0))
+                client.log_batch(rid, metrics=metrics, tags=[RunTag("d3tune.chosen", chosen)])
+            state["defenses"][defense] = {"done": True, "robust_run": rid, "chosen": chosen,
+                                          "yaml": str(outcome.yaml_path or "")}
+            _save(path, state)
+    finally:
+        if started:
+            ray.shutdown()
+    return finish(spec, client, parent, state, time.monotonic() - clock, console)
+
+
+__all__ = ["LeaderboardOutcome", "run_leaderboard", "build_models", "STATE_FILE"]

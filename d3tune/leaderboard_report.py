@@ -1,0 +1,223 @@
+"""What a leaderboard shows, computed from MLflow read-back only: the table (default vs tuned
+per defense, on the holdout seeds), the plot (per-member spread), the console output.
+
+Why read back instead of using the in-memory outcomes: the table must be the same whether the
+leaderboard ran in one go or across several ``--resume`` invocations (an earlier invocation's
+outcomes are gone), and anybody with the MLflow store can rebuild it (``read_back``).
+Figures are recomputed from the per-member metrics of the holdout runs (``der.<member>``,
+``acc_drop.<member>``, ``seconds.<member>``), not from stored aggregates.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from d3tune import tracking
+from d3tune.leaderboard_spec import DEFAULT_REFERENCE, LeaderboardSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LABEL = f"ref-{DEFAULT_REFERENCE}"
+COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tuned_worst_der",
+           "tuned_acc_drop", "tuned_ok", "gain", "default_s_per_member", "tuned_s_per_member",
+           "trials", "compute_s", "tuned_label", "chosen")
+
+
+def _per_member(metrics: dict[str, float], key: str) -> dict[str, float]:
+    return {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{key}.")}
+
+
+def _figures(run: Any) -> dict[str, Any]:
+    m = run.data.metrics
+    ders, drops = _per_member(m, "der"), _per_member(m, "acc_drop")
+    secs = _per_member(m, "seconds")
+    return {"worst_der": min(ders.values()) if ders else math.nan,
+            "acc_drop": sum(drops.values()) / len(drops) if drops else math.nan,
+            "s_per_member": sum(secs.values()) / len(secs) if secs else math.nan, "ders": ders}
+
+
+def _children(client: Any, exp_id: str, run_id: str) -> list[Any]:
+    return list(client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}'",
+                                   max_results=5000))
+
+
+def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(table, members): one row per defense, sorted by tuned holdout worst case (best first;
+    rows whose tuned setting keeps the ACC budget before those that do not), and one row per
+    (defense, default|tuned, holdout member) with its DER. The tuned row is the robust search's
+    choice; when no finalist kept the budget on the holdout, its best finalist, flagged
+    (``chosen`` False, ``tuned_ok`` False)."""
+    exp_id = client.get_run(parent).info.experiment_id
+    rows, members = [], []
+    for search in _children(client, exp_id, parent):
+        tags = search.data.tags
+        if tags.get("d3tune.kind") != "robust":
+            continue
+        defense = tags["d3tune.defense"]
+        budget = float(search.data.params.get("max_acc_drop", "nan"))
+        chosen = tags.get("d3tune.chosen", "none")
+        children = _children(client, exp_id, search.info.run_id)
+        holdout = {r.data.tags.get("d3tune.label"): r for r in children
+                   if r.data.tags.get("d3tune.phase") == "holdout"}
+        figures = {label: _figures(r) for label, r in holdout.items()}
+        tuned = chosen
+        if tuned not in holdout:  # no finalist kept the ACC budget: show the best, flagged
+            finals = [lb for lb in figures if lb != DEFAULT_LABEL and lb.startswith("trial-")]
+            tuned = max(finals, key=lambda lb: figures[lb]["worst_der"], default="none")
+        trials = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
+        compute = sum(v for r in children for k, v in r.data.metrics.items()
+                      if k.startswith("seconds."))
+        row: dict[str, Any] = {"defense": defense, "trials": len(trials), "compute_s": compute,
+                               "tuned_label": tuned, "chosen": chosen in holdout}
+        for side, label in (("default", DEFAULT_LABEL), ("tuned", tuned)):
+            f = figures.get(label, {"worst_der": math.nan, "acc_drop": math.nan,
+                                    "s_per_member": math.nan, "ders": {}})
+            row.update({f"{side}_worst_der": f["worst_der"], f"{side}_acc_drop": f["acc_drop"],
+                        f"{side}_ok": bool(f["acc_drop"] <= budget + 1e-12),
+                        f"{side}_s_per_member": f["s_per_member"]})
+            members += [{"defense": defense, "row": side, "member": k, "der": v}
+                        for k, v in sorted(f["ders"].items())]
+        row["gain"] = row["tuned_worst_der"] - row["default_worst_der"]
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    if not table.empty:
+        table = table.sort_values(["tuned_ok", "tuned_worst_der", "default_worst_der"],
+                                  ascending=False, na_position="last").reset_index(drop=True)
+    return table, pd.DataFrame(members, columns=["defense", "row", "member", "der"])
+
+
+def _f(v: Any, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _pts(v: Any, ok: bool = True) -> str:
+    """Points of ACC drop; '!' marks a drop over the ACC budget."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}" + ("" if ok else "!")
+
+
+def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | None) -> str:
+    first = spec.searches[0]
+    lines = [f"# Leaderboard: {spec.name}", "",
+             f"Population: {len(first.members)} members on seeds "
+             f"{sorted({m.seed for m in first.members})}; holdout seeds "
+             f"{sorted({m.seed for m in first.holdout})} (never seen by a search). "
+             f"Budget {first.budget} settings per defense; ACC budget "
+             f"{first.max_acc_drop * 100:.1f} points (mean ACC drop); top_k {first.top_k}.",
+             f"Backdoored models built once for all defenses: "
+             f"{_f(population_s, 0)} s.", "",
+             "All figures are on the holdout seeds, read back from MLflow. *Tuned* is the robust "
+             "search's confirmed choice (best holdout worst case among its top_k finalists "
+             "within the ACC budget; when none kept it, the best finalist, marked '!'). "
+             "'!' after an ACC drop: over the budget. Gain = tuned - default worst-case DER. "
+             "Seconds per member: one member evaluation (model load, defense, evaluation). "
+             "Compute: the sum of every member evaluation of the defense (search and holdout).",
+             "", "| # | defense | default worst DER | default ACC drop (pts) | tuned worst DER | "
+             "tuned ACC drop (pts) | tuning gain | s/member default | s/member tuned | trials | "
+             "compute (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, r in table.iterrows():
+        lines.append(f"| {i + 1} | {r['defense']} | {_f(r['default_worst_der'])} | "
+                     f"{_pts(r['default_acc_drop'], r['default_ok'])} | "
+                     f"{_f(r['tuned_worst_der'])} | "
+                     f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {_f(r['gain'])} | "
+                     f"{_f(r['default_s_per_member'], 1)} | {_f(r['tuned_s_per_member'], 1)} | "
+                     f"{r['trials']} | {_f(r['compute_s'], 0)} |")
+    return "\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n"
+
+
+def plot(table: pd.DataFrame, members: pd.DataFrame, out: Path) -> Path:
+    """Default vs tuned per defense: every holdout member's DER (the spread) and the worst case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 1.1 * len(table)), 4.2))
+    for x, defense in enumerate(table["defense"]):
+        for side, dx, color in (("default", -0.17, "tab:gray"), ("tuned", 0.17, "tab:blue")):
+            ders = members[(members["defense"] == defense) & (members["row"] == side)]["der"]
+            if ders.empty:
+                continue
+            ax.vlines(x + dx, ders.min(), ders.max(), color=color, alpha=0.5)
+            ax.scatter([x + dx] * len(ders), ders, color=color, alpha=0.45, s=14)
+            ax.scatter([x + dx], [ders.min()], color=color, marker="_", s=300, linewidths=2.5,
+                       label=f"{side}: worst case" if x == 0 else None)
+    ax.set_xticks(range(len(table)), list(table["defense"]))
+    ax.set_ylabel("DER on the holdout members")
+    ax.set_title("Default (gray) vs tuned (blue) on the holdout seeds\n"
+                 "dots: members; bar: worst case", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = out / "leaderboard.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any],
+           seconds: float, console: Console) -> Any:
+    """Table from MLflow, plot, files and artifacts, parent metrics, console output."""
+    from mlflow.entities import Metric
+
+    from d3tune.leaderboard import LeaderboardOutcome
+
+    table, members = read_back(client, parent)
+    out = spec.state_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "leaderboard.md").write_text(markdown(spec, table, state.get("population_seconds")))
+    table.to_csv(out / "leaderboard.csv", index=False)
+    members.to_csv(out / "members.csv", index=False)
+    plot(table, members, out)
+    for path in sorted(out.iterdir()):
+        client.log_artifact(parent, str(path), "report")
+    tuned = spec.state_dir / "tuned"
+    if tuned.exists():
+        for path in sorted(tuned.glob("*.yaml")):
+            client.log_artifact(parent, str(path), "tuned")
+    metrics = [Metric(f"compute_s.{r['defense']}", float(r["compute_s"]), 0, 0)
+               for _, r in table.iterrows()]
+    metrics += [Metric(f"tuned_worst_der.{r['defense']}", float(r["tuned_worst_der"]), 0, 0)
+                for _, r in table.iterrows() if not math.isnan(r["tuned_worst_der"])]
+    client.log_batch(parent, metrics=metrics)
+    client.set_terminated(parent, "FINISHED")
+    print_table(spec, table, console)
+    console.print(f"report: {out / 'leaderboard.md'}; tuned settings: {tuned}/<defense>.yaml; "
+                  f"this invocation {seconds:.0f} s")
+    uri = tracking.tracking_uri()
+    console.print(f"MLflow parent run {parent} in experiment {spec.experiment!r}")
+    console.print(tracking.ui_hint(uri, client.get_run(parent).info.experiment_id),
+                  soft_wrap=True)
+    return LeaderboardOutcome(spec, table, members, parent, seconds, out)
+
+
+def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) -> None:
+    first = spec.searches[0]
+    t = Table(title=f"{spec.name}: holdout seeds {sorted({m.seed for m in first.holdout})}, "
+              f"budget {first.budget} settings per defense")
+    for col in ("defense", "default worst", "default drop", "tuned worst", "tuned drop", "gain",
+                "s/member", "compute s"):
+        t.add_column(col, justify="right")
+    for _, r in table.iterrows():
+        t.add_row(r["defense"], _f(r["default_worst_der"]),
+                  _pts(r["default_acc_drop"], r["default_ok"]), _f(r["tuned_worst_der"]),
+                  _pts(r["tuned_acc_drop"], r["tuned_ok"]), _f(r["gain"]),
+                  f"{_f(r['default_s_per_member'], 1)} / {_f(r['tuned_s_per_member'], 1)}",
+                  _f(r["compute_s"], 0))
+    console.print(t)
+    console.print("'!': mean ACC drop over the budget "
+                  f"({first.max_acc_drop * 100:.1f} points); a '!' tuned row means no finalist "
+                  "kept the budget on the holdout seeds (its best finalist is shown)")
+    for _, r in table.iterrows():  # each defense's total compute, so a cheap one's edge shows
+        console.print(f"{r['defense']}: total compute {_f(r['compute_s'], 0)} s "
+                      f"({r['trials']} settings searched + holdout rows)")
+
+
+__all__ = ["read_back", "markdown", "plot", "finish", "print_table"]

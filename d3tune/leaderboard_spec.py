@@ -1,0 +1,130 @@
+"""Leaderboard specs: YAML -> a frozen ``LeaderboardSpec`` holding one ``RobustSpec`` per
+defense, validated once before Ray starts.
+
+Equal budget by construction: every defense's robust spec is built from the *same* population,
+holdout seeds, budget, ACC budget, top_k and search seed; only the defense and its space differ.
+Each search carries one reference row, ``default`` (no knob changed: the defense's own defaults,
+plus the spec's ``base``), so the default row is confirmed on the same holdout members by the
+same code as the tuned one. Errors name the field (``SPEC [defense]: field`` where the field is
+checked per defense), as for robust specs.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from d3tune.errors import did_you_mean
+from d3tune.leaderboard_spaces import ALL_DEFENSES, DEFAULT_SPACES
+from d3tune.robust_spec import RobustSpec, robust_plan
+from d3tune.spec import _expect, _int
+from d3tune.yamlio import load_yaml
+
+LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "defenses", "spaces", "base", "budget",
+                    "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
+                    "max_concurrent", "max_failures", "storage", "experiment", "cache_dir"}
+# passed to every defense's robust spec unchanged
+SHARED_KEYS = ("population", "holdout_seeds", "base", "budget", "max_acc_drop", "min_asr", "top_k",
+               "search_seed", "resources", "max_concurrent", "max_failures", "cache_dir")
+DEFAULT_REFERENCE = "default"  # the holdout label of the default row is "ref-default"
+STORAGE = "d3tune_results/leaderboard"
+EXPERIMENT = "d3tune-leaderboard"
+
+
+@dataclass(frozen=True)
+class LeaderboardSpec:
+    name: str
+    source: str
+    defenses: tuple[str, ...]
+    searches: tuple[RobustSpec, ...]  # one per defense, same order
+    storage: str = STORAGE
+    experiment: str = EXPERIMENT
+
+    @property
+    def budget(self) -> int:
+        return self.searches[0].budget
+
+    @property
+    def state_dir(self) -> Path:
+        """The leaderboard's own state (run map, population, table) beside the searches'."""
+        return Path(self.storage).expanduser().resolve() / f"{self.name}.leaderboard"
+
+    def search_of(self, defense: str) -> RobustSpec:
+        return self.searches[self.defenses.index(defense)]
+
+    def with_budget(self, budget: int) -> "LeaderboardSpec":
+        return replace(self, searches=tuple(s.with_budget(budget) for s in self.searches))
+
+    def with_paths(self, storage: str | None = None, cache_dir: str | None = None,
+                   experiment: str | None = None) -> "LeaderboardSpec":
+        """Command-line overrides, applied to the leaderboard and to every search alike."""
+        changes = {k: v for k, v in (("storage", storage), ("cache_dir", cache_dir),
+                                     ("experiment", experiment)) if v}
+        searches = tuple(replace(s, **changes) for s in self.searches)
+        return replace(self, searches=searches,
+                       **{k: v for k, v in changes.items() if k != "cache_dir"})
+
+
+def _defenses(data: Mapping[str, Any], source: str) -> tuple[str, ...]:
+    from d3tune.defenses import DEFENSES
+
+    where = f"{source}: defenses"
+    raw = data.get("defenses", list(ALL_DEFENSES))
+    _expect(isinstance(raw, list) and raw, where, f"expected a non-empty list of defense names, "
+            f"got {raw!r}")
+    known = DEFENSES.names()
+    for i, d in enumerate(raw):
+        _expect(isinstance(d, str) and d in known, f"{where}[{i}]",
+                f"unknown defense {d!r}{did_you_mean(str(d), known)}; known: {', '.join(known)}")
+    _expect(len(set(raw)) == len(raw), where, f"a defense is listed twice: {raw}")
+    return tuple(raw)
+
+
+def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
+    """Validate a leaderboard spec given as plain data; one RobustSpec per defense."""
+    _expect(isinstance(data, Mapping), source,
+            f"expected a mapping at the top of the spec, got {type(data).__name__}")
+    for key in data:
+        _expect(key in LEADERBOARD_KEYS, f"{source}: {key}", f"unknown field"
+                f"{did_you_mean(str(key), LEADERBOARD_KEYS)}; "
+                f"known: {', '.join(sorted(LEADERBOARD_KEYS))}")
+    name = data.get("name", Path(source).stem.split(".")[0])
+    _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
+            f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
+    defenses = _defenses(data, source)
+    spaces = data.get("spaces", {})
+    _expect(isinstance(spaces, Mapping), f"{source}: spaces",
+            "expected a mapping of defense name to its space ({defense.field: distribution})")
+    for d in spaces:
+        _expect(d in defenses, f"{source}: spaces.{d}",
+                f"not a defense of this leaderboard{did_you_mean(str(d), defenses)}; "
+                f"defenses: {', '.join(defenses)}")
+    for key in ("storage", "experiment"):
+        _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
+                f"expected a string, got {data.get(key)!r}")
+    storage = data.get("storage") or STORAGE
+    experiment = data.get("experiment") or EXPERIMENT
+    searches = []
+    for d in defenses:
+        robust = {k: data[k] for k in SHARED_KEYS if k in data}
+        robust.update(name=f"{name}-{d}", defense=d, space=spaces.get(d, DEFAULT_SPACES.get(d)),
+                      references=[{"name": DEFAULT_REFERENCE, "setting": {}}],
+                      storage=storage, experiment=experiment)
+        if isinstance(robust.get("base"), Mapping):
+            _expect("name" not in (robust["base"].get("defense") or {}),
+                    f"{source}: base.defense.name", "the defense comes from `defenses`")
+        searches.append(robust_plan(robust, f"{source} [{d}]"))
+    budget = _int(data.get("budget", RobustSpec.budget), f"{source}: budget", 1)
+    assert all(s.budget == budget for s in searches)  # equal budget, by construction
+    return LeaderboardSpec(name=name, source=source, defenses=defenses,
+                           searches=tuple(searches), storage=storage, experiment=experiment)
+
+
+def load_leaderboard(path: str | Path) -> LeaderboardSpec:
+    data = load_yaml(path)
+    _expect(data is not None, str(path), "empty spec")
+    return leaderboard_plan(data, str(path))
+
+
+__all__ = ["LeaderboardSpec", "leaderboard_plan", "load_leaderboard", "DEFAULT_REFERENCE"]

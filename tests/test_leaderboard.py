@@ -1,0 +1,247 @@
+"""Leaderboard: spec (equal budget and population for every defense, default spaces around the
+defenses' own defaults), the table computed from MLflow read-back (hand-made store), and a tiny
+leaderboard on a real local Ray: every defense gets exactly the budget, the default row runs the
+defense's own defaults, holdout seeds are never used by a search, resume after an interruption
+continues with the defense it was in."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from d3tune.errors import UsageError
+from d3tune.leaderboard_spaces import ALL_DEFENSES, DEFAULT_SPACES
+from d3tune.leaderboard_spec import leaderboard_plan, load_leaderboard
+
+REPO = Path(__file__).parent.parent
+
+
+def test_shipped_spec_gives_every_defense_the_same_budget_and_population():
+    spec = load_leaderboard(REPO / "search_spaces" / "leaderboard_digits.yaml")
+    assert spec.defenses == ALL_DEFENSES and len(spec.searches) == 9
+    first = spec.searches[0]
+    assert len(first.members) == 18 and {m.seed for m in first.holdout} == {3, 4}
+    for s in spec.searches:
+        assert (s.budget, s.max_acc_drop, s.top_k, s.search_seed) == (
+            first.budget, first.max_acc_drop, first.top_k, first.search_seed)
+        assert s.members == first.members and s.holdout == first.holdout
+        assert [r.name for r in s.references] == ["default"]
+        assert s.references[0].setting == () and not s.references[0].replace_base
+    assert {s.budget for s in spec.with_budget(3).searches} == {3}
+
+
+@pytest.mark.parametrize("defense", ALL_DEFENSES)
+def test_default_space_contains_the_defense_defaults(defense):
+    """Tuning can always find the default again: each searched knob's range holds it."""
+    from d3tune.data import load_dataset  # noqa: F401  (registers the profiles)
+    from d3tune.defenses import DEFENSES
+    from d3tune.spec import _parse_dist
+
+    defaults = asdict(DEFENSES[defense].params())
+    defaults.update({"lr": 0.01, "epochs": 40, "batch_size": 32, "weight_decay": 0.0})  # digits
+    for path, raw in DEFAULT_SPACES[defense].items():
+        knob = path.removeprefix("defense.")
+        dist = _parse_dist(path, raw, path)
+        value = defaults[knob]
+        if dist.kind in ("uniform", "loguniform", "int"):
+            assert dist.args[0] <= value <= dist.args[1], (defense, knob, value, dist.args)
+        else:
+            assert value in dist.args, (defense, knob, value, dist.args)
+
+
+SPEC = {
+    "name": "lb", "population": {"attacks": ["blended"], "seeds": [0]}, "holdout_seeds": [1],
+    "defenses": ["ft", "fst"], "budget": 2, "top_k": 1, "max_acc_drop": 0.9,
+    "base": {"train": {"epochs": 3}, "defense": {"epochs": 2}},
+    "spaces": {"ft": {"defense.lr": {"loguniform": [0.005, 0.05]}},
+               "fst": {"defense.alpha": {"uniform": [0.05, 0.5]}}},
+    "max_concurrent": 1,
+}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    ({"defenses": ["ft", "fts"]}, "defenses[1]: unknown defense 'fts'"),
+    ({"defenses": ["ft", "ft"]}, "defenses: a defense is listed twice"),
+    ({"spaces": {"nad": {"defense.lr": {"uniform": [0.1, 0.2]}}}}, "spaces.nad: not a defense"),
+    ({"spaces": {"ft": {"defense.alpha": {"uniform": [0.1, 0.2]}}}}, "[ft]: space.defense.alpha"),
+    ({"budget": 0}, "budget"),
+    ({"holdout_seeds": [0]}, "holdout_seeds: seed(s) [0]"),
+    ({"base": {"defense": {"name": "d3"}}}, "base.defense.name"),
+    ({"references": ["paper"]}, "references: unknown field"),
+])
+def test_bad_leaderboard_spec_names_the_field(edit, needle):
+    with pytest.raises(UsageError, match=None) as exc:
+        leaderboard_plan({**SPEC, **edit}, "lb.yaml")
+    assert needle in str(exc.value), str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The table, from a hand-made MLflow store
+
+
+def _store(tmp_path, figures):
+    """A leaderboard parent with one robust child per defense, each with a search child per
+    trial and holdout children (default and chosen) holding per-member metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("lb", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp, tags={"d3tune.kind": "leaderboard"}).info.run_id
+    for defense, (default, tuned, trials) in figures.items():
+        rid = client.create_run(exp, tags={"mlflow.parentRunId": parent, "d3tune.kind": "robust",
+                                           "d3tune.defense": defense,
+                                           "d3tune.chosen": "trial-0"}).info.run_id
+        client.log_param(rid, "max_acc_drop", 0.02)  # as the robust search logs it
+        for i in range(trials):
+            c = client.create_run(exp, tags={"mlflow.parentRunId": rid,
+                                             "d3tune.phase": "search"}).info.run_id
+            client.log_metric(c, "seconds.a_s0", 2.0)
+        for label, ders in (("ref-default", default), ("trial-0", tuned)):
+            c = client.create_run(exp, tags={"mlflow.parentRunId": rid, "d3tune.phase": "holdout",
+                                             "d3tune.label": label}).info.run_id
+            for member, der in ders.items():
+                client.log_metric(c, f"der.{member}", der)
+                client.log_metric(c, f"acc_drop.{member}", 0.01 if label == "trial-0" else 0.03)
+                client.log_metric(c, f"seconds.{member}", 1.0)
+            client.log_metric(c, "holdout_worst_der", 0.0)  # an aggregate the table must ignore
+    return client, parent
+
+
+def test_table_is_computed_from_mlflow_read_back(tmp_path):
+    from d3tune.leaderboard_report import read_back
+
+    client, parent = _store(tmp_path, {
+        "ft": ({"a_s3": 0.5, "b_s3": 0.9}, {"a_s3": 0.7, "b_s3": 0.95}, 2),
+        "d3": ({"a_s3": 0.8, "b_s3": 0.99}, {"a_s3": 0.9, "b_s3": 0.97}, 2)})
+    table, members = read_back(client, parent)
+    assert list(table["defense"]) == ["d3", "ft"]  # sorted by tuned worst case
+    d3 = table.iloc[0]
+    assert d3["default_worst_der"] == 0.8 and d3["tuned_worst_der"] == 0.9
+    assert d3["gain"] == pytest.approx(0.1)
+    assert d3["default_acc_drop"] == pytest.approx(0.03)
+    assert d3["tuned_acc_drop"] == pytest.approx(0.01)
+    assert d3["tuned_ok"] and not d3["default_ok"]  # 3 points over the 2-point budget
+    assert d3["trials"] == 2 and d3["tuned_s_per_member"] == 1.0
+    assert d3["compute_s"] == pytest.approx(2 * 2.0 + 4 * 1.0)  # search + holdout evaluations
+    assert len(members) == 8 and set(members["row"]) == {"default", "tuned"}
+    # change a stored member metric: the table follows the store
+    runs = client.search_runs([client.get_run(parent).info.experiment_id],
+                              "tags.`d3tune.label` = 'trial-0'")
+    ft_tuned = [r for r in runs if r.data.metrics["der.a_s3"] == 0.7][0]
+    client.log_metric(ft_tuned.info.run_id, "der.a_s3", 0.99)
+    table, _ = read_back(client, parent)
+    assert list(table["defense"]) == ["ft", "d3"] and table.iloc[0]["tuned_worst_der"] == 0.95
+
+
+def test_without_a_tuned_choice_the_best_finalist_is_shown_flagged_and_ranked_last(tmp_path):
+    from d3tune.leaderboard_report import markdown, read_back
+
+    client, parent = _store(tmp_path, {"ft": ({"a_s3": 0.5}, {"a_s3": 0.7}, 1),
+                                       "fst": ({"a_s3": 0.4}, {"a_s3": 0.6}, 1)})
+    robust = client.search_runs([client.get_run(parent).info.experiment_id],
+                                "tags.`d3tune.defense` = 'ft'")[0]
+    client.set_tag(robust.info.run_id, "d3tune.chosen", "none")  # no finalist kept the budget
+    client.log_metric([r for r in client.search_runs(
+        [robust.info.experiment_id], f"tags.mlflow.parentRunId = '{robust.info.run_id}'")
+        if r.data.tags.get("d3tune.label") == "trial-0"][0].info.run_id, "acc_drop.a_s3", 0.05)
+    table, _ = read_back(client, parent)
+    assert list(table["defense"]) == ["fst", "ft"]  # ft's 0.7 is over the budget: after fst
+    ft = table.iloc[1]
+    assert ft["tuned_label"] == "trial-0" and not ft["chosen"] and not ft["tuned_ok"]
+    assert ft["tuned_worst_der"] == 0.7 and ft["gain"] == pytest.approx(0.2)
+    spec = leaderboard_plan(SPEC, "lb.yaml")
+    assert "| 2 | ft | 0.500 | 3.0! | 0.700 | 5.0! | 0.200 |" in markdown(spec, table, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny leaderboard on a real local Ray, interrupted in its second defense and resumed
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray, tmp_path,
+                                                                      monkeypatch):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    import d3tune.leaderboard as lb
+    import d3tune.robust as robust
+    from d3tune.defenses import DEFENSES
+    from d3tune.leaderboard_report import read_back
+    from d3tune.robust_spec import member_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    spec = leaderboard_plan({**SPEC, "storage": str(tmp_path / "tune"),
+                             "cache_dir": str(tmp_path / "cache"), "experiment": "lb-test"},
+                            str(tmp_path / "lb.yaml"))
+    calls = []
+    real_search, real_confirm = robust.robust_search, robust.confirm
+
+    def spy(search, **kw):
+        calls.append((search.defense, kw["resume"]))
+        return real_search(search, **kw)
+
+    def interrupted(search, *args, **kw):
+        if search.defense == "fst":
+            raise Interrupted  # killed after fst's search, before its confirmation
+        return real_confirm(search, *args, **kw)
+
+    monkeypatch.setattr(robust, "robust_search", spy)
+    monkeypatch.setattr(robust, "confirm", interrupted)
+    with pytest.raises(Interrupted):
+        lb.run_leaderboard(spec)
+    assert calls == [("ft", False), ("fst", False)]
+    with pytest.raises(UsageError, match="--resume"):
+        lb.run_leaderboard(spec)
+
+    monkeypatch.setattr(robust, "confirm", real_confirm)
+    outcome = lb.run_leaderboard(spec, resume=True)
+    assert calls[2:] == [("fst", True)]  # ft finished before: not re-run; fst continued
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lb-test").experiment_id
+    parents = client.search_runs([exp], "tags.`d3tune.kind` = 'leaderboard'")
+    assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
+    searches = client.search_runs([exp], "tags.`d3tune.kind` = 'robust'")
+    assert sorted(r.data.tags["d3tune.defense"] for r in searches) == ["fst", "ft"]
+    for r in searches:
+        assert r.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{r.info.run_id}'")
+        trials = [c for c in children if c.data.tags["d3tune.phase"] == "search"]
+        holdout = {c.data.tags["d3tune.label"]: c for c in children
+                   if c.data.tags["d3tune.phase"] == "holdout"}
+        assert len(trials) == spec.budget  # exactly the budget, after the resume too
+        for c in trials:  # holdout seeds never used by a search (read back from MLflow)
+            assert c.data.params["seeds"] == "0"
+            assert {k for k in c.data.metrics if k.startswith("der.")} == {"der.blended_s0"}
+        for c in holdout.values():
+            assert c.data.params["seeds"] == "1"
+            assert {k for k in c.data.metrics if k.startswith("der.")} == {"der.blended_s1"}
+        # the default row changes no knob: only the defense and the spec's base epochs
+        default = holdout["ref-default"].data.params
+        assert {k for k in default if k.startswith("defense.")} == {"defense.name",
+                                                                    "defense.epochs"}
+        defense = r.data.tags["d3tune.defense"]
+        db = tmp_path / "tune" / f"lb-{defense}.d3tune" / "optuna.db"
+        study = optuna.load_study(study_name=f"lb-{defense}", storage=f"sqlite:///{db}")
+        assert len(study.trials) == spec.budget
+    for search in spec.searches:  # ... and it resolves to the defense's own defaults
+        ref = search.references[0]
+        cfg = member_config(search, search.holdout[0], {}, ref)
+        assert cfg.defense.params == DEFENSES[search.defense].params()
+        assert (cfg.defense.lr, cfg.defense.batch_size, cfg.defense.epochs) == (0.01, 32, 2)
+
+    table, _ = read_back(client, outcome.parent_run_id)
+    assert table.equals(outcome.table)
+    assert sorted(table["defense"]) == ["fst", "ft"] and set(table["trials"]) == {2}
+    assert (table["compute_s"] > 0).all()
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
+        assert (outcome.out_dir / name).stat().st_size > 0
+    for _, row in table.iterrows():
+        if row["chosen"]:  # a YAML only for a setting that kept the ACC budget
+            assert (spec.state_dir / "tuned" / f"{row['defense']}.yaml").exists()
