@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -156,9 +157,13 @@ def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, 
     exp_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
-    sampler = optuna.samplers.TPESampler(
-        seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)),
-        constraints_func=partial(acc_constraint, spec.max_acc_drop))
+    # constraints_func still works in Optuna 5 but warns of its removal in 7 at construction;
+    # users see d3tune's words or nothing, so that warning is not passed on.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)),
+            constraints_func=partial(acc_constraint, spec.max_acc_drop))
     searcher = RobustOptunaSearch(space=partial(engine.define_by_run, spec.space),
                                   metric="worst_der", mode="max", sampler=sampler,
                                   storage=storage, study_name=spec.name,
