@@ -7,21 +7,19 @@ import argparse
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from d3tune.cli_robust import check_members
+    from d3tune.cli_sweeps import path_overrides
     from d3tune.errors import UsageError
     from d3tune.leaderboard import run_leaderboard
     from d3tune.leaderboard_spec import load_leaderboard
-    from d3tune.spec import absolute
 
     spec = load_leaderboard(args.spec)
     if args.budget is not None:
         if args.resume:
             raise UsageError("--budget: a resumed leaderboard keeps the budget it started with")
         spec = spec.with_budget(args.budget)
-    if args.storage and "://" in args.storage:
-        raise UsageError(f"--storage {args.storage!r}: URIs are not supported yet; use a "
-                         "folder, shared by all nodes on a cluster (e.g. NFS)")
-    spec = spec.with_paths(storage=args.storage, experiment=args.experiment,
-                           cache_dir=absolute(args.cache_dir) if args.cache_dir else None)
+    paths = path_overrides(args)
+    spec = spec.with_paths(storage=paths.get("storage"), experiment=paths.get("experiment"),
+                           cache_dir=paths.get("cache_dir"))
     check_members(spec.searches[0])  # the population is the same for every defense
     run_leaderboard(spec, resume=args.resume, address=args.address)
     return 0

@@ -7,10 +7,10 @@ import argparse
 def cmd_robust(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from d3tune.cli_sweeps import path_overrides
     from d3tune.errors import UsageError
     from d3tune.robust import robust_search
     from d3tune.robust_spec import load_robust
-    from d3tune.spec import absolute
 
     spec = load_robust(args.spec)
     if args.budget is not None:
@@ -23,16 +23,7 @@ def cmd_robust(args: argparse.Namespace) -> int:
             raise UsageError(f"--time-budget-s: expected a number of seconds > 0, got "
                              f"{args.time_budget_s}")
         changes["time_budget_s"] = args.time_budget_s
-    if args.storage:
-        if "://" in args.storage:
-            raise UsageError(f"--storage {args.storage!r}: URIs are not supported yet; use a "
-                             "folder, shared by all nodes on a cluster (e.g. NFS)")
-        changes["storage"] = args.storage
-    if args.cache_dir:
-        changes["cache_dir"] = absolute(args.cache_dir)
-    if args.experiment:
-        changes["experiment"] = args.experiment
-    spec = replace(spec, **changes)
+    spec = replace(spec, **changes, **path_overrides(args))
     check_members(spec)
     robust_search(spec, resume=args.resume, address=args.address, out=args.out)
     return 0

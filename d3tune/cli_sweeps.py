@@ -104,7 +104,16 @@ def _with_overrides(plan, args: argparse.Namespace):
         trial_config(unflatten(base))
     except UsageError as exc:
         raise UsageError(f"--dataset/--data-dir: {exc}") from None
-    changes = {"base": unflatten(base)}
+    return replace(plan, base=unflatten(base), **path_overrides(args))
+
+
+def path_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """--storage / --cache-dir / --experiment as changes to a plan or spec. Storage must be a
+    folder: the Optuna study and the run ledger live beside Tune's state."""
+    from d3tune.errors import UsageError
+    from d3tune.spec import absolute
+
+    changes = {}
     if args.storage:
         if "://" in args.storage:
             raise UsageError(f"--storage {args.storage!r}: URIs are not supported yet; use a "
@@ -114,7 +123,7 @@ def _with_overrides(plan, args: argparse.Namespace):
         changes["cache_dir"] = absolute(args.cache_dir)
     if args.experiment:
         changes["experiment"] = args.experiment
-    return replace(plan, **changes)
+    return changes
 
 
 def _shared(p: argparse.ArgumentParser) -> None:
