@@ -198,12 +198,12 @@ class RobustOptunaSearch(ResumableOptunaSearch):
         super().__init__(*args, **kwargs)
         self._member_ids = list(member_ids)
         self._max_acc_drop = max_acc_drop
-        self._finished: dict[str, dict[str, Any]] = {}
+        self._settings_done: dict[str, dict[str, Any]] = {}
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
         if isinstance(config, dict):
-            best = incumbent(self._finished.values(), self._max_acc_drop)
+            best = incumbent(self._settings_done.values(), self._max_acc_drop)
             config = {**config, ORDER_KEY: member_order(
                 self._member_ids, best["ders"] if best else None)}
         return config
@@ -223,7 +223,7 @@ class RobustOptunaSearch(ResumableOptunaSearch):
                     ot_trial.set_user_attr(k, v)
             except Exception as exc:  # noqa: BLE001 - e.g. a trial finished before a resume
                 log.debug("trial %s: user attributes not stored (%s)", trial_id, exc)
-            self._finished[trial_id] = {**attrs, "complete": complete(result), "ders": ders}
+            self._settings_done[trial_id] = {**attrs, "complete": complete(result), "ders": ders}
         super().on_trial_complete(trial_id, result, error)
 
 
