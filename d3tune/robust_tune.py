@@ -95,8 +95,11 @@ def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[st
 
 
 def setting_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Tune's config -> flat defense overrides ('field@defense' per-defense names unfolded)."""
-    return {k.split("@", 1)[0]: v for k, v in config.items() if not k.startswith("__")}
+    """Tune's config -> flat defense overrides: the sweep engine's reading ('field@defense'
+    unfolded, its own 'd3tune.*' bookkeeping dropped), less the member order."""
+    from d3tune.engine import trial_overrides
+
+    return {k: v for k, v in trial_overrides(dict(config)).items() if not k.startswith("__")}
 
 
 def summary(rows: Sequence[Mapping[str, Any]], total: int) -> dict[str, Any]:
