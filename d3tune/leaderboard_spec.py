@@ -17,7 +17,7 @@ from typing import Any
 
 from d3tune.errors import did_you_mean
 from d3tune.leaderboard_spaces import ALL_DEFENSES, DEFAULT_SPACES
-from d3tune.robust_spec import RobustSpec, robust_plan
+from d3tune.robust_spec import RobustSpec, check_top_keys, robust_plan
 from d3tune.spec import _expect, _int
 from d3tune.yamlio import load_yaml
 
@@ -83,12 +83,7 @@ def _defenses(data: Mapping[str, Any], source: str) -> tuple[str, ...]:
 
 def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
     """Validate a leaderboard spec given as plain data; one RobustSpec per defense."""
-    _expect(isinstance(data, Mapping), source,
-            f"expected a mapping at the top of the spec, got {type(data).__name__}")
-    for key in data:
-        _expect(key in LEADERBOARD_KEYS, f"{source}: {key}", f"unknown field"
-                f"{did_you_mean(str(key), LEADERBOARD_KEYS)}; "
-                f"known: {', '.join(sorted(LEADERBOARD_KEYS))}")
+    check_top_keys(data, source, LEADERBOARD_KEYS)
     name = data.get("name", Path(source).stem.split(".")[0])
     _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
             f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")

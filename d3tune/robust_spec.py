@@ -232,13 +232,18 @@ def _defense_only(base: dict[str, Any], ref: Reference) -> dict[str, Any]:
     return unflatten(flat)
 
 
-def robust_plan(data: Any, source: str) -> RobustSpec:
-    """Validate a robust spec given as plain data (YAML, or a dict built by a leaderboard)."""
+def check_top_keys(data: Any, source: str, allowed: set[str]) -> None:
+    """A spec is a mapping of known top-level fields (robust and leaderboard specs alike)."""
     _expect(isinstance(data, Mapping), source,
             f"expected a mapping at the top of the spec, got {type(data).__name__}")
     for key in data:
-        _expect(key in ROBUST_KEYS, f"{source}: {key}", f"unknown field"
-                f"{did_you_mean(str(key), ROBUST_KEYS)}; known: {', '.join(sorted(ROBUST_KEYS))}")
+        _expect(key in allowed, f"{source}: {key}", f"unknown field"
+                f"{did_you_mean(str(key), allowed)}; known: {', '.join(sorted(allowed))}")
+
+
+def robust_plan(data: Any, source: str) -> RobustSpec:
+    """Validate a robust spec given as plain data (YAML, or a dict built by a leaderboard)."""
+    check_top_keys(data, source, ROBUST_KEYS)
     name = data.get("name", Path(source).stem.split(".")[0])
     _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
             f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
