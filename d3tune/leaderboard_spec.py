@@ -23,7 +23,8 @@ from d3tune.yamlio import load_yaml
 
 LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "defenses", "spaces", "base", "budget",
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
-                    "max_concurrent", "max_failures", "storage", "experiment", "cache_dir"}
+                    "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
+                    "start_with_default"}
 # passed to every defense's robust spec unchanged
 SHARED_KEYS = ("population", "holdout_seeds", "base", "budget", "max_acc_drop", "min_asr", "top_k",
                "search_seed", "resources", "max_concurrent", "max_failures", "cache_dir")
@@ -98,6 +99,9 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
     for key in ("storage", "experiment"):
         _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
                 f"expected a string, got {data.get(key)!r}")
+    start = data.get("start_with_default", True)
+    _expect(isinstance(start, bool), f"{source}: start_with_default",
+            f"expected true or false, got {start!r}")
     storage = data.get("storage") or STORAGE
     experiment = data.get("experiment") or EXPERIMENT
     searches = []
@@ -105,6 +109,7 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
         robust = {k: data[k] for k in SHARED_KEYS if k in data}
         robust.update(name=f"{name}-{d}", defense=d, space=spaces.get(d, DEFAULT_SPACES.get(d)),
                       references=[{"name": DEFAULT_REFERENCE, "setting": {}}],
+                      start_with=[DEFAULT_REFERENCE] if start else [],
                       storage=storage, experiment=experiment)
         if isinstance(robust.get("base"), Mapping):
             _expect("name" not in (robust["base"].get("defense") or {}),

@@ -87,7 +87,18 @@ class ResumableOptunaSearch(OptunaSearch):
         return list(self.metric) if isinstance(self.metric, list) else [self.metric]
 
     def _setup_study(self, mode: Any) -> None:
+        # Ray enqueues points_to_evaluate every time it sets the study up; on a study loaded
+        # from storage (a resumed or restarted search) they were enqueued already, and enqueuing
+        # again would run them twice. So they go in only while the study is empty.
+        points, self._points_to_evaluate = self._points_to_evaluate, []
         super()._setup_study(mode)
+        self._points_to_evaluate = points
+        if points and not self._evaluated_rewards:
+            if self._ot_study.get_trials(deepcopy=False):
+                log.info("study %s: start points already enqueued", self._study_name)
+            else:
+                for point in points:
+                    self._ot_study.enqueue_trial(point)
         # optuna-dashboard shows "0", "1" for unnamed objectives.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,7 +38,8 @@ from rich.console import Console
 from d3tune import engine
 from d3tune.errors import UsageError
 from d3tune.robust_rules import admissible, choose, finalists, pruning_savings
-from d3tune.robust_spec import Member, Reference, RobustSpec, defaults_yaml, setting_fields
+from d3tune.robust_spec import (Member, Reference, RobustSpec, defaults_yaml, member_config,
+                                setting_fields)
 from d3tune.spec import RunPlan
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, 
     searcher = RobustOptunaSearch(space=partial(engine.define_by_run, spec.space),
                                   metric="worst_der", mode="max", sampler=sampler,
                                   storage=storage, study_name=spec.name,
+                                  points_to_evaluate=[dict(p) for p in spec.start_points] or None,
                                   member_ids=[m.id for m in members],
                                   max_acc_drop=spec.max_acc_drop)
     tune_config = tune.TuneConfig(
@@ -240,6 +243,15 @@ def holdout_task(spec: RobustSpec, members: tuple[Member, ...], setting: dict[st
     return run_members(spec, members, setting, reference, threads=threads)
 
 
+def _holdout_runs(spec: RobustSpec, members: tuple[Member, ...], candidate: Mapping[str, Any],
+                  refs: Mapping[str, Reference]) -> list[Any]:
+    """The resolved trial configs a candidate would run on the holdout: two candidates with
+    equal lists (a finalist that is a reference's setting, as the default often is in a small
+    search that starts from it) are run once and share the rows."""
+    ref = refs.get(candidate["reference"]) if candidate["reference"] else None
+    return [member_config(spec, m, candidate["setting"], ref) for m in members]
+
+
 def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, callback: Any,
             population: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finalists and references on the holdout members (Ray tasks); finished rows are kept in
@@ -252,18 +264,33 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
     done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     refs = {r.name: r for r in spec.references}
     task = _remote(holdout_task, spec)
-    pending = {}
+    pending: dict[Any, list[dict[str, Any]]] = {}
     members = spec.holdout
+    runs = {c["label"]: _holdout_runs(spec, members, c, refs) for c in candidates}
+    leaders: list[dict[str, Any]] = []  # one candidate per distinct run, the others share it
     for i, c in enumerate(candidates):
-        if c["label"] not in done:
-            ref = refs.get(c["reference"]) if c["reference"] else None
-            k = i % len(members)
-            pending[task.remote(spec, members[k:] + members[:k], c["setting"], ref,
-                                _threads(spec))] = c
+        if c["label"] in done:
+            continue
+        twin = next((d for d in candidates if d["label"] in done
+                     and runs[d["label"]] == runs[c["label"]]), None)
+        if twin is not None:  # e.g. the search's winner is the default setting
+            done[c["label"]] = done[twin["label"]]
+            continue
+        lead = next((lead for lead in leaders if runs[lead["label"]] == runs[c["label"]]), None)
+        if lead is not None:
+            pending[next(k for k, v in pending.items() if v[0] is lead)].append(c)
+            continue
+        ref = refs.get(c["reference"]) if c["reference"] else None
+        k = i % len(members)
+        leaders.append(c)
+        pending[task.remote(spec, members[k:] + members[:k], c["setting"], ref,
+                            _threads(spec))] = [c]
+    _write_json(path, done)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        c = pending.pop(ready[0])
-        done[c["label"]] = ray.get(ready[0])
+        rows = ray.get(ready[0])
+        for c in pending.pop(ready[0]):
+            done[c["label"]] = rows
         _write_json(path, done)
     before: dict[str, dict[str, Any]] = {}
     for member_rows in done.values():

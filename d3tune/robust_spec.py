@@ -26,7 +26,7 @@ from d3tune.yamlio import load_yaml
 ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "space", "per_defense",
                "budget", "max_acc_drop", "min_asr", "top_k", "tradeoff_budgets", "references",
                "search_seed", "time_budget_s", "resources", "max_concurrent", "max_failures",
-               "storage", "experiment", "cache_dir"}
+               "storage", "experiment", "cache_dir", "start_with"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
 # Trial fields that say *which threat model* a member is: the population owns them.
 POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.clean_ratio",
@@ -80,6 +80,8 @@ class RobustSpec:
     top_k: int = 3  # finalists confirmed on the holdout
     tradeoff_budgets: tuple[float, ...] = ()  # extra finalists: the best complete one at each
     references: tuple[Reference, ...] = ()
+    # settings the search evaluates first, as Optuna params (name -> value): ``start_with``
+    start_points: tuple[tuple[tuple[str, Any], ...], ...] = ()
     search_seed: int = 0
     time_budget_s: float | None = None  # stop the search (not the confirmation) after this long
     resources: ResourceSpec = ResourceSpec()
@@ -317,7 +319,58 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
         storage=data.get("storage") or RobustSpec.storage,
         experiment=data.get("experiment") or RobustSpec.experiment,
         cache_dir=absolute(data.get("cache_dir")))
-    return spec
+    return replace(spec, start_points=_start_points(data, spec, source))
+
+
+def _start_points(data: Mapping[str, Any], spec: RobustSpec,
+                  source: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    """``start_with: [reference, ...]``: those references' settings become the search's first
+    trials (enqueued in Optuna). Why: with a small budget TPE's first trials are random draws
+    from wide ranges, so without this the "tuned" setting can be worse than the default it
+    replaces; starting from the default (as SMAC does) makes the search's winner at least as
+    good as the default on the search members, whatever the budget. The reference's knobs are
+    read from its resolved trial config, so they must be one value over the population and lie
+    inside the space."""
+    names = data.get("start_with", [])
+    where = f"{source}: start_with"
+    _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
+            f"expected a list of reference names, got {names!r}")
+    refs = {r.name: r for r in spec.references}
+    points = []
+    for name in names:
+        w = f"{where}.{name}"
+        _expect(name in refs, w, f"not a reference of this spec{did_you_mean(name, refs)}; "
+                f"references: {', '.join(refs) or 'none'}")
+        _expect(all(d.only_for is None for d in spec.space), w,
+                "start_with needs a space without per_defense knobs")
+        point: dict[str, Any] = {}
+        for d in spec.space:
+            values = {_knob(member_config(spec, m, dict(refs[name].setting), refs[name]), d.path)
+                      for m in spec.members}
+            _expect(len(values) == 1, f"{w}: {d.path}", f"differs across the population "
+                    f"({sorted(map(str, values))}); start_with needs one value")
+            point[d.param_name] = _in_space(d, values.pop(), f"{w}: {d.path}")
+        points.append(tuple(point.items()))
+    return tuple(points)
+
+
+def _knob(cfg: Any, path: str) -> Any:
+    """A ``defense.*`` field of a resolved trial config: a common field or the defense's own."""
+    name = path.removeprefix("defense.")
+    if hasattr(cfg.defense, name):
+        return getattr(cfg.defense, name)
+    return getattr(cfg.defense.params, name)
+
+
+def _in_space(d: Dist, value: Any, where: str) -> Any:
+    """``value`` as the space spells it (a choice's own element), or one error line."""
+    if d.kind in ("uniform", "loguniform", "int", "logint"):
+        ok = isinstance(value, (int, float)) and d.args[0] <= value <= d.args[1]
+        _expect(ok, where, f"{value!r} lies outside the space [{d.args[0]}, {d.args[1]}]")
+        return int(value) if d.kind in ("int", "logint") else float(value)
+    match = [c for c in d.args if c == value and isinstance(c, bool) == isinstance(value, bool)]
+    _expect(bool(match), where, f"{value!r} is not one of the choices {list(d.args)}")
+    return match[0]
 
 
 def _time_budget(value: Any, where: str) -> float | None:

@@ -70,11 +70,29 @@ SPEC = {
     ({"holdout_seeds": [0]}, "holdout_seeds: seed(s) [0]"),
     ({"base": {"defense": {"name": "d3"}}}, "base.defense.name"),
     ({"references": ["paper"]}, "references: unknown field"),
+    ({"start_with_default": "yes"}, "start_with_default: expected true or false"),
+    ({"spaces": {"ft": {"defense.lr": {"uniform": [0.02, 0.05]}}}},
+     "[ft]: start_with.default: defense.lr: 0.01 lies outside the space"),
 ])
 def test_bad_leaderboard_spec_names_the_field(edit, needle):
     with pytest.raises(UsageError, match=None) as exc:
         leaderboard_plan({**SPEC, **edit}, "lb.yaml")
     assert needle in str(exc.value), str(exc.value)
+
+
+def test_every_search_starts_from_its_defense_defaults():
+    """Equal budget, and the same first setting for all: each defense's own default, so with
+    a small budget no defense's "tuned" row can lose to its default on the search members."""
+    from d3tune.robust_spec import member_config
+
+    spec = leaderboard_plan(SPEC, "lb.yaml")
+    for search in spec.searches:
+        (point,) = search.start_points
+        cfg = member_config(search, search.members[0], dict(point))
+        default = member_config(search, search.members[0], {}, search.references[0])
+        assert cfg == default, search.defense
+    off = leaderboard_plan({**SPEC, "start_with_default": False}, "lb.yaml")
+    assert all(s.start_points == () for s in off.searches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +248,8 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
         db = tmp_path / "tune" / f"lb-{defense}.d3tune" / "optuna.db"
         study = optuna.load_study(study_name=f"lb-{defense}", storage=f"sqlite:///{db}")
         assert len(study.trials) == spec.budget
+        search = next(s for s in spec.searches if s.defense == defense)
+        assert study.trials[0].params == dict(search.start_points[0])  # the default, first
     for search in spec.searches:  # ... and it resolves to the defense's own defaults
         ref = search.references[0]
         cfg = member_config(search, search.holdout[0], {}, ref)

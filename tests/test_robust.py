@@ -419,3 +419,76 @@ def test_searcher_orders_members_and_stores_the_constraint():
     trial = search._ot_study.trials[0]
     assert trial.user_attrs["mean_acc_drop"] == 0.05 and trial.user_attrs["der.blended_s0"] == 0.6
     assert trial.system_attrs["constraints"][0] == pytest.approx(0.02)  # infeasible
+
+
+# ---------------------------------------------------------------------------------------------
+# start_with: the search's first settings
+
+
+def test_start_with_reads_the_reference_from_its_resolved_config():
+    text = SPEC.replace("max_concurrent: 2", "max_concurrent: 2\nstart_with: [profile]")
+    text = text.replace("references:", "references:\n  - profile")
+    spec = robust_plan(load_yaml_text(text), "tiny.yaml")
+    (profile,) = (dict(p) for p in spec.start_points)
+    assert profile == {"defense.lr": 0.01, "defense.eps": 0.1}  # digits profile, D3's own eps
+
+
+@pytest.mark.parametrize("start,needle", [
+    ("[gentle]", "start_with.gentle: defense.lr: 0.001 lies outside the space [0.005, 0.05]"),
+    ("[nope]", "start_with.nope: not a reference of this spec"),
+    ("profile", "start_with: expected a list of reference names"),
+])
+def test_bad_start_with_is_one_line_naming_the_field(start, needle):
+    text = SPEC.replace("max_concurrent: 2", f"max_concurrent: 2\nstart_with: {start}")
+    with pytest.raises(UsageError) as exc:
+        robust_plan(load_yaml_text(text), "tiny.yaml")
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_start_points_are_enqueued_once_even_when_the_study_is_set_up_again(tmp_path):
+    """A resumed or restarted search sets its stored study up again; the start point must not
+    be enqueued a second time (it would be run twice)."""
+    from functools import partial
+
+    import optuna
+
+    from d3tune.engine import define_by_run
+    from d3tune.robust_tune import RobustOptunaSearch
+    from d3tune.spec import Dist
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = partial(define_by_run, (Dist("defense.lr", "loguniform", (0.001, 0.1)),
+                                    Dist("defense.p", "choice", (1, 2))))
+
+    def searcher():
+        return RobustOptunaSearch(space=space, metric="worst_der", mode="max",
+                                  sampler=optuna.samplers.TPESampler(seed=0),
+                                  storage=optuna.storages.RDBStorage(url),
+                                  study_name="s", points_to_evaluate=[{"defense.lr": 0.01,
+                                                                       "defense.p": 2}],
+                                  member_ids=["a"], max_acc_drop=0.03)
+
+    first = searcher().suggest("t1")
+    assert first["defense.lr"] == 0.01 and first["defense.p"] == 2
+    again = searcher()  # the same study, loaded from storage
+    study = optuna.load_study(study_name="s", storage=url)
+    assert len(study.trials) == 1  # nothing new enqueued
+    second = again.suggest("t2")
+    assert second["defense.lr"] != 0.01  # a sampled setting, not the start point again
+
+
+def test_a_finalist_equal_to_a_reference_shares_its_holdout_run():
+    from d3tune.robust import _holdout_runs
+
+    text = SPEC.replace("references:", "references:\n  - profile\n  - {name: default, setting: {}}")
+    spec = robust_plan(load_yaml_text(text), "tiny.yaml")
+    refs = {r.name: r for r in spec.references}
+
+    def runs(setting, reference=None):
+        return _holdout_runs(spec, spec.holdout, {"setting": setting, "reference": reference}, refs)
+
+    default = runs({}, "default")  # the base's defense epochs (2) kept, the rest D3's defaults
+    assert runs({"defense.lr": 0.01, "defense.eps": 0.1}) == default
+    assert runs({"defense.lr": 0.02, "defense.eps": 0.1}) != default
+    assert runs({}, "profile") != default  # a built-in reference drops the base's epochs: 40
