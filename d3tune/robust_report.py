@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.robust_rules import admissible, tradeoff
+from d3tune.robust_rules import admissible, population_ceiling, tradeoff
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def markdown(outcome: Any, images: list[Path]) -> str:
              f"{n_pruned} stopped by exact pruning, {n_cut} cut by the time budget; member "
              "evaluations skipped by pruning "
              f"{outcome.skipped} of {outcome.total}"
-             + (f" ({100 * outcome.skipped / outcome.total:.0f} %)." if outcome.total else "."), ""]
+             + (f" ({100 * outcome.skipped / outcome.total:.0f} %)." if outcome.total else "."),
+             *ceiling_lines(pop), ""]
     if outcome.chosen is not None:
         c = outcome.chosen
         lines += [f"**Chosen**: {short(c['shown'])}: holdout worst-case DER "
@@ -165,6 +166,27 @@ def markdown(outcome: Any, images: list[Path]) -> str:
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
+
+
+def ceilings(pop: Any) -> dict[str, tuple[float, str]]:
+    """Per phase (search, holdout): the lowest DER ceiling among the members kept."""
+    out = {}
+    for phase in ("search", "holdout"):
+        rows = pop[pop["phase"].eq(phase) & ~pop["excluded"].astype(bool)] if not pop.empty \
+            else pop
+        found = population_ceiling(rows.to_dict("records")) if not rows.empty else None
+        if found is not None:
+            out[phase] = found
+    return out
+
+
+def ceiling_lines(pop: Any) -> list[str]:
+    found = ceilings(pop)
+    if not found:
+        return []
+    parts = [f"{phase} {value:.3f} ({member})" for phase, (value, member) in found.items()]
+    return ["DER ceiling (no setting's worst case can exceed it: the lowest (1 + ASR before) / 2 "
+            f"among the members kept): {', '.join(parts)}."]
 
 
 def write_report(outcome: Any, out: Path) -> Path:
@@ -221,6 +243,8 @@ def print_summary(outcome: Any, console: Console, callback: Any) -> None:
                       f"(use it with `d3tune run --config {outcome.yaml_path}`)")
     else:
         console.print("no finalist kept the ACC budget on the holdout seeds: no defaults written")
+    for line in ceiling_lines(outcome.population):
+        console.print(line)
     pct = 100 * outcome.skipped / outcome.total if outcome.total else 0.0
     console.print(f"total time {outcome.seconds.get('total', 0):.0f} s; exact pruning skipped "
                   f"{outcome.skipped} of {outcome.total} member evaluations ({pct:.0f} %)")

@@ -119,3 +119,19 @@ def pruning_savings(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
         if r.get("pruned"):
             skipped += int(r["members_total"]) - int(r["members_done"])
     return skipped, total
+
+
+def der_ceiling(asr_before: float) -> float:
+    """The most DER any defense can score on a member: all of its ASR removed, no accuracy
+    lost. DER = (ASR removed - ACC lost + 1) / 2, so a backdoor that planted to ASR 0.76 caps
+    every setting's DER on that member at 0.88."""
+    return (max(0.0, asr_before) + 1.0) / 2.0
+
+
+def population_ceiling(members: Iterable[Mapping[str, Any]]) -> tuple[float, str] | None:
+    """(ceiling, member) of the member with the lowest DER ceiling: no setting's worst-case DER
+    over these members can exceed it, so a search whose best worst case is near it is
+    saturated by the population, not short of search. Rows need ``member`` and
+    ``asr_before``; None for no rows."""
+    rows = [(der_ceiling(float(r["asr_before"])), str(r["member"])) for r in members]
+    return min(rows) if rows else None
