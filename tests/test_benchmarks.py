@@ -176,7 +176,8 @@ def test_real_size_mode_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     (+ a CIFAR-10-layout folder), imported back, D3 three ways; d3tune default and full eval end
     on identical metrics."""
     dp.main(["--real-size", "--train-size", "100", "--test-size", "40", "--attack-epochs", "1",
-             "--epochs", "2", "--eval-subset", "8", "--workdir", str(tmp_path)])
+             "--attack-train-size", "60", "--epochs", "2", "--eval-subset", "8",
+             "--workdir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "preactresnet18 (imported attack_result.pt" in out and "clean 5 images" in out
     assert "identical: True" in out and "speedup:" in out and "projection to CIFAR-10" in out
