@@ -71,8 +71,8 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             finals = [lb for lb in figures if lb != DEFAULT_LABEL and lb.startswith("trial-")]
             tuned = max(finals, key=lambda lb: figures[lb]["worst_der"], default="none")
         trials = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
-        compute = sum(v for r in children for k, v in r.data.metrics.items()
-                      if k.startswith("seconds."))
+        compute = sum(v for r in children if "d3tune.shared_with" not in r.data.tags
+                      for k, v in r.data.metrics.items() if k.startswith("seconds."))
         row: dict[str, Any] = {"defense": defense, "trials": len(trials), "compute_s": compute,
                                "tuned_label": tuned, "chosen": chosen in holdout}
         for side, label in (("default", DEFAULT_LABEL), ("tuned", tuned)):

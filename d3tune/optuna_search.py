@@ -90,10 +90,13 @@ class ResumableOptunaSearch(OptunaSearch):
         # Ray enqueues points_to_evaluate every time it sets the study up; on a study loaded
         # from storage (a resumed or restarted search) they were enqueued already, and enqueuing
         # again would run them twice. So they go in only while the study is empty.
-        points, self._points_to_evaluate = self._points_to_evaluate, []
+        # (With evaluated_rewards Ray adds finished trials instead: left to Ray.)
+        points = [] if self._evaluated_rewards else self._points_to_evaluate
+        if points:
+            self._points_to_evaluate = []
         super()._setup_study(mode)
-        self._points_to_evaluate = points
-        if points and not self._evaluated_rewards:
+        if points:
+            self._points_to_evaluate = points
             if self._ot_study.get_trials(deepcopy=False):
                 log.info("study %s: start points already enqueued", self._study_name)
             else:

@@ -264,27 +264,29 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
     done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     refs = {r.name: r for r in spec.references}
     task = _remote(holdout_task, spec)
-    pending: dict[Any, list[dict[str, Any]]] = {}
     members = spec.holdout
-    runs = {c["label"]: _holdout_runs(spec, members, c, refs) for c in candidates}
-    leaders: list[dict[str, Any]] = []  # one candidate per distinct run, the others share it
-    for i, c in enumerate(candidates):
-        if c["label"] in done:
+    groups: list[list[dict[str, Any]]] = []  # candidates with equal holdout runs: run once
+    runs: list[list[Any]] = []
+    for c in candidates:
+        run = _holdout_runs(spec, members, c, refs)
+        if run in runs:  # e.g. the search's winner is the default setting
+            groups[runs.index(run)].append(c)
+        else:
+            runs.append(run)
+            groups.append([c])
+    shared = {c["label"]: g[0]["label"] for g in groups for c in g[1:]}
+    pending: dict[Any, list[dict[str, Any]]] = {}
+    for i, group in enumerate(groups):
+        finished = next((done[c["label"]] for c in group if c["label"] in done), None)
+        if finished is not None:
+            for c in group:
+                done.setdefault(c["label"], finished)
             continue
-        twin = next((d for d in candidates if d["label"] in done
-                     and runs[d["label"]] == runs[c["label"]]), None)
-        if twin is not None:  # e.g. the search's winner is the default setting
-            done[c["label"]] = done[twin["label"]]
-            continue
-        lead = next((lead for lead in leaders if runs[lead["label"]] == runs[c["label"]]), None)
-        if lead is not None:
-            pending[next(k for k, v in pending.items() if v[0] is lead)].append(c)
-            continue
-        ref = refs.get(c["reference"]) if c["reference"] else None
+        lead = group[0]
+        ref = refs.get(lead["reference"]) if lead["reference"] else None
         k = i % len(members)
-        leaders.append(c)
-        pending[task.remote(spec, members[k:] + members[:k], c["setting"], ref,
-                            _threads(spec))] = [c]
+        pending[task.remote(spec, members[k:] + members[:k], lead["setting"], ref,
+                            _threads(spec))] = group
     _write_json(path, done)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
@@ -319,7 +321,8 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
         ref = refs.get(c["reference"]) if c["reference"] else None
         shown = setting_fields(spec, c["setting"], ref)
         shown = {k: v for k, v in shown.items() if k.startswith("defense.")}
-        callback.log_holdout(c["label"], shown, member_rows, figures)
+        callback.log_holdout(c["label"], shown, member_rows, figures,
+                             shared_with=shared.get(c["label"]))
         rows.append({**c, **figures, "shown": shown,
                      "holdout_ders": {r["member"]: r["der"] for r in member_rows},
                      "holdout_admissible": admissible(figures["holdout_mean_acc_drop"],

@@ -170,11 +170,12 @@ def markdown(outcome: Any, images: list[Path]) -> str:
 
 def ceilings(pop: Any) -> dict[str, tuple[float, str]]:
     """Per phase (search, holdout): the lowest DER ceiling among the members kept."""
+    if pop.empty:
+        return {}
+    kept = pop[~pop["excluded"].astype(bool)]
     out = {}
     for phase in ("search", "holdout"):
-        rows = pop[pop["phase"].eq(phase) & ~pop["excluded"].astype(bool)] if not pop.empty \
-            else pop
-        found = population_ceiling(rows.to_dict("records")) if not rows.empty else None
+        found = population_ceiling(kept[kept["phase"].eq(phase)].to_dict("records"))
         if found is not None:
             out[phase] = found
     return out

@@ -335,18 +335,19 @@ def _start_points(data: Mapping[str, Any], spec: RobustSpec,
     where = f"{source}: start_with"
     _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
             f"expected a list of reference names, got {names!r}")
+    _expect(not names or all(d.only_for is None for d in spec.space), where,
+            "start_with needs a space without per_defense knobs")
     refs = {r.name: r for r in spec.references}
     points = []
     for name in names:
         w = f"{where}.{name}"
         _expect(name in refs, w, f"not a reference of this spec{did_you_mean(name, refs)}; "
                 f"references: {', '.join(refs) or 'none'}")
-        _expect(all(d.only_for is None for d in spec.space), w,
-                "start_with needs a space without per_defense knobs")
+        ref = refs[name]
+        configs = [member_config(spec, m, dict(ref.setting), ref) for m in spec.members]
         point: dict[str, Any] = {}
         for d in spec.space:
-            values = {_knob(member_config(spec, m, dict(refs[name].setting), refs[name]), d.path)
-                      for m in spec.members}
+            values = {_knob(cfg, d.path) for cfg in configs}
             _expect(len(values) == 1, f"{w}: {d.path}", f"differs across the population "
                     f"({sorted(map(str, values))}); start_with needs one value")
             point[d.param_name] = _in_space(d, values.pop(), f"{w}: {d.path}")

@@ -329,8 +329,10 @@ class RobustMlflowCallback(MlflowSweepCallback):
         self._save()
 
     def log_holdout(self, label: str, setting: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
-                    figures: Mapping[str, float]) -> None:
-        """One holdout row (a finalist or a reference) as a finished child run."""
+                    figures: Mapping[str, float], shared_with: str | None = None) -> None:
+        """One holdout row (a finalist or a reference) as a finished child run. A row whose
+        run was shared with another (same configs, run once) is tagged ``d3tune.shared_with``,
+        so that sums of compute count that run once."""
         from mlflow.entities import Metric
 
         key = f"holdout:{label}"
@@ -339,8 +341,10 @@ class RobustMlflowCallback(MlflowSweepCallback):
         params = {**setting, "phase": "holdout", "label": label,
                   "members": ",".join(str(r["member"]) for r in rows),
                   "seeds": ",".join(str(s) for s in sorted({int(r["seed"]) for r in rows}))}
-        run_id = self.child_run(key, f"holdout {label}", {"d3tune.phase": "holdout",
-                                                           "d3tune.label": label}, params)
+        tags = {"d3tune.phase": "holdout", "d3tune.label": label}
+        if shared_with is not None:
+            tags["d3tune.shared_with"] = shared_with
+        run_id = self.child_run(key, f"holdout {label}", tags, params)
         if run_id is None:
             return
         ms = _now_ms()

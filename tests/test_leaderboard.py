@@ -153,6 +153,23 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
     assert list(table["defense"]) == ["ft", "d3"] and table.iloc[0]["tuned_worst_der"] == 0.95
 
 
+def test_a_holdout_run_shared_by_two_rows_counts_once_in_compute(tmp_path):
+    """When the default wins its search, the default and tuned rows share one holdout run
+    (tag d3tune.shared_with on the second row): compute counts its seconds once."""
+    from d3tune.leaderboard_report import read_back
+
+    same = {"a_s3": 0.5, "b_s3": 0.9}
+    client, parent = _store(tmp_path, {"ft": (same, same, 2)})
+    exp = client.get_run(parent).info.experiment_id
+    (default,) = client.search_runs([exp], "tags.`d3tune.label` = 'ref-default'")
+    table, _ = read_back(client, parent)
+    assert table.iloc[0]["compute_s"] == pytest.approx(2 * 2.0 + 4 * 1.0)
+    client.set_tag(default.info.run_id, "d3tune.shared_with", "trial-0")
+    table, _ = read_back(client, parent)
+    assert table.iloc[0]["compute_s"] == pytest.approx(2 * 2.0 + 2 * 1.0)
+    assert table.iloc[0]["default_worst_der"] == 0.5  # its figures still read as before
+
+
 def test_without_a_tuned_choice_the_best_finalist_is_shown_flagged_and_ranked_last(tmp_path):
     from d3tune.leaderboard_report import markdown, read_back
 
