@@ -92,6 +92,29 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, pd.DataFrame(members, columns=["defense", "row", "member", "der"])
 
 
+def threat_model(member: str) -> str:
+    """A member id without its seed (``badnets_s3`` -> ``badnets``): the threat model it is one
+    seed of, so a question like "who wins on BadNets?" reads off one column."""
+    head, sep, seed = member.rpartition("_s")
+    return head if sep and head and seed.isdigit() else member
+
+
+def per_threat_model(table: pd.DataFrame, members: pd.DataFrame) -> pd.DataFrame:
+    """Mean holdout DER per defense (in the table's order), row (default | tuned) and threat
+    model: one row per (defense, row), one column per threat model."""
+    if members.empty:
+        return pd.DataFrame(columns=["defense", "row"])
+    m = members.assign(threat_model=members["member"].map(threat_model))
+    wide = m.pivot_table(index=["defense", "row"], columns="threat_model", values="der",
+                         aggfunc="mean")
+    rank = {d: i for i, d in enumerate(table["defense"])}
+    wide = wide.reset_index()
+    wide.columns.name = None
+    order = sorted(range(len(wide)), key=lambda i: (rank.get(wide["defense"][i], len(rank)),
+                                                     wide["row"][i]))
+    return wide.iloc[order].reset_index(drop=True)
+
+
 def _f(v: Any, digits: int = 3) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -103,7 +126,23 @@ def _pts(v: Any, ok: bool = True) -> str:
     return f"{100 * v:.1f}" + ("" if ok else "!")
 
 
-def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | None) -> str:
+def _threat_model_lines(table: pd.DataFrame, members: pd.DataFrame) -> list[str]:
+    wide = per_threat_model(table, members)
+    models = [c for c in wide.columns if c not in ("defense", "row")]
+    if not models:
+        return []
+    lines = ["", "## Mean holdout DER per threat model (default / tuned)", "",
+             "| defense | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for defense in table["defense"]:
+        rows = {r["row"]: r for _, r in wide[wide["defense"] == defense].iterrows()}
+        cells = [" / ".join(_f(rows[side][tm]) for side in ("default", "tuned") if side in rows)
+                 or "-" for tm in models]
+        lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | None,
+             members: pd.DataFrame | None = None) -> str:
     first = spec.searches[0]
     lines = [f"# Leaderboard: {spec.name}", "",
              f"Population: {len(first.members)} members on seeds "
@@ -129,6 +168,8 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
                      f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {_f(r['gain'])} | "
                      f"{_f(r['default_s_per_member'], 1)} | {_f(r['tuned_s_per_member'], 1)} | "
                      f"{r['trials']} | {_f(r['compute_s'], 0)} |")
+    if members is not None:
+        lines += _threat_model_lines(table, members)
     return "\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n"
 
 
@@ -172,9 +213,11 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     table, members = read_back(client, parent)
     out = spec.state_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "leaderboard.md").write_text(markdown(spec, table, state.get("population_seconds")))
+    (out / "leaderboard.md").write_text(markdown(spec, table, state.get("population_seconds"),
+                                                 members))
     table.to_csv(out / "leaderboard.csv", index=False)
     members.to_csv(out / "members.csv", index=False)
+    per_threat_model(table, members).to_csv(out / "per_threat_model.csv", index=False)
     plot(table, members, out)
     for path in sorted(out.iterdir()):
         client.log_artifact(parent, str(path), "report")
@@ -220,4 +263,5 @@ def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) ->
                       f"({r['trials']} settings searched + holdout rows)")
 
 
-__all__ = ["read_back", "markdown", "plot", "finish", "print_table"]
+__all__ = ["read_back", "per_threat_model", "threat_model", "markdown", "plot", "finish",
+           "print_table"]

@@ -9,6 +9,7 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from d3tune.errors import UsageError
@@ -153,6 +154,30 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
     assert list(table["defense"]) == ["ft", "d3"] and table.iloc[0]["tuned_worst_der"] == 0.95
 
 
+def test_per_threat_model_means_answer_the_badnets_question(tmp_path):
+    """The per-threat-model table averages a threat model's holdout seeds, per defense and row,
+    keeps the leaderboard's order and goes into the markdown; ids with '_s' inside survive."""
+    from d3tune.leaderboard_report import markdown, per_threat_model, read_back, threat_model
+
+    assert threat_model("input_aware_s12") == "input_aware"
+    assert threat_model("bb-my_sweep") == "bb-my_sweep"  # no seed suffix: kept whole
+    client, parent = _store(tmp_path, {
+        "ft": ({"badnets_s3": 0.5, "badnets_s4": 0.7, "input_aware_s3": 0.9},
+               {"badnets_s3": 0.6, "badnets_s4": 0.8, "input_aware_s3": 0.95}, 1),
+        "d3": ({"badnets_s3": 0.9, "badnets_s4": 0.96, "input_aware_s3": 0.7},
+               {"badnets_s3": 0.98, "badnets_s4": 1.0, "input_aware_s3": 0.8}, 1)})
+    table, members = read_back(client, parent)
+    wide = per_threat_model(table, members)
+    assert list(table["defense"]) == ["d3", "ft"]
+    assert list(zip(wide["defense"], wide["row"])) == [
+        ("d3", "default"), ("d3", "tuned"), ("ft", "default"), ("ft", "tuned")]  # table order
+    assert list(wide.columns) == ["defense", "row", "badnets", "input_aware"]
+    assert wide["badnets"].tolist() == pytest.approx([0.93, 0.99, 0.6, 0.7])
+    assert wide["input_aware"].tolist() == pytest.approx([0.7, 0.8, 0.9, 0.95])
+    text = markdown(leaderboard_plan(SPEC, "lb.yaml"), table, 1.0, members)
+    assert "| d3 | 0.930 / 0.990 | 0.700 / 0.800 |" in text
+
+
 def test_a_holdout_run_shared_by_two_rows_counts_once_in_compute(tmp_path):
     """When the default wins its search, the default and tuned rows share one holdout run
     (tag d3tune.shared_with on the second row): compute counts its seconds once."""
@@ -279,6 +304,11 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
     assert (table["compute_s"] > 0).all()
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
         assert (outcome.out_dir / name).stat().st_size > 0
+    per_model = pd.read_csv(outcome.out_dir / "per_threat_model.csv")
+    assert sorted(per_model["defense"]) == ["fst", "fst", "ft", "ft"]
+    assert list(per_model.columns) == ["defense", "row", "blended"]
+    report = (outcome.out_dir / "leaderboard.md").read_text()
+    assert "| fst | " in report.split("## Mean holdout DER per threat model")[1]
     for _, row in table.iterrows():
         if row["chosen"]:  # a YAML only for a setting that kept the ACC budget
             assert (spec.state_dir / "tuned" / f"{row['defense']}.yaml").exists()
