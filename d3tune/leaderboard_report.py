@@ -107,12 +107,10 @@ def per_threat_model(table: pd.DataFrame, members: pd.DataFrame) -> pd.DataFrame
     m = members.assign(threat_model=members["member"].map(threat_model))
     wide = m.pivot_table(index=["defense", "row"], columns="threat_model", values="der",
                          aggfunc="mean")
-    rank = {d: i for i, d in enumerate(table["defense"])}
-    wide = wide.reset_index()
+    order = [(d, r) for d in table["defense"] for r in ("default", "tuned") if (d, r) in wide.index]
+    wide = wide.reindex(order).reset_index()
     wide.columns.name = None
-    order = sorted(range(len(wide)), key=lambda i: (rank.get(wide["defense"][i], len(rank)),
-                                                     wide["row"][i]))
-    return wide.iloc[order].reset_index(drop=True)
+    return wide
 
 
 def _f(v: Any, digits: int = 3) -> str:
@@ -126,23 +124,24 @@ def _pts(v: Any, ok: bool = True) -> str:
     return f"{100 * v:.1f}" + ("" if ok else "!")
 
 
-def _threat_model_lines(table: pd.DataFrame, members: pd.DataFrame) -> list[str]:
-    wide = per_threat_model(table, members)
-    models = [c for c in wide.columns if c not in ("defense", "row")]
+def _threat_model_lines(table: pd.DataFrame, per_model: pd.DataFrame) -> list[str]:
+    models = [c for c in per_model.columns if c not in ("defense", "row")]
     if not models:
         return []
+    by_row = per_model.set_index(["defense", "row"])
     lines = ["", "## Mean holdout DER per threat model (default / tuned)", "",
              "| defense | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for defense in table["defense"]:
-        rows = {r["row"]: r for _, r in wide[wide["defense"] == defense].iterrows()}
-        cells = [" / ".join(_f(rows[side][tm]) for side in ("default", "tuned") if side in rows)
-                 or "-" for tm in models]
+        sides = [s for s in ("default", "tuned") if (defense, s) in by_row.index]
+        cells = [" / ".join(_f(by_row.loc[(defense, s), tm]) for s in sides) or "-"
+                 for tm in models]
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
     return lines
 
 
 def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | None,
-             members: pd.DataFrame | None = None) -> str:
+             per_model: pd.DataFrame | None = None) -> str:
+    """The table; with ``per_model`` (``per_threat_model``'s frame) the per-threat-model means."""
     first = spec.searches[0]
     lines = [f"# Leaderboard: {spec.name}", "",
              f"Population: {len(first.members)} members on seeds "
@@ -168,8 +167,8 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
                      f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {_f(r['gain'])} | "
                      f"{_f(r['default_s_per_member'], 1)} | {_f(r['tuned_s_per_member'], 1)} | "
                      f"{r['trials']} | {_f(r['compute_s'], 0)} |")
-    if members is not None:
-        lines += _threat_model_lines(table, members)
+    if per_model is not None:
+        lines += _threat_model_lines(table, per_model)
     return "\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n"
 
 
@@ -213,11 +212,12 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     table, members = read_back(client, parent)
     out = spec.state_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    per_model = per_threat_model(table, members)
     (out / "leaderboard.md").write_text(markdown(spec, table, state.get("population_seconds"),
-                                                 members))
+                                                 per_model))
     table.to_csv(out / "leaderboard.csv", index=False)
     members.to_csv(out / "members.csv", index=False)
-    per_threat_model(table, members).to_csv(out / "per_threat_model.csv", index=False)
+    per_model.to_csv(out / "per_threat_model.csv", index=False)
     plot(table, members, out)
     for path in sorted(out.iterdir()):
         client.log_artifact(parent, str(path), "report")

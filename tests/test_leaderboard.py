@@ -174,7 +174,7 @@ def test_per_threat_model_means_answer_the_badnets_question(tmp_path):
     assert list(wide.columns) == ["defense", "row", "badnets", "input_aware"]
     assert wide["badnets"].tolist() == pytest.approx([0.93, 0.99, 0.6, 0.7])
     assert wide["input_aware"].tolist() == pytest.approx([0.7, 0.8, 0.9, 0.95])
-    text = markdown(leaderboard_plan(SPEC, "lb.yaml"), table, 1.0, members)
+    text = markdown(leaderboard_plan(SPEC, "lb.yaml"), table, 1.0, wide)
     assert "| d3 | 0.930 / 0.990 | 0.700 / 0.800 |" in text
 
 
