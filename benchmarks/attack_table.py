@@ -3,7 +3,8 @@ model, and what D3 with the default trial config does to it (ASR after, ACC drop
 
 Why this script: an attack that does not plant a backdoor (low ASR) or that costs clean accuracy
 makes every defense number against it meaningless, so the zoo is checked end to end through the
-same ``run_trial`` the sweeps use. Target: ASR >= 0.85 with ACC within 3 points of the clean model.
+same ``run_trial`` the sweeps use. Target (TARGETS): ASR >= 0.85 with ACC within 3 points of the
+clean model on digits; ASR >= 0.90 within 2 points on Fashion-MNIST.
 
     python benchmarks/attack_table.py                      # all attacks on digits, seed 0
     python benchmarks/attack_table.py --attacks badnets,sig --data digits,synthetic --seed 1
@@ -32,8 +33,10 @@ from d3tune.trial import generator, pick_device, run_trial, train_backdoored
 
 log = logging.getLogger("attack_table")
 
-ASR_TARGET = 0.85
-ACC_SLACK = 0.03
+# Targets per dataset (ASR at least, ACC within this many points of the clean model's):
+# digits' from its README table; Fashion-MNIST's from its issue (a real image set should do better).
+TARGETS = {"fashion_mnist": (0.90, 0.02)}
+DEFAULT_TARGET = (0.85, 0.03)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="override an attack parameter, e.g. bpp.bits=3 (repeatable; YAML value)")
     ap.add_argument("--arch", help="architecture for every model (default: the dataset's)")
     ap.add_argument("--epochs", type=int, help="attack-training epochs (default: the dataset's)")
+    ap.add_argument("--train-size", type=int,
+                    help="training images kept (default: the dataset profile's)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; "
                     "1 is faster on a machine shared with other jobs)")
     args = ap.parse_args(argv)
@@ -67,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         extra["model"] = {"arch": args.arch}
     if args.epochs:
         extra["train"] = {"epochs": args.epochs}
+    if args.train_size:
+        extra["data"] = {"train_size": args.train_size}
     with tempfile.TemporaryDirectory() as tmp:
         cache = ModelCache(Path(args.cache) if args.cache else Path(tmp))
         rows = [row for data in args.data.split(",")
@@ -77,19 +84,22 @@ def main(argv: list[str] | None = None) -> None:
 
 def table_for(data_name: str, attacks: list[str], seed: int, device_name: str,
               cache: ModelCache, overrides: dict[str, dict], extra: dict) -> list[dict]:
-    base = {"seed": seed, "device": device_name, "data": {"name": data_name}, **extra}
-    data = load_dataset(data_name)
+    base = {"seed": seed, "device": device_name, **extra,
+            "data": {"name": data_name, **extra.get("data", {})}}
+    asr_target, acc_slack = TARGETS.get(data_name, DEFAULT_TARGET)
+    clean_cfg = resolve(trial_config({**base, "attack": {"name": "badnets", "ratio": 0.0}}))
+    data = load_dataset(data_name, train_size=clean_cfg.data.train_size)
     device = pick_device(device_name)
     data_dev = data.to(device)
 
-    clean_cfg = resolve(trial_config({**base, "attack": {"name": "badnets", "ratio": 0.0}}))
     t = time.perf_counter()
     clean_model = train_backdoored(clean_cfg, data_dev, data_dev.x_train, data_dev.y_train, device)
     clean_s = time.perf_counter() - t
     clean_acc = accuracy(predict(clean_model, data_dev.x_test), data_dev.y_test)
     log.info("%s clean model: ACC %.3f (%.0f s)", data_name, clean_acc, clean_s)
     rows = [{"attack": "(clean, ratio 0)",
-             "data": f"{data_name} ({clean_cfg.model.arch}, {clean_cfg.train.epochs} ep)",
+             "data": f"{data_name} ({clean_cfg.model.arch}, {clean_cfg.train.epochs} ep, "
+                     f"{len(data.y_train)} train)",
              "acc": clean_acc, "train_s": clean_s}]
 
     for name in attacks:
@@ -106,7 +116,7 @@ def table_for(data_name: str, attacks: list[str], seed: int, device_name: str,
                "train_s": result.seconds.get("attack_train", result.seconds.get("cache_load", 0)),
                "asr_after": m["asr_after"], "acc_drop": m["acc_before"] - m["acc_after"],
                "d3_s": result.seconds.get("defense", 0.0), "total_s": total}
-        row["ok"] = row["asr"] >= ASR_TARGET and row["acc"] >= clean_acc - ACC_SLACK
+        row["ok"] = row["asr"] >= asr_target and row["acc"] >= clean_acc - acc_slack
         log.info("%s/%s: %s", data_name, name, {k: round(v, 3) if isinstance(v, float) else v
                                                 for k, v in row.items()})
         rows.append(row)

@@ -88,7 +88,7 @@ def setup(dataset: str, arch: str | None, clean_ratio: float | None, epochs: int
         spec["defense"]["batch_size"] = batch_size
     cfg = resolve(trial_config(spec))
     dev = pick_device(cfg.device)
-    data = load_dataset(cfg.data.name, cfg.data.data_dir).to(dev)
+    data = load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size).to(dev)
     backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"), dev)
 
     def build() -> Entry:

@@ -91,7 +91,7 @@ def measure(spec: dict[str, Any], cache_dir: str | None = None, data=None) -> di
     # few pages; the peak is at least every RSS we saw.
     rss_peak = max(rss_peak_mib(), base_rss, rss_now_mib())
     vram_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    n_train = len((data or load_dataset(cfg.data.name, cfg.data.data_dir)).y_train)
+    n_train = len((data or load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size)).y_train)
     n_clean = cfg.data.clean_count or max(1, int(round(cfg.data.clean_ratio * n_train)))
     return {"seconds": res.seconds, "total": total, "cache_hit": res.cache_hit,
             "rss_base_mib": base_rss, "rss_peak_mib": rss_peak, "vram_peak_mib": vram_peak,

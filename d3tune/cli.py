@@ -42,7 +42,8 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{args.config}: expected a mapping of trial fields at the top")
         base = flatten(loaded or {})
     flags = {"data.name": args.dataset, "data.data_dir": args.data_dir,
-             "data.clean_ratio": args.clean_ratio, "attack.name": args.attack,
+             "data.clean_ratio": args.clean_ratio, "data.train_size": args.train_size,
+             "attack.name": args.attack,
              "defense.name": args.defense, "model.arch": args.arch, "seed": args.seed,
              "defense.epochs": args.epochs, "defense.lr": args.lr, "device": args.device}
     base.update({k: v for k, v in flags.items() if v is not None})
@@ -128,9 +129,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _add_trial_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with trial fields (data/attack/model/train/"
                    "defense/eval/seed); flags below override it")
-    p.add_argument("--dataset", help="digits (default, embedded), synthetic, cifar10, gtsrb, "
-                   "tiny-imagenet")
+    p.add_argument("--dataset", help="digits (default, embedded), fashion_mnist (Debian's "
+                   "dataset-fashion-mnist), synthetic, cifar10, gtsrb, tiny-imagenet")
     p.add_argument("--data-dir", help="local folder of a real dataset (never downloaded)")
+    p.add_argument("--train-size", type=int, help="training images kept (a fixed stratified "
+                   "subset; default: the dataset profile's)")
     p.add_argument("--attack", help="attack name (see `d3tune list attacks`)")
     p.add_argument("--defense", help="defense name (see `d3tune list defenses`)")
     p.add_argument("--arch", help="architecture (default: the dataset's)")

@@ -31,6 +31,9 @@ class DataConfig:
     data_dir: str | None = None
     clean_ratio: float | None = field(default=None, metadata={"gt": 0.0, "le": 1.0})
     clean_count: int | None = field(default=None, metadata={"ge": 1})  # overrides clean_ratio
+    # training images kept (a fixed stratified subset); None: the profile's (all, unless the
+    # profile cuts a large set for CPU budgets); a value >= the set's size keeps every image
+    train_size: int | None = field(default=None, metadata={"ge": 10})
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,8 @@ def resolve(cfg: TrialConfig) -> TrialConfig:
     pick = lambda v, d: d if v is None else v  # noqa: E731
     return replace(
         cfg,
-        data=replace(cfg.data, clean_ratio=pick(cfg.data.clean_ratio, prof.clean_ratio)),
+        data=replace(cfg.data, clean_ratio=pick(cfg.data.clean_ratio, prof.clean_ratio),
+                     train_size=pick(cfg.data.train_size, prof.train_size)),
         model=replace(cfg.model, arch=pick(cfg.model.arch, prof.arch)),
         train=replace(cfg.train, epochs=pick(cfg.train.epochs, prof.attack_epochs_of(cfg.attack.name)),
                       batch_size=pick(cfg.train.batch_size, prof.attack_batch_size),

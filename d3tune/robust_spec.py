@@ -29,7 +29,7 @@ ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "space"
                "storage", "experiment", "cache_dir", "start_with"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
 # Trial fields that say *which threat model* a member is: the population owns them.
-POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.clean_ratio",
+POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.train_size", "data.clean_ratio",
                      "data.clean_count", "model.arch", "seed")
 BUILTIN_REFERENCES = ("paper", "profile")
 # The paper's D3 optimisation schedule (../shared/D3_SPEC.md, step 3); its eps/lmd/p/init/radius

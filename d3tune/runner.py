@@ -58,7 +58,7 @@ def prepare(cfg: TrialConfig) -> tuple[Dataset, float]:
     results folder, no MLflow run left open."""
     imported = check_paths(cfg)
     start = time.perf_counter()
-    data = load_dataset(cfg.data.name, cfg.data.data_dir)
+    data = load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size)
     seconds = time.perf_counter() - start
     if imported is not None:
         check_import(cfg, imported, data)

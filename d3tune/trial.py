@@ -21,7 +21,7 @@ from torch import nn
 from d3tune.attacks import ATTACKS, Backdoor, ImportedBackdoor, Trainer, split_state, with_state
 from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
-from d3tune.data import Dataset, load_dataset
+from d3tune.data import Dataset, load_dataset, subset_train
 from d3tune.errors import UsageError
 from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
@@ -233,7 +233,11 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
         clock = now
 
     device = pick_device(cfg.device)
-    data = (data or load_dataset(cfg.data.name, cfg.data.data_dir)).to(device)
+    if data is None:
+        data = load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size)
+    elif cfg.data.train_size is not None:  # a caller's whole set, cut as the config says
+        data = subset_train(data, cfg.data.train_size)
+    data = data.to(device)
     lap("load")
     model, test_sets, key, origin = backdoored_model(cfg, data, device, cache, on_attack_epoch)
     lap(origin)

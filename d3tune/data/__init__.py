@@ -6,7 +6,7 @@ with its defaults (``Profile``). Real datasets read a local folder and never dow
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +72,8 @@ class Profile:
     defense_lr: float = 0.01
     # (attack, epochs) pairs: attacks that need a longer schedule to plant their backdoor here
     attack_epochs_for: tuple[tuple[str, int], ...] = ()
+    # training images used (a fixed class-stratified subset, ``subset_train``); None: all
+    train_size: int | None = None
 
     def attack_epochs_of(self, attack: str) -> int:
         return dict(self.attack_epochs_for).get(attack, self.attack_epochs)
@@ -95,16 +97,47 @@ def register(name: str, profile: Profile, needs_data_dir: bool):
     return add
 
 
-def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | Path | None = None,
+                 train_size: int | None = None) -> Dataset:
+    """The named dataset, its training set cut to ``train_size`` images (``subset_train``).
+    A dataset with a default location (``needs_data_dir`` False) still takes ``data_dir``."""
     entry = DATASETS[name]
     path: Path | None = None
-    if entry.needs_data_dir:
-        if data_dir is None:
-            raise UsageError(f"dataset {name!r} needs --data-dir (data.data_dir): a local folder")
+    if entry.needs_data_dir and data_dir is None:
+        raise UsageError(f"dataset {name!r} needs --data-dir (data.data_dir): a local folder")
+    if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
             raise UsageError(f"data.data_dir: {str(path)!r} is not a directory (dataset {name!r})")
-    return entry.load(path)
+    data = entry.load(path)
+    return data if train_size is None else subset_train(data, train_size)
+
+
+SUBSET_SEED = 0
+
+
+def subset_train(data: Dataset, size: int) -> Dataset:
+    """The first ``size`` images of a fixed class-stratified shuffle of the training set.
+
+    Why fixed (not the trial's seed): like a dataset's own split, the subset is part of the
+    data, so every trial of a sweep trains on the same images and a seed changes only what a
+    seed changes elsewhere (poison selection, init, order). Why stratified: a 10,000-image cut
+    of Fashion-MNIST keeps exactly 1,000 per class. The test set is never cut."""
+    n = len(data.y_train)
+    if size >= n:
+        return data
+    g = torch.Generator().manual_seed(SUBSET_SEED)
+    # Shuffle, then order by rank within class so any prefix takes classes in turn.
+    perm = torch.randperm(n, generator=g)
+    y = data.y_train.cpu()[perm]
+    rank = torch.empty(n, dtype=torch.int64)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        rank[idx] = torch.arange(len(idx))
+    order = perm[torch.sort(rank * data.num_classes + y, stable=True).indices][:size]
+    order = order.sort().values.to(data.y_train.device)
+    return replace(data, x_train=data.x_train[order].contiguous(),
+                   y_train=data.y_train[order].contiguous())
 
 
 def from_uint8_arrays(name: str, x_train, y_train, x_test, y_test, *, num_classes: int,
@@ -117,4 +150,4 @@ def from_uint8_arrays(name: str, x_train, y_train, x_test, y_test, *, num_classe
 
 
 # Importing the modules registers them (one line per dataset).
-from d3tune.data import cifar10, digits, gtsrb, synthetic, tiny_imagenet  # noqa: E402,F401
+from d3tune.data import cifar10, digits, fashion_mnist, gtsrb, synthetic, tiny_imagenet  # noqa: E402,F401

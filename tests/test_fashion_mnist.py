@@ -1,0 +1,189 @@
+"""Fashion-MNIST: the IDX reader on files written here, the loader on the real package's files
+when Debian's dataset-fashion-mnist is installed, the train-size cut, and bad input as one line."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d3tune.cli import main
+from d3tune.config import resolve, trial_config
+from d3tune.data import DATASETS, fashion_mnist, load_dataset, subset_train
+from d3tune.data.idx import read_idx, write_idx
+from d3tune.errors import UsageError
+
+REAL = fashion_mnist.DEFAULT_DIR
+needs_package = pytest.mark.skipif(
+    not (REAL / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def one_line_error(fn, *args, match: str) -> str:
+    with pytest.raises(UsageError) as info:
+        fn(*args)
+    msg = str(info.value)
+    assert "\n" not in msg and match in msg, msg
+    return msg
+
+
+def write_set(folder: Path, n_train: int = 30, n_test: int = 10, gz: bool = True,
+              seed: int = 0) -> dict[str, np.ndarray]:
+    """The four files in the official format, with labels 0..9 in turn."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"x_train": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "y_train": (np.arange(n_train) % 10).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "y_test": (np.arange(n_test)[::-1] % 10).astype(np.uint8)}
+    for key, stem in fashion_mnist.FILES.items():
+        write_idx(folder / (stem + (".gz" if gz else "")), arrays[key])
+    return arrays
+
+
+# --- the IDX reader ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])
+def test_idx_round_trip_and_header_layout(tmp_path: Path, name: str) -> None:
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / name
+    write_idx(path, a)
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+    # The published layout, byte for byte: magic 0x00000803, then 2, 3, 4 as big-endian uint32.
+    assert raw[:16] == bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 4])
+    assert raw[16:] == a.tobytes()
+    out = read_idx(path, 3)
+    assert out.dtype == np.uint8 and np.array_equal(out, a)
+
+
+def test_idx_bad_magic_truncated_and_corrupt_are_one_line(tmp_path: Path) -> None:
+    labels = tmp_path / "labels-idx1-ubyte"
+    write_idx(labels, np.arange(5, dtype=np.uint8))
+    one_line_error(read_idx, labels, 3, match="magic number 2049")  # a label file as images
+
+    images = tmp_path / "images-idx3-ubyte"
+    write_idx(images, np.zeros((4, 28, 28), dtype=np.uint8))
+    full = images.read_bytes()
+    images.write_bytes(full[:-100])
+    one_line_error(read_idx, images, 3, match="holds 3036")
+    images.write_bytes(full[:10])
+    one_line_error(read_idx, images, 3, match="truncated header")
+    images.write_bytes(b"\x00\x00")
+    one_line_error(read_idx, images, 3, match="shorter than the 4-byte magic")
+
+    gz = tmp_path / "images-idx3-ubyte.gz"
+    write_idx(gz, np.zeros((4, 28, 28), dtype=np.uint8))
+    gz.write_bytes(gz.read_bytes()[:-20])
+    one_line_error(read_idx, gz, 3, match="truncated or corrupt gzip")
+    gz.write_bytes(b"not gzip at all")
+    one_line_error(read_idx, gz, 3, match=str(gz))
+    one_line_error(read_idx, tmp_path / "missing.gz", 3, match="not found")
+
+
+# --- the loader on written files -----------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,gz", [("", True), ("", False), ("FashionMNIST/raw", False)])
+def test_loader_reads_written_files(tmp_path: Path, layout: str, gz: bool) -> None:
+    arrays = write_set(tmp_path / layout if layout else tmp_path, gz=gz)
+    ds = load_dataset("fashion_mnist", tmp_path)
+    assert ds.x_train.shape == (30, 1, 28, 28) and ds.x_test.shape == (10, 1, 28, 28)
+    assert ds.x_train.dtype == torch.uint8 and ds.y_train.dtype == torch.int64
+    assert torch.equal(ds.x_train[7, 0], torch.from_numpy(arrays["x_train"][7]))
+    assert ds.y_test.tolist() == arrays["y_test"].tolist()
+    assert ds.num_classes == 10 and ds.shape == (1, 28, 28)
+
+
+def test_loader_bad_files_are_one_line(tmp_path: Path) -> None:
+    one_line_error(load_dataset, "fashion_mnist", tmp_path, match="holds no Fashion-MNIST")
+    write_set(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    one_line_error(load_dataset, "fashion_mnist", tmp_path, match="t10k-labels-idx1-ubyte")
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(9, dtype=np.uint8))
+    one_line_error(load_dataset, "fashion_mnist", tmp_path, match="10 test images but 9 labels")
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(10, 12, dtype=np.uint8))
+    one_line_error(load_dataset, "fashion_mnist", tmp_path, match="got 12")
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((10, 32, 32), dtype=np.uint8))
+    one_line_error(load_dataset, "fashion_mnist", tmp_path, match="32x32, expected 28x28")
+    one_line_error(load_dataset, "fashion_mnist", tmp_path / "nope", match="not a directory")
+
+
+def test_missing_package_names_it(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(fashion_mnist, "DEFAULT_DIR", tmp_path / "not-installed")
+    msg = one_line_error(load_dataset, "fashion_mnist", None, match="dataset-fashion-mnist")
+    assert "apt-get install dataset-fashion-mnist" in msg
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--dataset", "fashion_mnist"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "dataset-fashion-mnist" in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# --- the training-set cut and the profile --------------------------------------------------------
+
+def test_subset_train_is_fixed_stratified_and_nested(tmp_path: Path) -> None:
+    write_set(tmp_path, n_train=200)
+    full = load_dataset("fashion_mnist", tmp_path)
+    cut = load_dataset("fashion_mnist", tmp_path, train_size=50)
+    assert cut.x_train.shape == (50, 1, 28, 28) and torch.equal(cut.x_test, full.x_test)
+    assert torch.bincount(cut.y_train, minlength=10).tolist() == [5] * 10
+    again = subset_train(full, 50)
+    assert torch.equal(again.x_train, cut.x_train)  # fixed: the trial's seed plays no part
+    # Each kept image is one of the full set's, with its own label.
+    rows = {bytes(x.numpy().tobytes()): int(y) for x, y in zip(full.x_train, full.y_train)}
+    assert all(rows[bytes(x.numpy().tobytes())] == int(y)
+               for x, y in zip(cut.x_train, cut.y_train))
+    small = subset_train(full, 20)  # a smaller cut is a prefix of the larger one's picks
+    assert {bytes(x.numpy().tobytes()) for x in small.x_train} <= {
+        bytes(x.numpy().tobytes()) for x in cut.x_train}
+    assert subset_train(full, 10_000) is full
+    assert cut.fingerprint() != full.fingerprint()  # a cut never reuses the full set's models
+
+
+def test_profile_resolves_and_flag_overrides() -> None:
+    prof = DATASETS["fashion_mnist"].profile
+    cfg = resolve(trial_config({"data": {"name": "fashion_mnist"}}))
+    assert cfg.data.train_size == prof.train_size and cfg.model.arch == prof.arch
+    assert (cfg.train.epochs, cfg.defense.batch_size) == (prof.attack_epochs,
+                                                           prof.defense_batch_size)
+    cfg = resolve(trial_config({"data": {"name": "fashion_mnist", "train_size": 60000}}))
+    assert cfg.data.train_size == 60000
+    assert resolve(trial_config({})).data.train_size is None  # digits keeps every image
+    with pytest.raises(UsageError, match="data.train_size"):
+        trial_config({"data": {"name": "fashion_mnist", "train_size": 3}})
+
+
+# --- the real files ------------------------------------------------------------------------------
+
+@needs_package
+def test_real_package_files() -> None:
+    ds = load_dataset("fashion_mnist")
+    assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
+    assert ds.x_train.dtype == torch.uint8 and ds.y_test.dtype == torch.int64
+    assert torch.bincount(ds.y_train).tolist() == [6000] * 10
+    assert torch.bincount(ds.y_test).tolist() == [1000] * 10
+    x = ds.x_train.float() / 255
+    assert x.mean().item() == pytest.approx(ds.mean[0], abs=1e-3)
+    assert x.std().item() == pytest.approx(ds.std[0], abs=1e-3)
+
+
+@needs_package
+@pytest.mark.parametrize("attack", ["badnets", "blended", "wanet", "lf", "bpp", "trojan",
+                                    "input_aware"])
+def test_attacks_plant_at_tiny_size(attack: str) -> None:
+    """Every trigger fits 28x28x1 and a short training run learns each backdoor far above the
+    clean rate: 1,000 real training images, 3 epochs (input_aware: its generator phase too)."""
+    from d3tune.trial import run_trial
+
+    params = {"mask_epochs": 1} if attack == "input_aware" else {}
+    cfg = resolve(trial_config({
+        "data": {"name": "fashion_mnist", "train_size": 1000, "clean_count": 100},
+        "attack": {"name": attack, "ratio": 0.2, **params},
+        "train": {"epochs": 3}, "defense": {"name": "ft", "epochs": 1},
+        "eval": {"subset": 64}}))
+    res = run_trial(cfg)
+    m = res.metrics
+    assert res.model is not None and 0.0 <= m["asr_after"] <= 1.0
+    assert m["acc_before"] > 0.4, m  # the clean task is learned alongside
+    assert m["asr_before"] > 0.5, m  # the trigger is learned (10 % would be chance)
