@@ -74,6 +74,10 @@ class ResumableOptunaSearch(OptunaSearch):
     limit): their values are set on each trial before it is told (``Trial.set_constraint``),
     so samplers and ``study.best_trials`` treat a trial outside them as infeasible."""
 
+    # The result field that numbers a trial's intermediate values (a sweep's epochs; a robust
+    # search reports once per member and overrides it with its members done).
+    step_key = "training_iteration"
+
     def __init__(self, *args: Any, constraints: tuple[tuple[str, float], ...] = (),
                  **kwargs: Any) -> None:
         self._constraints = tuple(constraints)
@@ -145,12 +149,15 @@ class ResumableOptunaSearch(OptunaSearch):
         if isinstance(self.metric, list) or ot_trial is None or result.get("replayed"):
             return
         frozen = self._ot_study._storage.get_trial(ot_trial._trial_id)
-        if frozen.state.is_finished() or result.get("training_iteration") in \
-                frozen.intermediate_values:
+        step = result.get(self.step_key)
+        if frozen.state.is_finished() or step in frozen.intermediate_values:
             log.debug("trial %s: result for an ended trial or a reported step ignored", trial_id)
             return
+        value = result.get(self.metric)
+        if not (isinstance(step, int) and isinstance(value, (int, float))):
+            return
         try:
-            super().on_trial_result(trial_id, result)
+            ot_trial.report(float(value), step)
         except optuna.exceptions.UpdateFinishedTrialError:  # pragma: no cover - raced
             log.debug("trial %s: result for a finished Optuna trial ignored", trial_id)
 
@@ -158,7 +165,10 @@ class ResumableOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         """COMPLETE only for a trial that ran its planned epochs (``engine.FINAL``); one ASHA
         stopped is PRUNED, its last values kept as user attrs (and as intermediate values
-        for one objective), so it never sits on a front; an error is FAIL."""
+        for one objective), so it never sits on a front; an error is FAIL. Constraint values
+        are set on COMPLETE trials only: a stopped trial's figures are partial, so they say
+        nothing about whether the setting keeps a constraint (TPE ranks pruned trials by how
+        far they got and their last value instead)."""
         ot_trial = self._ot_trials.get(trial_id)
         if trial_id in self._completed_trials or ot_trial is None:
             return
@@ -178,17 +188,16 @@ class ResumableOptunaSearch(OptunaSearch):
         if result:
             storage.set_trial_user_attr(tid, RESULT_ATTR, recorded_result(result))
         if state == TrialState.PRUNED and known:
-            step = result.get("training_iteration")
+            step = result.get(self.step_key)
             if (not isinstance(self.metric, list) and isinstance(step, int)
                     and step not in storage.get_trial(tid).intermediate_values):
                 # Tune does not pass the result that stopped a trial to the searcher
                 ot_trial.report(float(values[0]), step)
             storage.set_trial_user_attr(tid, "d3tune.last_values",
                                         dict(zip(self._metrics(), map(float, values))))
-            storage.set_trial_user_attr(tid, NOTE_ATTR, "stopped early by the scheduler at "
-                                        f"epoch {result.get('epoch')}")
-        if state != TrialState.FAIL and self._constraints and result:
-            for name, value in constraint_values(self._constraints, result).items():
+            storage.set_trial_user_attr(tid, NOTE_ATTR, self.stop_note(result))
+        if state == TrialState.COMPLETE and self._constraints:
+            for name, value in self.constraint_values(result).items():
                 ot_trial.set_constraint(name, value)
         try:
             self._ot_study.tell(ot_trial, values if state == TrialState.COMPLETE else None,
@@ -196,6 +205,12 @@ class ResumableOptunaSearch(OptunaSearch):
         except (ValueError, RuntimeError) as exc:  # e.g. NaN: say it in our words
             log.warning("trial %s: Optuna could not record its result (%s)", trial_id, exc)
         kill_point(f"told:{'finished' if state == TrialState.COMPLETE else state.name.lower()}")
+
+    def constraint_values(self, result: dict) -> dict[str, float]:
+        return constraint_values(self._constraints, result)
+
+    def stop_note(self, result: dict) -> str:
+        return f"stopped early by the scheduler at epoch {result.get('epoch')}"
 
     # -- resume ------------------------------------------------------------------------------
 

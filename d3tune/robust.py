@@ -25,7 +25,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -141,8 +140,7 @@ def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, 
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from d3tune.robust_tune import (ExactPruning, RobustOptunaSearch, acc_constraint,
-                                    population_trainable)
+    from d3tune.robust_tune import ExactPruning, RobustOptunaSearch, population_trainable
 
     plan = run_plan_of(spec)
     exp_dir = engine.experiment_dir(plan)
@@ -159,13 +157,10 @@ def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, 
     exp_dir.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
-    # constraints_func still works in Optuna 5 but warns of its removal in 7 at construction;
-    # users see d3tune's words or nothing, so that warning is not passed on.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        sampler = optuna.samplers.TPESampler(
-            seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)),
-            constraints_func=partial(acc_constraint, spec.max_acc_drop))
+    # The ACC budget is set as a constraint on complete trials by the searcher (Trial.
+    # set_constraint), which TPE reads from the study: no constraints_func.
+    sampler = optuna.samplers.TPESampler(
+        seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)))
     searcher = RobustOptunaSearch(space=partial(engine.define_by_run, spec.space),
                                   metric="worst_der", mode="max", sampler=sampler,
                                   storage=storage, study_name=spec.name,

@@ -20,6 +20,7 @@ from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from d3tune.engine import FINAL
 from d3tune.optuna_search import ResumableOptunaSearch
 from d3tune.robust_rules import (Finished, incumbent, member_order, prune_threshold,
                                  should_prune, worst_and_drop)
@@ -52,7 +53,7 @@ def member_before(spec: RobustSpec, member: Member, threads: int = 1) -> dict[st
     start = time.perf_counter()
     cfg = member_config(spec, member, {})
     device = pick_device(cfg.device)
-    data = load_dataset(cfg.data.name, cfg.data.data_dir).to(device)
+    data = load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size).to(device)
     model, sets, key, origin = backdoored_model(cfg, data, device, ModelCache(spec.cache_dir), None)
     before = evaluate(model, sets())
     return {"member": member.id, "seed": member.seed, "cache_key": key, "origin": origin,
@@ -80,7 +81,7 @@ def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[st
         if member.id in seen:
             continue
         cfg = member_config(spec, member, setting, reference)
-        where = (cfg.data.name, cfg.data.data_dir)
+        where = (cfg.data.name, cfg.data.data_dir, cfg.data.train_size)
         if where not in datasets:
             datasets[where] = load_dataset(*where)
         start = time.perf_counter()
@@ -108,7 +109,7 @@ def summary(rows: Sequence[Mapping[str, Any]], total: int) -> dict[str, Any]:
     last = rows[-1]
     out: dict[str, Any] = {"worst_der": worst, "mean_acc_drop": drop, "mean_der": mean,
                            "members_done": len(rows), "members_total": total,
-                           "member": last["member"]}
+                           "member": last["member"], FINAL: len(rows) == total}
     for r in rows:
         out.update({f"{k}.{r['member']}": float(r[k]) for k in MEMBER_METRICS if k in r})
     return out
@@ -183,25 +184,42 @@ class ExactPruning(FIFOScheduler):
 
 
 def acc_constraint(max_acc_drop: float, trial: Any) -> tuple[float]:
-    """Optuna constraint (<= 0 is feasible): mean ACC drop minus the budget, read from the user
-    attribute the searcher stores before telling the study. A trial without it (failed) is
-    infeasible."""
+    """Kept for searches snapshotted before the constraint moved onto the searcher (their
+    pickled TPESampler names it as ``constraints_func``): mean ACC drop minus the budget for a
+    complete trial, read from its user attributes; 0 (no evidence either way) for a pruned
+    one, as the searcher now does; a trial without figures (failed) is infeasible."""
+    if trial.user_attrs.get("pruned"):
+        return (0.0,)
     drop = trial.user_attrs.get("mean_acc_drop")
     return (1.0,) if drop is None else (float(drop) - max_acc_drop,)
 
 
 class RobustOptunaSearch(ResumableOptunaSearch):
     """Adds a member order to each suggested config (the incumbent's weakest members first) and
-    stores each finished trial's figures as Optuna user attributes (the constraint reads them).
-    A pruned trial is told with its running worst case: an upper bound, already below the
-    finalists, so TPE learns it is a poor region."""
+    stores each finished trial's figures as Optuna user attributes.
+
+    What the study is told: a setting evaluated on every member is COMPLETE, with its worst case
+    as the value and its mean ACC drop against the budget as a constraint. A setting stopped
+    before its last member (exact pruning, or the search's time budget) is PRUNED: its running
+    worst case is only an upper bound and its ACC drop covers some members, so neither may
+    stand for a finished setting (TPE's good group, ``study.best_trials``, the constraint). Its
+    running worst cases are the intermediate values, one per member done."""
+
+    step_key = "members_done"
 
     def __init__(self, *args: Any, member_ids: Sequence[str], max_acc_drop: float,
                  **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, constraints=(("max_acc_drop", max_acc_drop),), **kwargs)
         self._member_ids = list(member_ids)
         self._max_acc_drop = max_acc_drop
         self._settings_done: dict[str, dict[str, Any]] = {}
+
+    def constraint_values(self, result: dict) -> dict[str, float]:
+        return {"max_acc_drop": float(result["mean_acc_drop"]) - self._max_acc_drop}
+
+    def stop_note(self, result: dict) -> str:
+        return (f"stopped after {result.get('members_done')} of {result.get('members_total')} "
+                "members (exact pruning or the search's time budget)")
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)

@@ -394,31 +394,90 @@ def test_pruning_scheduler_stops_only_settings_that_cannot_win(tmp_path):
     assert sched.on_trial_result(alone, running, _result(0.1, 0.0, 1)) == TrialScheduler.CONTINUE
 
 
-def test_searcher_orders_members_and_stores_the_constraint():
+def _robust_searcher(ids, max_acc_drop=0.03):
     from functools import partial
 
     import optuna
 
     from d3tune.engine import define_by_run
-    from d3tune.robust_tune import ORDER_KEY, RobustOptunaSearch, acc_constraint
+    from d3tune.robust_tune import RobustOptunaSearch
     from d3tune.spec import Dist
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return RobustOptunaSearch(space=partial(define_by_run, (Dist("defense.lr", "loguniform",
+                                                                 (0.001, 0.1)),)),
+                              metric="worst_der", mode="max",
+                              sampler=optuna.samplers.TPESampler(seed=0),
+                              member_ids=ids, max_acc_drop=max_acc_drop)
+
+
+def test_searcher_orders_members_and_stores_the_constraint():
+    from d3tune.robust_tune import ORDER_KEY
+
     ids = ["badnets_s0", "blended_s0", "wanet_s0"]
-    sampler = optuna.samplers.TPESampler(seed=0, constraints_func=partial(acc_constraint, 0.03))
-    search = RobustOptunaSearch(space=partial(define_by_run, (Dist("defense.lr", "loguniform",
-                                                                   (0.001, 0.1)),)),
-                                metric="worst_der", mode="max", sampler=sampler,
-                                member_ids=ids, max_acc_drop=0.03)
+    search = _robust_searcher(ids)
     first = search.suggest("t1")
     assert first[ORDER_KEY] == ids and 0.001 <= first["defense.lr"] <= 0.1
     ders = {"der.badnets_s0": 0.99, "der.blended_s0": 0.6, "der.wanet_s0": 0.9}
-    search.on_trial_complete("t1", {**_result(0.6, 0.05, 3), **ders})  # over budget
+    search.on_trial_complete("t1", {**_result(0.6, 0.05, 3), **ders, "final": True})
     second = search.suggest("t2")
     assert second[ORDER_KEY] == ["blended_s0", "wanet_s0", "badnets_s0"]  # weakest first
     trial = search._ot_study.trials[0]
     assert trial.user_attrs["mean_acc_drop"] == 0.05 and trial.user_attrs["der.blended_s0"] == 0.6
-    assert trial.system_attrs["constraints"][0] == pytest.approx(0.02)  # infeasible
+    assert trial.constraints == {"max_acc_drop": pytest.approx(0.02)}  # infeasible
+
+
+def test_pruned_and_cut_settings_reach_optuna_as_pruned_without_a_constraint():
+    """A setting stopped before its last member (exact pruning, or cut by the time budget) is
+    PRUNED in the study, its running worst cases as intermediate values at step = members
+    done, and no ACC constraint: its partial figures never stand for a finished setting."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from d3tune.robust_tune import summary
+
+    ids = ["a_s0", "b_s0", "c_s0"]
+    search = _robust_searcher(ids)
+    rows = [{"member": m, "der": d, "acc_drop": 0.0} for m, d in zip(ids, (0.9, 0.8, 0.85))]
+    for tid in ("done", "pruned", "cut"):
+        search.suggest(tid)
+    for n in (1, 2, 3):  # what population_trainable reports, member by member
+        search.on_trial_result("done", summary(rows[:n], 3))
+    search.on_trial_complete("done", summary(rows, 3))
+    # a higher running worst case than the finished one: exact pruning never stops such a
+    # setting, but a time budget can; and one pruned after a single member
+    high = [{"member": m, "der": 0.99, "acc_drop": 0.10} for m in ids]
+    for tid, n in (("pruned", 1), ("cut", 2)):
+        for k in range(1, n + 1):
+            search.on_trial_result(tid, summary(high[:k], 3))
+        search.on_trial_complete(tid, summary(high[:n], 3))
+    study = search._ot_study
+    by_id = {t.user_attrs["d3tune.trial_id"]: t for t in study.trials}
+    done, pruned, cut = by_id["done"], by_id["pruned"], by_id["cut"]
+    assert done.state == TrialState.COMPLETE and done.value == pytest.approx(0.8)
+    assert done.constraints == {"max_acc_drop": pytest.approx(-0.03)}
+    assert done.intermediate_values == {1: 0.9, 2: 0.8, 3: 0.8}
+    for t, n in ((pruned, 1), (cut, 2)):
+        assert t.state == TrialState.PRUNED  # (Optuna gives it its last intermediate value)
+        assert t.constraints == {}  # 0.10 drop over some members: no verdict on the budget
+        assert sorted(t.intermediate_values) == list(range(1, n + 1))
+        assert t.user_attrs["pruned"] is True and t.user_attrs["members_done"] == n
+    # study.best_trials can only hold finished settings, though 0.99 > 0.8 on partial figures
+    assert [t.number for t in study.best_trials] == [done.number]
+    assert isinstance(study.sampler, optuna.samplers.TPESampler)
+
+
+def test_old_snapshots_constraint_func_gives_pruned_trials_no_verdict():
+    from types import SimpleNamespace
+
+    from d3tune.robust_tune import acc_constraint
+
+    assert acc_constraint(0.03, SimpleNamespace(user_attrs={"pruned": True,
+                                                            "mean_acc_drop": 0.2})) == (0.0,)
+    assert acc_constraint(0.03, SimpleNamespace(user_attrs={"pruned": False,
+                                                            "mean_acc_drop": 0.05}))[0] \
+        == pytest.approx(0.02)
+    assert acc_constraint(0.03, SimpleNamespace(user_attrs={})) == (1.0,)
 
 
 # ---------------------------------------------------------------------------------------------
