@@ -47,6 +47,17 @@ def _children(client: Any, exp_id: str, run_id: str) -> list[Any]:
                                    max_results=5000))
 
 
+def _search_best(holdout: dict[str, Any]) -> str:
+    """The label of the finalist the search ranked first ("none" without finalists). Runs
+    written before the rank was tagged: the lowest trial number among finalists."""
+    finals = {lb: r for lb, r in holdout.items()
+              if r.data.tags.get("d3tune.row_kind", "finalist") == "finalist"
+              and str(lb).startswith("trial-")}
+    rank = lambda lb: (int(finals[lb].data.tags.get("d3tune.search_rank", 10**9)),  # noqa: E731
+                       int(str(lb).removeprefix("trial-")))
+    return min(finals, key=rank, default="none")
+
+
 def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, members): one row per defense, sorted by tuned holdout worst case (best first;
     rows whose tuned setting keeps the ACC budget before those that do not), and one row per
@@ -67,9 +78,8 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                    if r.data.tags.get("d3tune.phase") == "holdout"}
         figures = {label: _figures(r) for label, r in holdout.items()}
         tuned = chosen
-        if tuned not in holdout:  # no finalist kept the ACC budget: show the best, flagged
-            finals = [lb for lb in figures if lb != DEFAULT_LABEL and lb.startswith("trial-")]
-            tuned = max(finals, key=lambda lb: figures[lb]["worst_der"], default="none")
+        if tuned not in holdout:  # no finalist kept the ACC budget: show the search's
+            tuned = _search_best(holdout)  # best finalist, flagged (never a holdout pick)
         trials = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
         compute = sum(v for r in children if "d3tune.shared_with" not in r.data.tags
                       for k, v in r.data.metrics.items() if k.startswith("seconds."))

@@ -10,8 +10,10 @@ Phases, all resumable (``--resume``):
    running worst case proves it cannot become a finalist; the ACC budget is an Optuna
    constraint, not a penalty.
 3. confirmation: the top_k admissible settings (and the references: the paper's defaults, the
-   profile's, named ones) run on the holdout seeds; the chosen defaults are the best holdout
-   worst case within the budget.
+   profile's, named ones; and the trade-off rows) run on the holdout seeds. The search selects,
+   the holdout confirms: the chosen defaults are the search's best finalist that keeps the ACC
+   budget on the holdout (the next one in search order only where it does not); holdout
+   figures are never compared between finalists.
 Output: a ``d3tune run --config`` YAML, an MLflow parent run with a child per setting, and a
 report (Markdown + plots) logged to the parent.
 
@@ -36,7 +38,7 @@ from rich.console import Console
 
 from d3tune import engine
 from d3tune.errors import UsageError
-from d3tune.robust_rules import admissible, choose, finalists, pruning_savings
+from d3tune.robust_rules import admissible, choose, finalists, pruning_savings, tradeoff_extras
 from d3tune.robust_spec import (Member, Reference, RobustSpec, defaults_yaml, member_config,
                                 setting_fields)
 from d3tune.spec import RunPlan
@@ -317,7 +319,8 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
         shown = setting_fields(spec, c["setting"], ref)
         shown = {k: v for k, v in shown.items() if k.startswith("defense.")}
         callback.log_holdout(c["label"], shown, member_rows, figures,
-                             shared_with=shared.get(c["label"]))
+                             shared_with=shared.get(c["label"]), kind=c["kind"],
+                             search_rank=c["search_rank"])
         rows.append({**c, **figures, "shown": shown,
                      "holdout_ders": {r["member"]: r["der"] for r in member_rows},
                      "holdout_admissible": admissible(figures["holdout_mean_acc_drop"],
@@ -327,12 +330,15 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
 
 def candidates_of(spec: RobustSpec, search: pd.DataFrame) -> list[dict[str, Any]]:
     rows = search.to_dict("records") if not search.empty else []
-    picked = finalists(rows, spec.top_k, spec.max_acc_drop, spec.tradeoff_budgets)
-    out = [{"label": f"trial-{r['trial']}", "kind": "finalist", "reference": None,
-            "setting": r["setting"], "search_worst_der": r["worst_der"],
-            "search_mean_acc_drop": r["mean_acc_drop"], "search_ders": r["ders"]} for r in picked]
+    picked = finalists(rows, spec.top_k, spec.max_acc_drop)
+    extras = tradeoff_extras(rows, picked, spec.tradeoff_budgets)
+    out = [{"label": f"trial-{r['trial']}", "kind": kind, "reference": None,
+            "setting": r["setting"], "search_rank": rank, "search_worst_der": r["worst_der"],
+            "search_mean_acc_drop": r["mean_acc_drop"], "search_ders": r["ders"]}
+           for rank, (kind, r) in enumerate([*(("finalist", r) for r in picked),
+                                             *(("tradeoff", r) for _, r in extras)])]
     out += [{"label": f"ref-{ref.name}", "kind": "reference", "reference": ref.name,
-             "setting": dict(ref.setting), "search_worst_der": None,
+             "setting": dict(ref.setting), "search_rank": None, "search_worst_der": None,
              "search_mean_acc_drop": None, "search_ders": {}} for ref in spec.references]
     return out
 

@@ -72,7 +72,7 @@ def _plots(outcome: Any, out: Path) -> list[Path]:
         paths.append(out / "worst_der_over_trials.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-    for phase, column, rows in (("search", "search_ders", hold[hold["kind"] == "finalist"]
+    for phase, column, rows in (("search", "search_ders", hold[hold["kind"] != "reference"]
                                  if not hold.empty else hold),
                                 ("holdout", "holdout_ders", hold)):
         if rows.empty or not any(rows[column].map(bool)):
@@ -125,7 +125,11 @@ def markdown(outcome: Any, images: list[Path]) -> str:
              *ceiling_lines(pop), ""]
     if outcome.chosen is not None:
         c = outcome.chosen
-        lines += [f"**Chosen**: {short(c['shown'])}: holdout worst-case DER "
+        lines += ["Protocol: the search's seeds select (finalists ranked by search worst-case "
+                  "DER); the holdout seeds only confirm: the chosen setting is the best-ranked "
+                  "finalist that keeps the ACC budget on the holdout.", "",
+                  f"**Chosen** (search rank {int(c['search_rank']) + 1}): {short(c['shown'])}: "
+                  "holdout worst-case DER "
                   f"{c['holdout_worst_der']:.3f}, mean ACC drop "
                   f"{c['holdout_mean_acc_drop'] * 100:.1f} points (search: "
                   f"{c['search_worst_der']:.3f}, "
@@ -139,7 +143,8 @@ def markdown(outcome: Any, images: list[Path]) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for _, r in hold.iterrows():
             mark = " (chosen)" if outcome.chosen is not None and r["label"] == \
-                outcome.chosen["label"] else ""
+                outcome.chosen["label"] else (" (trade-off only)" if r["kind"] == "tradeoff"
+                                              else "")
             drop = r["search_mean_acc_drop"]
             lines.append(f"| {r['label']}{mark} | {short(r['shown'])} | "
                          f"{_f(r['search_worst_der'])} | "

@@ -347,7 +347,8 @@ class RobustMlflowCallback(MlflowSweepCallback):
         self._save()
 
     def log_holdout(self, label: str, setting: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
-                    figures: Mapping[str, float], shared_with: str | None = None) -> None:
+                    figures: Mapping[str, float], shared_with: str | None = None,
+                    kind: str | None = None, search_rank: int | None = None) -> None:
         """One holdout row (a finalist or a reference) as a finished child run. A row whose
         run was shared with another (same configs, run once) is tagged ``d3tune.shared_with``,
         so that sums of compute count that run once."""
@@ -362,6 +363,10 @@ class RobustMlflowCallback(MlflowSweepCallback):
         tags = {"d3tune.phase": "holdout", "d3tune.label": label}
         if shared_with is not None:
             tags["d3tune.shared_with"] = shared_with
+        if kind is not None:  # finalist | tradeoff | reference
+            tags["d3tune.row_kind"] = kind
+        if search_rank is not None:  # 0: the search's best (what the confirmation tries first)
+            tags["d3tune.search_rank"] = str(search_rank)
         run_id = self.child_run(key, f"holdout {label}", tags, params)
         if run_id is None:
             return

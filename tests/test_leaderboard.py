@@ -215,6 +215,33 @@ def test_without_a_tuned_choice_the_best_finalist_is_shown_flagged_and_ranked_la
     assert "| 2 | ft | 0.500 | 3.0! | 0.700 | 5.0! | 0.200 |" in markdown(spec, table, 1.0)
 
 
+def test_without_a_choice_the_shown_finalist_is_the_searchs_best_not_the_holdouts(tmp_path):
+    """The flagged tuned row is the finalist the search ranked first, even when another
+    finalist scored higher on the holdout (on main the holdout's best was shown)."""
+    from d3tune.leaderboard_report import read_back
+
+    client, parent = _store(tmp_path, {"ft": ({"a_s3": 0.5}, {"a_s3": 0.9}, 1)})
+    exp = client.get_run(parent).info.experiment_id
+    robust = client.search_runs([exp], "tags.`d3tune.defense` = 'ft'")[0]
+    client.set_tag(robust.info.run_id, "d3tune.chosen", "none")
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{robust.info.run_id}'")
+    trial0 = next(r for r in runs if r.data.tags.get("d3tune.label") == "trial-0")
+    client.set_tag(trial0.info.run_id, "d3tune.search_rank", "1")
+    client.set_tag(trial0.info.run_id, "d3tune.row_kind", "finalist")
+    for label, rank, kind, der in (("trial-7", 0, "finalist", 0.6),
+                                   ("trial-2", 2, "tradeoff", 0.95)):
+        c = client.create_run(exp, tags={"mlflow.parentRunId": robust.info.run_id,
+                                         "d3tune.phase": "holdout", "d3tune.label": label,
+                                         "d3tune.search_rank": str(rank),
+                                         "d3tune.row_kind": kind}).info.run_id
+        client.log_metric(c, "der.a_s3", der)
+        client.log_metric(c, "acc_drop.a_s3", 0.05)
+    table, _ = read_back(client, parent)
+    row = table.iloc[0]
+    assert row["tuned_label"] == "trial-7" and row["tuned_worst_der"] == 0.6
+    assert not row["chosen"]
+
+
 # ---------------------------------------------------------------------------------------------
 # A tiny leaderboard on a real local Ray, interrupted in its second defense and resumed
 
@@ -232,7 +259,6 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
     import d3tune.leaderboard as lb
     import d3tune.robust as robust
     from d3tune.defenses import DEFENSES
-    from d3tune.leaderboard_report import read_back
     from d3tune.robust_spec import member_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -268,6 +294,7 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
     parents = client.search_runs([exp], "tags.`d3tune.kind` = 'leaderboard'")
     assert len(parents) == 1 and parents[0].info.run_id == outcome.parent_run_id
     searches = client.search_runs([exp], "tags.`d3tune.kind` = 'robust'")
+    confirmed = {}  # defense -> (chosen label, holdout label -> metrics), read here directly
     assert sorted(r.data.tags["d3tune.defense"] for r in searches) == ["fst", "ft"]
     for r in searches:
         assert r.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
@@ -279,6 +306,8 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
         for c in trials:  # holdout seeds never used by a search (read back from MLflow)
             assert c.data.params["seeds"] == "0"
             assert {k for k in c.data.metrics if k.startswith("der.")} == {"der.blended_s0"}
+        confirmed[r.data.tags["d3tune.defense"]] = (r.data.tags.get("d3tune.chosen"), {
+            label: c.data.metrics for label, c in holdout.items()})
         for c in holdout.values():
             assert c.data.params["seeds"] == "1"
             assert {k for k in c.data.metrics if k.startswith("der.")} == {"der.blended_s1"}
@@ -298,8 +327,18 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
         assert cfg.defense.params == DEFENSES[search.defense].params()
         assert (cfg.defense.lr, cfg.defense.batch_size, cfg.defense.epochs) == (0.01, 32, 2)
 
-    table, _ = read_back(client, outcome.parent_run_id)
-    assert table.equals(outcome.table)
+    table = outcome.table
+    for _, row in table.iterrows():  # each figure is the holdout run's own metric
+        chosen, runs = confirmed[row["defense"]]
+        assert row["default_worst_der"] == pytest.approx(runs["ref-default"]["holdout_worst_der"])
+        assert row["default_acc_drop"] == pytest.approx(
+            runs["ref-default"]["holdout_mean_acc_drop"])
+        assert row["chosen"] == (chosen in runs) and row["tuned_label"] != "ref-default"
+        if row["chosen"]:
+            assert row["tuned_label"] == chosen
+        assert row["tuned_worst_der"] == pytest.approx(
+            runs[row["tuned_label"]]["holdout_worst_der"])
+        assert row["gain"] == pytest.approx(row["tuned_worst_der"] - row["default_worst_der"])
     assert sorted(table["defense"]) == ["fst", "ft"] and set(table["trials"]) == {2}
     assert (table["compute_s"] > 0).all()
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):

@@ -11,6 +11,7 @@ import pytest
 
 from d3tune.errors import UsageError
 from d3tune.robust_rules import (Finished, choose, finalists, incumbent, member_order,
+                                 tradeoff_extras,
                                  prune_threshold, pruning_savings, should_prune, worst_and_drop)
 from d3tune.robust_spec import load_robust, member_config, robust_plan
 
@@ -43,32 +44,30 @@ def test_inadmissible_settings_never_set_the_bar():
     assert not should_prune(0.7, prune_threshold(finished, 1, 0.03))
 
 
-def test_never_prunes_the_incumbent_at_any_prefix_of_its_members():
-    others = [Finished(0.70, 0.01), Finished(0.82, 0.02)]
-    best = [{"der": d, "acc_drop": 0.01} for d in (0.97, 0.91, 0.88, 0.93, 0.85)]
-    thr = prune_threshold(others, 1, 0.03)
-    for n in range(1, len(best) + 1):  # its running minimum never falls below its final 0.85
-        running, _, _ = worst_and_drop(best[:n])
-        assert not should_prune(running, thr)
-
-
 def _search(settings, top_k, max_drop, prune):
-    """Sequential search over hand-made settings (each a list of (der, acc_drop) per member):
-    the finalists and how many member evaluations ran."""
-    finished, evaluated, rows = [], 0, []
+    """Sequential search over hand-made settings (each a list of (der, acc_drop) per member),
+    member reports built by the trainable's own ``summary`` and stopped by the real
+    ``ExactPruning`` scheduler: the finalists and how many member evaluations ran."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from d3tune.robust_tune import ExactPruning, complete, summary
+
+    scheduler = ExactPruning(top_k, max_drop)
+    trials, evaluated, rows = [], 0, []
     for i, members in enumerate(settings):
+        trial = _Trial(str(i), "RUNNING")
+        trials.append(trial)
         reports = []
-        for der, drop in members:
-            reports.append({"der": der, "acc_drop": drop})
+        for j, (der, drop) in enumerate(members):
+            reports.append({"member": f"m{j}", "der": der, "acc_drop": drop})
             evaluated += 1
-            worst, mean_drop, mean_der = worst_and_drop(reports)
-            if prune and len(reports) < len(members) and should_prune(
-                    worst, prune_threshold(finished, top_k, max_drop)):
+            trial.last_result = summary(reports, len(members))
+            if prune and scheduler.on_trial_result(_Controller(trials), trial,
+                                                   trial.last_result) == TrialScheduler.STOP:
                 break
-        else:
-            finished.append(Finished(worst, mean_drop))
-            rows.append({"id": i, "worst_der": worst, "mean_der": mean_der,
-                         "mean_acc_drop": mean_drop, "complete": True})
+        trial.status = "TERMINATED"
+        if complete(trial.last_result):
+            rows.append({"id": i, **trial.last_result, "complete": True})
     picked = finalists(rows, top_k, max_drop)
     return [r["id"] for r in picked], evaluated
 
@@ -103,19 +102,40 @@ def test_inadmissible_setting_is_never_the_incumbent_or_a_finalist():
             {"worst_der": 0.95, "mean_der": 0.95, "mean_acc_drop": 0.00, "complete": False}]
     assert incumbent(rows, 0.03) is rows[1]
     assert finalists(rows, 3, 0.03) == [rows[1]]
-    # a trade-off budget admits the 8-point setting as an extra finalist, ranked after
-    assert finalists(rows, 3, 0.03, tradeoff_budgets=(0.10,)) == [rows[1], rows[0]]
+    # a trade-off budget confirms the 8-point setting too, but as a trade-off row, never a
+    # finalist (it broke the search's budget: it cannot be chosen)
+    assert tradeoff_extras(rows, [rows[1]], (0.10,)) == [(0.10, rows[0])]
+    assert tradeoff_extras(rows, [rows[1]], (0.03,)) == []  # already a finalist
 
 
-def test_choice_on_the_holdout_respects_the_budget():
+def test_holdout_confirms_in_search_order_and_never_selects():
+    """On today's main the best holdout worst case among finalists won, so a setting ranked
+    lower by the search could win on holdout noise. Now the search's rank decides; the holdout
+    only vetoes a finalist that breaks the ACC budget there."""
+    rows = [{"label": "second", "search_rank": 1, "holdout_worst_der": 0.97,
+             "holdout_mean_der": 0.98, "holdout_mean_acc_drop": 0.01},
+            {"label": "first", "search_rank": 0, "holdout_worst_der": 0.81,
+             "holdout_mean_der": 0.9, "holdout_mean_acc_drop": 0.03},
+            {"label": "third", "search_rank": 2, "holdout_worst_der": 0.99,
+             "holdout_mean_der": 0.99, "holdout_mean_acc_drop": 0.00}]
+    assert choose(rows, 0.03)["label"] == "first"  # though 'second' scored higher on holdout
+    rows[1]["holdout_mean_acc_drop"] = 0.05  # the search's best breaks the budget on holdout
+    assert choose(rows, 0.03)["label"] == "second"
+    assert choose([rows[1]], 0.03) is None
+
+
+def test_tradeoff_table_reads_every_confirmed_row():
+    from d3tune.robust_rules import tradeoff
+
     rows = [{"label": "a", "holdout_worst_der": 0.97, "holdout_mean_der": 0.98,
              "holdout_mean_acc_drop": 0.05},
             {"label": "b", "holdout_worst_der": 0.81, "holdout_mean_der": 0.9,
              "holdout_mean_acc_drop": 0.03},
             {"label": "c", "holdout_worst_der": 0.81, "holdout_mean_der": 0.8,
              "holdout_mean_acc_drop": 0.01}]
-    assert choose(rows, 0.03)["label"] == "b"  # a is better but over budget; b wins the tie on mean
-    assert choose(rows[:1], 0.03) is None
+    (b3, r3), (b5, r5), (b0, r0) = tradeoff(rows, (0.03, 0.05, 0.0))
+    assert r3["label"] == "b"  # a is better but over budget; b wins the tie on mean DER
+    assert r5["label"] == "a" and r0 is None
 
 
 def test_optuna_constraint_reads_the_stored_acc_drop():
@@ -343,8 +363,12 @@ def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
             assert len(history) == 1 and history[0].timestamp / 1000 < killed_at
     db = tmp_path / "tune" / "resume.d3tune" / "optuna.db"
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}")
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 3
+    states = optuna.trial.TrialState
+    assert len(study.trials) == 3
+    for t in study.trials:  # a setting is COMPLETE exactly when it ran on both members
+        assert t.state in (states.COMPLETE, states.PRUNED)
+        assert (t.state == states.COMPLETE) == (t.user_attrs["members_done"] == 2), t
+        assert bool(t.constraints) == (t.state == states.COMPLETE)
     assert (tmp_path / "d.yaml").exists()
 
 
