@@ -21,12 +21,14 @@ from d3tune.robust_spec import RobustSpec, check_top_keys, robust_plan
 from d3tune.spec import _expect, _int
 from d3tune.yamlio import load_yaml
 
-LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "defenses", "spaces", "base", "budget",
+LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "defenses",
+                    "spaces", "base", "budget",
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
                     "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
                     "start_with_default"}
 # passed to every defense's robust spec unchanged
-SHARED_KEYS = ("population", "holdout_seeds", "base", "budget", "max_acc_drop", "min_asr", "top_k",
+SHARED_KEYS = ("population", "holdout_seeds", "holdout_attacks", "base", "budget",
+               "max_acc_drop", "min_asr", "top_k",
                "search_seed", "resources", "max_concurrent", "max_failures", "cache_dir")
 DEFAULT_REFERENCE = "default"  # the holdout label of the default row is "ref-default"
 STORAGE = "d3tune_results/leaderboard"

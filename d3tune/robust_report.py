@@ -111,6 +111,7 @@ def markdown(outcome: Any, images: list[Path]) -> str:
              f" members searched on seeds {sorted({m.seed for m in spec.members})}, holdout seeds "
              f"{sorted({m.seed for m in spec.holdout})}; left out (ASR before < {spec.min_asr}): "
              f"{', '.join(excluded) or 'none'}.",
+             *held_out_line(spec),
              f"Budget {spec.budget} settings; ACC budget {spec.max_acc_drop * 100:.1f} points "
              f"(mean ACC drop); top_k {spec.top_k}.",
              f"Time: total {sec.get('total', 0):.0f} s (population "
@@ -171,6 +172,15 @@ def markdown(outcome: Any, images: list[Path]) -> str:
         lines.append("")
     lines += [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
+
+
+def held_out_line(spec: Any) -> list[str]:
+    """One line naming the held-out attacks, when the holdout confirms on attacks the search
+    never saw (``holdout_attacks``); nothing when it repeats the population's threat models."""
+    searched = {m.fields.get("attack.name") for m in spec.members}
+    held = sorted({m.fields.get("attack.name") for m in spec.holdout} - searched)
+    return [f"Held-out attacks (never seen by the search, confirmation only): "
+            f"{', '.join(held)}."] if held else []
 
 
 def ceilings(pop: Any) -> dict[str, tuple[float, str]]:

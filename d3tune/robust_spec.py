@@ -23,7 +23,8 @@ from d3tune.spec import (Dist, ResourceSpec, _check_override, _expect, _int, _pa
                          _per_defense, absolute, flatten_space)
 from d3tune.yamlio import load_yaml
 
-ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "space", "per_defense",
+ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "holdout_attacks",
+               "space", "per_defense",
                "budget", "max_acc_drop", "min_asr", "top_k", "tradeoff_budgets", "references",
                "search_seed", "time_budget_s", "resources", "max_concurrent", "max_failures",
                "storage", "experiment", "cache_dir", "start_with"}
@@ -72,7 +73,9 @@ class RobustSpec:
     source: str
     base: dict[str, Any]  # nested trial dict without population fields; defense.name set
     members: tuple[Member, ...]  # the search population
-    holdout: tuple[Member, ...]  # the same threat models on holdout_seeds
+    # the same threat models on holdout_seeds, or (``holdout_attacks``) attacks the search
+    # never sees, crossed with the population's other axes, on holdout_seeds
+    holdout: tuple[Member, ...]
     space: tuple[Dist, ...]
     budget: int = 32  # Optuna trials (settings)
     max_acc_drop: float = 0.03  # mean ACC drop over the population (fraction)
@@ -144,8 +147,11 @@ def _attacks(pop: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, An
     return out
 
 
-def _population(data: Mapping[str, Any], source: str) -> tuple[list[dict[str, Any]], list[int]]:
-    """The population's threat models (without seeds) and its seeds."""
+def _population(data: Mapping[str, Any], source: str
+                ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]] | None]:
+    """The population's threat models (without seeds), its seeds, and the holdout's threat
+    models when ``holdout_attacks`` names attacks the search never sees (None: the holdout
+    repeats the population's threat models on its own seeds)."""
     where = f"{source}: population"
     pop = data.get("population")
     _expect(isinstance(pop, Mapping), where, "expected a mapping with attacks and/or records, "
@@ -173,6 +179,23 @@ def _population(data: Mapping[str, Any], source: str) -> tuple[list[dict[str, An
             axes.append([(f"{tag}{_slug(v)}" if len(values) > 1 else "", {path: v})
                          for v in values])
     seeds = _seed_list(_list(pop, "seeds", f"{where}.seeds", [0]), f"{where}.seeds")
+    held: list[dict[str, Any]] | None = None
+    if "holdout_attacks" in data:
+        hw = f"{source}: holdout_attacks"
+        _list(data, "holdout_attacks", hw)
+        unseen = _attacks({"attacks": data["holdout_attacks"]}, hw)
+        seen = {label for label, _ in attacks} | {f["attack.name"] for _, f in attacks}
+        for (label, flat), raw in zip(unseen, data["holdout_attacks"]):
+            _expect(label not in seen and flat["attack.name"] not in seen, hw,
+                    f"{label!r} is also a population attack: held-out attacks must be threat "
+                    "models the search never sees")
+        labels = [label for label, _ in unseen]
+        _expect(len(set(labels)) == len(labels), hw, f"listed twice: {labels}")
+        held = _combine([unseen, *axes[1:]])
+    return _combine(axes), seeds, held
+
+
+def _combine(axes: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
     models = []
     for combo in itertools.product(*axes):
         label = "_".join(part for part, _ in combo if part)
@@ -180,7 +203,7 @@ def _population(data: Mapping[str, Any], source: str) -> tuple[list[dict[str, An
         for _, part in combo:
             fields_.update(part)
         models.append({"label": label, "fields": fields_})
-    return models, seeds
+    return models
 
 
 def _members(models: list[dict[str, Any]], seeds: list[int]) -> tuple[Member, ...]:
@@ -263,10 +286,12 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
     base = unflatten(base_flat)
     _check_override(base, {}, f"{source}: base")  # also checks the defense name
 
-    models, seeds = _population(data, source)
+    models, seeds, held_models = _population(data, source)
     members = _members(models, seeds)
     for m in members[:: len(seeds)]:  # one per threat model: the seed is checked below
         _check_override(base, m.fields, f"{source}: population ({m.id})")
+    for m in _members(held_models or [], [0]):
+        _check_override(base, m.fields, f"{source}: holdout_attacks ({m.id})")
     holdout_seeds = _seed_list(_list(data, "holdout_seeds", f"{source}: holdout_seeds"),
                                f"{source}: holdout_seeds")
     shared = sorted(set(seeds) & set(holdout_seeds))
@@ -304,7 +329,7 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
             f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
     spec = RobustSpec(
         name=name, source=source, base=base, members=members,
-        holdout=_members(models, holdout_seeds), space=tuple(space),
+        holdout=_members(held_models or models, holdout_seeds), space=tuple(space),
         budget=_int(data.get("budget", RobustSpec.budget), f"{source}: budget", 1),
         max_acc_drop=max_drop,
         min_asr=_fraction(data.get("min_asr", RobustSpec.min_asr), f"{source}: min_asr"),

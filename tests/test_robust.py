@@ -215,10 +215,29 @@ def load_yaml_text(text: str):
     (lambda s: s.replace("  defense: {epochs: 2}", "  attack: {name: wanet}"), "base.attack.name"),
     (lambda s: s.replace("references:", "references:\n  - papper"), "did you mean 'paper'"),
     (lambda s: s.replace("budget: 2", "budget: 0"), "budget"),
+    (lambda s: s + "holdout_attacks: [blended]\n", "holdout_attacks: 'blended' is also a population"),
+    (lambda s: s + "holdout_attacks: [{name: badnets, ratio: 0.2}]\n",
+     "holdout_attacks: 'badnets-ratio0-2' is also a population"),
+    (lambda s: s + "holdout_attacks: [wanet, wanet]\n", "holdout_attacks: listed twice"),
+    (lambda s: s + "holdout_attacks: [wanett]\n", "wanett"),
+    (lambda s: s + "holdout_attacks: []\n", "holdout_attacks: expected a non-empty list"),
 ])
 def test_bad_robust_spec_names_the_field(edit, needle):
     with pytest.raises(UsageError, match=needle):
         robust_plan(load_yaml_text(edit(SPEC)), "tiny.yaml")
+
+
+def test_holdout_attacks_confirm_on_threat_models_the_search_never_saw():
+    text = SPEC.replace("seeds: [0]", "seeds: [0]\n  archs: [cnn, preactresnet18]")
+    spec = robust_plan(load_yaml_text(text + "holdout_attacks: [wanet, {name: sig, delta: 30}]\n"),
+                       "tiny.yaml")
+    searched = {m.fields["attack.name"] for m in spec.members}
+    held = {m.fields["attack.name"] for m in spec.holdout}
+    assert searched == {"blended", "badnets"} and held == {"wanet", "sig"}
+    assert [m.id for m in spec.holdout] == ["wanet_cnn_s1", "wanet_preactresnet18_s1",
+                                            "sig-delta30_cnn_s1", "sig-delta30_preactresnet18_s1"]
+    sig = member_config(spec, spec.holdout[2], {})
+    assert sig.attack.params.delta == 30 and sig.seed == 1 and sig.model.arch == "cnn"
 
 
 def test_shipped_spec_loads():
