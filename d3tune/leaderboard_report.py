@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LABEL = f"ref-{DEFAULT_REFERENCE}"
 COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tuned_worst_der",
            "tuned_acc_drop", "tuned_ok", "gain", "default_s_per_member", "tuned_s_per_member",
-           "trials", "compute_s", "tuned_label", "chosen")
+           "trials", "knobs", "compute_s", "tuned_label", "chosen")
 
 
 def _per_member(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -83,7 +83,10 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         trials = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
         compute = sum(v for r in children if "d3tune.shared_with" not in r.data.tags
                       for k, v in r.data.metrics.items() if k.startswith("seconds."))
-        row: dict[str, Any] = {"defense": defense, "trials": len(trials), "compute_s": compute,
+        knobs = search.data.params.get("space_dims")  # logged by the robust search
+        row: dict[str, Any] = {"defense": defense, "trials": len(trials),
+                               "knobs": int(knobs) if knobs is not None else math.nan,
+                               "compute_s": compute,
                                "tuned_label": tuned, "chosen": chosen in holdout}
         for side, label in (("default", DEFAULT_LABEL), ("tuned", tuned)):
             f = figures.get(label, {"worst_der": math.nan, "acc_drop": math.nan,
@@ -162,21 +165,23 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
              f"Backdoored models built once for all defenses: "
              f"{_f(population_s, 0)} s.", "",
              "All figures are on the holdout seeds, read back from MLflow. *Tuned* is the robust "
-             "search's confirmed choice (best holdout worst case among its top_k finalists "
-             "within the ACC budget; when none kept it, the best finalist, marked '!'). "
+             "search's confirmed choice (its best finalist, confirmed on the holdout; when "
+             "no finalist kept the ACC budget there, the search's best, marked '!'). "
              "'!' after an ACC drop: over the budget. Gain = tuned - default worst-case DER. "
              "Seconds per member: one member evaluation (model load, defense, evaluation). "
-             "Compute: the sum of every member evaluation of the defense (search and holdout).",
+             "Compute: the sum of every member evaluation of the defense (search and holdout). "
+             "Knobs: the dimensions of the defense's search space (equal trials are not equal "
+             "search effort when the spaces differ).",
              "", "| # | defense | default worst DER | default ACC drop (pts) | tuned worst DER | "
              "tuned ACC drop (pts) | tuning gain | s/member default | s/member tuned | trials | "
-             "compute (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "knobs | compute (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in table.iterrows():
         lines.append(f"| {i + 1} | {r['defense']} | {_f(r['default_worst_der'])} | "
                      f"{_pts(r['default_acc_drop'], r['default_ok'])} | "
                      f"{_f(r['tuned_worst_der'])} | "
                      f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {_f(r['gain'])} | "
                      f"{_f(r['default_s_per_member'], 1)} | {_f(r['tuned_s_per_member'], 1)} | "
-                     f"{r['trials']} | {_f(r['compute_s'], 0)} |")
+                     f"{r['trials']} | {_f(r['knobs'], 0)} | {_f(r['compute_s'], 0)} |")
     if per_model is not None:
         lines += _threat_model_lines(table, per_model)
     return "\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n"

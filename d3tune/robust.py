@@ -417,6 +417,13 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
     return outcome
 
 
+def space_dims(spec: RobustSpec) -> int:
+    """How many knobs the search tunes for its defense (a per-defense knob counts only for
+    its own defense; the defense's name is not a knob)."""
+    return sum(1 for d in spec.space if d.path != "defense.name"
+               and d.only_for in (None, spec.defense))
+
+
 def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -> None:
     """Before-metrics of every member on the parent run; the excluded members as a tag."""
     from mlflow.entities import Metric, RunTag
@@ -431,6 +438,7 @@ def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -
     callback._call("population", lambda: callback.client.log_batch(
         callback.parent_id, metrics=metrics, tags=tags))
     params = {"budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
+              "space_dims": space_dims(spec),
               "min_asr": spec.min_asr, "defense": spec.defense,
               "population": ",".join(m.id for m in spec.members),
               "holdout": ",".join(m.id for m in spec.holdout)}

@@ -113,6 +113,7 @@ def _store(tmp_path, figures):
                                            "d3tune.defense": defense,
                                            "d3tune.chosen": "trial-0"}).info.run_id
         client.log_param(rid, "max_acc_drop", 0.02)  # as the robust search logs it
+        client.log_param(rid, "space_dims", len(defense) + 1)
         for i in range(trials):
             c = client.create_run(exp, tags={"mlflow.parentRunId": rid,
                                              "d3tune.phase": "search"}).info.run_id
@@ -143,6 +144,7 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
     assert d3["tuned_acc_drop"] == pytest.approx(0.01)
     assert d3["tuned_ok"] and not d3["default_ok"]  # 3 points over the 2-point budget
     assert d3["trials"] == 2 and d3["tuned_s_per_member"] == 1.0
+    assert d3["knobs"] == 3  # the space_dims param of d3's robust search run
     assert d3["compute_s"] == pytest.approx(2 * 2.0 + 4 * 1.0)  # search + holdout evaluations
     assert len(members) == 8 and set(members["row"]) == {"default", "tuned"}
     # change a stored member metric: the table follows the store
@@ -340,6 +342,11 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
             runs[row["tuned_label"]]["holdout_worst_der"])
         assert row["gain"] == pytest.approx(row["tuned_worst_der"] - row["default_worst_der"])
     assert sorted(table["defense"]) == ["fst", "ft"] and set(table["trials"]) == {2}
+    from d3tune.robust import space_dims
+
+    for search in spec.searches:
+        (row,) = table[table["defense"] == search.defense].to_dict("records")
+        assert row["knobs"] == space_dims(search) >= 1
     assert (table["compute_s"] > 0).all()
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
         assert (outcome.out_dir / name).stat().st_size > 0
@@ -351,3 +358,13 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
     for _, row in table.iterrows():
         if row["chosen"]:  # a YAML only for a setting that kept the ACC budget
             assert (spec.state_dir / "tuned" / f"{row['defense']}.yaml").exists()
+
+
+def test_search_dimensionality_of_the_shipped_spec():
+    """The table's knobs column: D3 and NAD search 8 knobs, the fine-tuning family 4."""
+    from d3tune.robust import space_dims
+
+    spec = load_leaderboard(Path(__file__).parent.parent / "search_spaces" /
+                            "leaderboard_digits.yaml")
+    dims = {s.defense: space_dims(s) for s in spec.searches}
+    assert dims["d3"] == 8 and dims["nad"] == 8 and dims["ft"] == 4 and dims["fst"] == 4
