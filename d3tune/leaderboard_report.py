@@ -105,6 +105,59 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, pd.DataFrame(members, columns=["defense", "row", "member", "der"])
 
 
+def progress(client: Any, parent: str) -> pd.DataFrame:
+    """One row per setting searched, per defense, in the order the search ran them: the
+    member-seconds it spent, the running total, and the best complete within-budget search
+    worst case so far (NaN until one exists). What "tuned as hard" looks like: whether each
+    defense's search had levelled off, against trials and against compute."""
+    exp_id = client.get_run(parent).info.experiment_id
+    rows = []
+    for search in _children(client, exp_id, parent):
+        if search.data.tags.get("d3tune.kind") != "robust":
+            continue
+        defense = search.data.tags["d3tune.defense"]
+        trials = [r for r in _children(client, exp_id, search.info.run_id)
+                  if r.data.tags.get("d3tune.phase") == "search"]
+        best, spent = math.nan, 0.0
+        for i, r in enumerate(sorted(trials, key=lambda r: (r.info.start_time, r.info.run_id))):
+            m = r.data.metrics
+            cost = sum(v for k, v in m.items() if k.startswith("seconds."))
+            spent += cost
+            if r.data.tags.get("d3tune.admissible") == "true" and "worst_der" in m:
+                best = m["worst_der"] if math.isnan(best) else max(best, m["worst_der"])
+            rows.append({"defense": defense, "trial": i + 1, "seconds": cost,
+                         "cum_seconds": spent, "best_so_far": best,
+                         "pruned": r.data.tags.get("d3tune.pruned") == "true"})
+    return pd.DataFrame(rows, columns=["defense", "trial", "seconds", "cum_seconds",
+                                       "best_so_far", "pruned"])
+
+
+def plot_progress(prog: pd.DataFrame, out: Path) -> Path:
+    """Best-so-far search worst case per defense, against trials (left) and member-seconds of
+    compute (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for defense, rows in prog.groupby("defense", sort=False):
+        for ax, x in zip(axes, ("trial", "cum_seconds")):
+            ax.step(rows[x], rows["best_so_far"], where="post", label=defense)
+    axes[0].set_xlabel("settings searched (trials)")
+    axes[1].set_xlabel("compute spent (member-seconds)")
+    axes[0].set_ylabel("best search worst-case DER so far\n(complete, within the ACC budget)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Search progress per defense", fontsize=10)
+    fig.tight_layout()
+    path = out / "progress.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def threat_model(member: str) -> str:
     """A member id without its seed (``badnets_s3`` -> ``badnets``): the threat model it is one
     seed of, so a question like "who wins on BadNets?" reads off one column."""
@@ -184,7 +237,9 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
                      f"{r['trials']} | {_f(r['knobs'], 0)} | {_f(r['compute_s'], 0)} |")
     if per_model is not None:
         lines += _threat_model_lines(table, per_model)
-    return "\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n"
+    return ("\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n\n"
+            "Search progress (best worst case so far, against trials and against compute): "
+            "![progress](progress.png)\n")
 
 
 def plot(table: pd.DataFrame, members: pd.DataFrame, out: Path) -> Path:
@@ -234,6 +289,10 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     members.to_csv(out / "members.csv", index=False)
     per_model.to_csv(out / "per_threat_model.csv", index=False)
     plot(table, members, out)
+    prog = progress(client, parent)
+    prog.to_csv(out / "progress.csv", index=False)
+    if not prog.empty:
+        plot_progress(prog, out)
     for path in sorted(out.iterdir()):
         client.log_artifact(parent, str(path), "report")
     tuned = spec.state_dir / "tuned"
@@ -278,5 +337,5 @@ def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) ->
                       f"({r['trials']} settings searched + holdout rows)")
 
 
-__all__ = ["read_back", "per_threat_model", "threat_model", "markdown", "plot", "finish",
-           "print_table"]
+__all__ = ["read_back", "per_threat_model", "progress", "plot_progress", "threat_model",
+           "markdown", "plot", "finish", "print_table"]

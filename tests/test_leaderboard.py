@@ -348,7 +348,9 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
         (row,) = table[table["defense"] == search.defense].to_dict("records")
         assert row["knobs"] == space_dims(search) >= 1
     assert (table["compute_s"] > 0).all()
-    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png"):
+    prog = pd.read_csv(outcome.out_dir / "progress.csv")
+    assert sorted(prog.groupby("defense").size().items()) == [("fst", 2), ("ft", 2)]
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png", "progress.png"):
         assert (outcome.out_dir / name).stat().st_size > 0
     per_model = pd.read_csv(outcome.out_dir / "per_threat_model.csv")
     assert sorted(per_model["defense"]) == ["fst", "fst", "ft", "ft"]
@@ -368,3 +370,35 @@ def test_search_dimensionality_of_the_shipped_spec():
                             "leaderboard_digits.yaml")
     dims = {s.defense: space_dims(s) for s in spec.searches}
     assert dims["d3"] == 8 and dims["nad"] == 8 and dims["ft"] == 4 and dims["fst"] == 4
+
+
+def test_progress_is_best_so_far_over_trials_and_compute(tmp_path):
+    """Per defense, in the order the search ran: member-seconds spent and the best complete
+    within-budget worst case so far; pruned or over-budget settings never raise it."""
+    from mlflow.tracking import MlflowClient
+
+    from d3tune.leaderboard_report import plot_progress, progress
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("lb", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp, tags={"d3tune.kind": "leaderboard"}).info.run_id
+    rid = client.create_run(exp, tags={"mlflow.parentRunId": parent, "d3tune.kind": "robust",
+                                       "d3tune.defense": "ft"}).info.run_id
+    # (start ms, worst_der, admissible, pruned, seconds per member): created out of order
+    for start, worst, ok, pruned, secs in ((3000, 0.95, "false", "false", (1.0, 1.0)),
+                                           (1000, 0.60, "true", "false", (2.0, 2.0)),
+                                           (4000, 0.99, "false", "true", (0.5,)),
+                                           (2000, 0.70, "true", "false", (3.0, 1.0))):
+        c = client.create_run(exp, start_time=start, tags={
+            "mlflow.parentRunId": rid, "d3tune.phase": "search", "d3tune.admissible": ok,
+            "d3tune.pruned": pruned}).info.run_id
+        client.log_metric(c, "worst_der", worst)
+        for i, v in enumerate(secs):
+            client.log_metric(c, f"seconds.m{i}", v)
+    prog = progress(client, parent)
+    assert list(prog["trial"]) == [1, 2, 3, 4]
+    assert list(prog["seconds"]) == [4.0, 4.0, 2.0, 0.5]
+    assert list(prog["cum_seconds"]) == [4.0, 8.0, 10.0, 10.5]
+    assert list(prog["best_so_far"]) == [0.6, 0.7, 0.7, 0.7]  # 0.95 over budget, 0.99 pruned
+    assert list(prog["pruned"]) == [False, False, False, True]
+    assert plot_progress(prog, tmp_path).stat().st_size > 0
