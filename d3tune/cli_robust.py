@@ -1,4 +1,5 @@
-"""``d3tune robust SPEC``: robust defaults by search, confirmed on holdout seeds (robust.py)."""
+"""``d3tune robust SPEC``: robust defaults by search, confirmed on holdout seeds (robust.py);
+``d3tune adopt RUN``: make a finished search's confirmed setting the defaults (adopted.py)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,19 @@ def cmd_robust(args: argparse.Namespace) -> int:
     spec = replace(spec, **changes, **path_overrides(args))
     check_members(spec)
     robust_search(spec, resume=args.resume, address=args.address, out=args.out)
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from d3tune.adopted import adopt
+
+    entry = adopt(args.run, dataset=args.dataset, path=Path(args.file) if args.file else None)
+    print(f"adopted for {entry.dataset}: {entry.defense} "
+          + ", ".join(f"{k} {v}" for k, v in entry.knobs.items()))
+    print(f"wrote {entry.path}; `d3tune run --dataset {entry.dataset} --defense "
+          f"{entry.defense}` now uses these knobs wherever a config leaves them unset")
     return 0
 
 
@@ -63,3 +77,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="YAML of the chosen defaults (default "
                    "d3tune_results/robust/NAME.yaml); use it with `d3tune run --config`")
     p.set_defaults(func=cmd_robust)
+    a = sub.add_parser("adopt", help="make a finished robust search's confirmed setting the "
+                       "defaults of its defense on its dataset (every knob, with provenance)")
+    a.add_argument("run", help="the robust search's MLflow parent run id (printed by "
+                   "`d3tune robust`; MLFLOW_TRACKING_URI or ./mlflow.db)")
+    a.add_argument("--dataset", help="the dataset whose defaults to set (needed when the "
+                   "search's population spans several)")
+    a.add_argument("--file", help="defaults file to write (default: $D3TUNE_DEFAULTS_DIR or "
+                   "d3tune/defaults/, then <dataset>.yaml)")
+    a.set_defaults(func=cmd_adopt)

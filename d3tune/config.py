@@ -79,6 +79,9 @@ class EvalConfig:
 class TrialConfig:
     seed: int = field(default=0, metadata={"ge": 0})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # adopted: defense knobs left unset come from the adopted defaults (d3tune/adopted.py)
+    # before the profile and the built-in values; builtin: skip that layer
+    defaults: str = field(default="adopted", metadata={"choices": ("adopted", "builtin")})
     data: DataConfig = DataConfig()
     attack: AttackConfig = AttackConfig()
     model: ModelConfig = ModelConfig()
@@ -202,6 +205,8 @@ def trial_config(data: Any, where: str = "") -> TrialConfig:
         except UsageError as exc:
             raise UsageError(f"{prefix}{key}.name: {exc}") from None
         base = AttackConfig if key == "attack" else DefenseConfig
+        if key == "defense" and data.get("defaults", TrialConfig.defaults) == "adopted":
+            section = _with_adopted(section, data, name, f"{prefix}{key}")
         sections[key] = build(base, section, f"{prefix}{key}", extra=entry.params)
     cfg = build(TrialConfig, data, where)
     cfg = replace(cfg, **sections)
@@ -213,6 +218,28 @@ def trial_config(data: Any, where: str = "") -> TrialConfig:
             except UsageError as exc:
                 raise UsageError(f"{prefix}{path}: {exc}") from None
     return cfg
+
+
+def _with_adopted(section: Mapping[str, Any], data: Mapping[str, Any], defense: str,
+                  where: str) -> Mapping[str, Any]:
+    """The defense section with the knobs it leaves unset taken from the adopted defaults of
+    (dataset, defense); a bad adopted file or value is one line naming the file."""
+    from d3tune import adopted
+
+    data_section = data.get("data")
+    dataset = (data_section.get("name", DataConfig.name) if isinstance(data_section, Mapping)
+               else DataConfig.name)
+    if not isinstance(dataset, str):
+        return section
+    entry = adopted.lookup(dataset, defense)
+    if entry is None:
+        return section
+    try:
+        build(DefenseConfig, {**entry.knobs, "name": defense}, where,
+              extra=DEFENSES[defense].params)
+    except UsageError as exc:
+        raise UsageError(f"{exc} (an adopted default, from {entry.path})") from None
+    return {**entry.knobs, **section}
 
 
 def profile_of(cfg: TrialConfig) -> Profile:

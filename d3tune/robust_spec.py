@@ -65,6 +65,7 @@ class Reference:
     name: str
     setting: tuple[tuple[str, Any], ...]
     replace_base: bool = True
+    builtin: bool = False  # the defense's built-in knobs, not the adopted defaults ("paper")
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,7 @@ def _references(data: Mapping[str, Any], base: dict[str, Any],
                     f"{did_you_mean(item, BUILTIN_REFERENCES)}; built-ins: paper, profile "
                     "(or give {name: NAME, setting: {...}})")
             setting = PAPER_SCHEDULE if item == "paper" else {}
-            out.append(Reference(item, tuple(sorted(setting.items()))))
+            out.append(Reference(item, tuple(sorted(setting.items())), builtin=item == "paper"))
             continue
         _expect(isinstance(item, Mapping) and set(item) <= {"name", "setting"}
                 and isinstance(item.get("name"), str) and isinstance(item.get("setting"), Mapping),
@@ -433,8 +434,18 @@ def member_config(spec: RobustSpec, member: Member, setting: Mapping[str, Any],
     from d3tune.config import resolve, trial_config
 
     flat = {**setting_fields(spec, setting, reference), **member.fields}
+    if reference is not None and reference.builtin:
+        flat["defaults"] = "builtin"
     cfg = resolve(trial_config(unflatten(flat)))
     return replace(cfg, eval=replace(cfg.eval, every=cfg.defense.epochs, subset=None))
+
+
+def datasets_of(spec: RobustSpec) -> list[str]:
+    """The datasets a search's members (search and holdout) are drawn from."""
+    from d3tune.config import DataConfig
+
+    default = (spec.base.get("data") or {}).get("name", DataConfig.name)
+    return sorted({str(m.fields.get("data.name", default)) for m in spec.members + spec.holdout})
 
 
 def defaults_yaml(spec: RobustSpec, setting: Mapping[str, Any],

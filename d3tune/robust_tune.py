@@ -24,7 +24,7 @@ from d3tune.engine import FINAL
 from d3tune.optuna_search import ResumableOptunaSearch
 from d3tune.robust_rules import (Finished, incumbent, member_order, prune_threshold,
                                  should_prune, worst_and_drop)
-from d3tune.robust_spec import Member, Reference, RobustSpec, member_config
+from d3tune.robust_spec import Member, Reference, RobustSpec, datasets_of, member_config
 from d3tune.tracking_tune import MlflowSweepCallback
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,7 @@ class RobustMlflowCallback(MlflowSweepCallback):
         return {"d3tune.kind": "robust", "d3tune.spec": self.spec.source,
                 "d3tune.tune_dir": str(self.exp_dir), "d3tune.defense": self.spec.defense,
                 "d3tune.study": self.spec.name,
+                "d3tune.datasets": ",".join(datasets_of(self.spec)),
                 "d3tune.optuna_storage": f"sqlite:///{self.state_dir / OPTUNA_DB}",
                 "d3tune.population_seeds": ",".join(str(s) for s in sorted(
                     {m.seed for m in self.spec.members})),

@@ -200,6 +200,10 @@ def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total
              f"defense {cfg.defense.name},", f"seed {cfg.seed}"]
     for line in pack(title, width, " "):
         console.print(line, style="bold", highlight=False)
+    from d3tune.adopted import describe_for
+
+    console.print(describe_for(cfg.data.name, cfg.defense.name, cfg.defaults), soft_wrap=True,
+                  highlight=False)
     record = getattr(cfg.attack.params, "result", None)
     if record:  # an imported model: its file, whole (soft-wrapped, so it copies as one path)
         console.print(f"model from {record}", soft_wrap=True, highlight=False)
@@ -214,6 +218,19 @@ def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total
     console.print(f"total {duration(total)}; results in {out}", soft_wrap=True, highlight=False)
 
 
+def adopted_params(cfg: TrialConfig) -> dict[str, Any]:
+    """Where the run's defense defaults came from, as MLflow params (the provenance of an
+    adopted setting: its robust run and file)."""
+    from d3tune.adopted import lookup
+
+    entry = lookup(cfg.data.name, cfg.defense.name) if cfg.defaults == "adopted" else None
+    if entry is None:
+        return {"defaults.source": "builtin"}
+    return {"defaults.source": str(entry.path),
+            "defaults.robust_run": entry.provenance.get("robust_run"),
+            "defaults.adopted_on": entry.provenance.get("adopted_on")}
+
+
 def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
                 experiment: str, use_mlflow: bool) -> int:
     from safetensors.torch import save_file
@@ -224,6 +241,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
     out = Path(out_dir) / run_name
     out.mkdir(parents=True, exist_ok=True)
     params = flatten(to_dict(cfg))
+    params.update(adopted_params(cfg))
     mlrun = None
     if use_mlflow:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
