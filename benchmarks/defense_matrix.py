@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch CPU threads (default: torch's choice; 1 is much faster on a "
                          "busy shared CPU, where spinning OpenMP threads starve each other)")
     ap.add_argument("--jsonl", help="append each trial's row to this file as it finishes")
+    ap.add_argument("--rows", nargs="+", metavar="JSONL",
+                    help="print the table from rows saved with --jsonl (several runs merged, "
+                         "e.g. a slow defense run in a process of its own); runs nothing")
     args = ap.parse_args(argv)
+    if args.rows:
+        print(table_from_rows(args.rows))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +92,9 @@ def rows_for(args, data, seed: int, attack: str, defenses: list[str],
         if not rows:  # the backdoored model, once per (seed, attack)
             rows.append({"seed": seed, "attack": attack, "defense": "none",
                          "acc": m["acc_before"], "asr": m["asr_before"], "ra": m["ra_before"]})
+            if args.jsonl:
+                with open(args.jsonl, "a") as f:
+                    f.write(json.dumps(rows[0]) + "\n")
         row = {"seed": seed, "attack": attack, "defense": defense, "acc": m["acc_after"],
                "asr": m["asr_after"], "ra": m["ra_after"], "der": m["der"],
                "seconds": result.seconds.get("defense", 0.0),
@@ -97,6 +106,22 @@ def rows_for(args, data, seed: int, attack: str, defenses: list[str],
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return rows
+
+
+def table_from_rows(paths: list[str]) -> str:
+    """The Markdown table of saved rows; a (seed, attack) "none" row saved by two runs counts
+    once. Attacks and defenses in the order they first appear."""
+    rows, seen = [], set()
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            key = (row["seed"], row["attack"], row["defense"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+    order = lambda k: list(dict.fromkeys(r[k] for r in rows))  # noqa: E731
+    defenses = [d for d in order("defense") if d != "none"]
+    return markdown(rows, order("attack"), ["none", *defenses])
 
 
 def cell(values: list[float], spec: str) -> str:

@@ -303,3 +303,27 @@ def test_gpu_session_script_runs_every_step_on_tiny_cpu_sizes(tmp_path):
     assert "DER" in (out / "trial_fp32.txt").read_text()
     assert "speedup:" in (out / "pipeline.txt").read_text()
     assert len(list(out.iterdir())) <= 8  # what one device call can bring back
+
+
+def test_defense_matrix_merges_saved_rows(tmp_path, capsys):
+    """Rows saved by two runs (a slow defense in a process of its own) make one table; the
+    backdoored model's row both saved counts once; mean ± std over seeds."""
+    import json
+
+    matrix = _load("defense_matrix")
+    rows_a = [{"seed": s, "attack": "badnets", "defense": "none", "acc": 0.9, "asr": 1.0,
+               "ra": 0.0} for s in (0, 1)]
+    rows_a += [{"seed": s, "attack": "badnets", "defense": "d3", "acc": 0.8, "asr": a,
+                "ra": 0.7, "der": 0.9, "seconds": 10.0} for s, a in ((0, 0.0), (1, 0.2))]
+    rows_b = rows_a[:2] + [{"seed": 0, "attack": "badnets", "defense": "anp", "acc": 0.85,
+                            "asr": 0.5, "ra": 0.4, "der": 0.7, "seconds": 99.0}]
+    paths = []
+    for name, rows in (("a.jsonl", rows_a), ("b.jsonl", rows_b)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert matrix.main(["--rows", *map(str, paths)]) is None
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| badnets")]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["none", "d3", "anp"]
+    assert "0.100 ± 0.141" in lines[1]  # d3's ASR over the two seeds
+    assert "0.900 ± 0.000" in lines[0]  # the none row once per seed, not twice
