@@ -22,12 +22,13 @@ from d3tune.spec import _expect, _int
 from d3tune.yamlio import load_yaml
 
 LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "defenses",
-                    "spaces", "base", "budget",
+                    "spaces", "base", "budget", "compute_budget_s",
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
                     "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
                     "start_with_default"}
 # passed to every defense's robust spec unchanged
 SHARED_KEYS = ("population", "holdout_seeds", "holdout_attacks", "base", "budget",
+               "compute_budget_s",
                "max_acc_drop", "min_asr", "top_k",
                "search_seed", "resources", "max_concurrent", "max_failures", "cache_dir")
 DEFAULT_REFERENCE = "default"  # the holdout label of the default row is "ref-default"

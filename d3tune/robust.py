@@ -176,8 +176,14 @@ def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, 
         num_samples=spec.budget, time_budget_s=spec.time_budget_s,
         reuse_actors=True, trial_name_creator=lambda t: f"{spec.name}_{t.trial_id}",
         trial_dirname_creator=lambda t: t.trial_id)
+    stop = None
+    if spec.compute_budget_s is not None:
+        from d3tune.robust_tune import ComputeBudget
+
+        stop = ComputeBudget(spec.compute_budget_s,
+                             f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}", spec.name)
     run_config = tune.RunConfig(
-        name=spec.name, storage_path=str(exp_dir.parent), callbacks=callbacks,
+        name=spec.name, storage_path=str(exp_dir.parent), callbacks=callbacks, stop=stop,
         failure_config=tune.FailureConfig(max_failures=spec.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
     return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)

@@ -26,7 +26,7 @@ from d3tune.yamlio import load_yaml
 ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "holdout_attacks",
                "space", "per_defense",
                "budget", "max_acc_drop", "min_asr", "top_k", "tradeoff_budgets", "references",
-               "search_seed", "time_budget_s", "resources", "max_concurrent", "max_failures",
+               "search_seed", "time_budget_s", "compute_budget_s", "resources", "max_concurrent", "max_failures",
                "storage", "experiment", "cache_dir", "start_with"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
 # Trial fields that say *which threat model* a member is: the population owns them.
@@ -88,6 +88,9 @@ class RobustSpec:
     start_points: tuple[tuple[tuple[str, Any], ...], ...] = ()
     search_seed: int = 0
     time_budget_s: float | None = None  # stop the search (not the confirmation) after this long
+    # stop the search once its settings have spent this many member-seconds (the sum of every
+    # member evaluation's own time, whatever the parallelism): equal compute, not equal trials
+    compute_budget_s: float | None = None
     resources: ResourceSpec = ResourceSpec()
     max_concurrent: int = 2
     max_failures: int = 1
@@ -339,6 +342,8 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
         references=_references(data, base, source),
         search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
         time_budget_s=_time_budget(data.get("time_budget_s"), f"{source}: time_budget_s"),
+        compute_budget_s=_time_budget(data.get("compute_budget_s"),
+                                      f"{source}: compute_budget_s"),
         resources=res,
         max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
         max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),

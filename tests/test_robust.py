@@ -326,6 +326,31 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
 
 
 @pytest.mark.slow
+def test_compute_budget_ends_a_real_search_early(local_ray, tmp_path, monkeypatch):
+    """A search with room for 6 settings but 1 member-second of compute stops after its first
+    reports; the settings it cut are PRUNED in Optuna, never COMPLETE."""
+    import optuna
+
+    from d3tune.robust import robust_search
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = load_yaml_text(SPEC)
+    data.update(population={"attacks": ["blended"], "seeds": [0, 1]}, budget=6,
+                compute_budget_s=1.0, references=[], storage=str(tmp_path / "tune"),
+                cache_dir=str(tmp_path / "cache"), experiment="robust-compute")
+    spec = robust_plan(data, str(tmp_path / "tiny.yaml"))
+    outcome = robust_search(spec, out=tmp_path / "d.yaml")
+    assert 1 <= len(outcome.search) < 6
+    db = tmp_path / "tune" / "tiny.d3tune" / "optuna.db"
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    states = optuna.trial.TrialState
+    assert len(study.trials) < 6
+    for t in study.trials:  # complete on both members, or cut by the budget and PRUNED
+        assert t.state in (states.COMPLETE, states.PRUNED), t
+        assert (t.state == states.COMPLETE) == (t.user_attrs.get("members_done") == 2), t
+
+
+@pytest.mark.slow
 def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
     """Kill the driver (and its local Ray) once a setting has finished; --resume completes the
     search: every setting once in Optuna and MLflow, the finished one never evaluated again."""
@@ -508,6 +533,45 @@ def test_pruned_and_cut_settings_reach_optuna_as_pruned_without_a_constraint():
     # study.best_trials can only hold finished settings, though 0.99 > 0.8 on partial figures
     assert [t.number for t in study.best_trials] == [done.number]
     assert isinstance(study.sampler, optuna.samplers.TPESampler)
+
+
+def test_compute_budget_counts_member_seconds_across_settings_and_a_resume(tmp_path):
+    """Equal compute: the search stops once its settings' member evaluations add up to the
+    budget, however they ran side by side; a resumed search counts what ended before it
+    (from the study), and a setting reported again after the resume counts once."""
+    import optuna
+
+    from d3tune.optuna_search import RESULT_ATTR
+    from d3tune.robust_spec import robust_plan
+    from d3tune.robust_tune import ComputeBudget
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    ended = study.ask()
+    ended.set_user_attr(RESULT_ATTR, {"seconds.a_s0": 30.0, "seconds.b_s0": 20.0,
+                                      "worst_der": 0.9})
+    study.tell(ended, 0.9)
+
+    stop = ComputeBudget(100.0, url, "s")
+    report = lambda number, secs: {"config": {"d3tune.trial": number},  # noqa: E731
+                                   **{f"seconds.m{i}": v for i, v in enumerate(secs)}}
+    assert stop("t1", report(1, [10.0])) is False and not stop.stop_all()  # 50 + 10
+    assert stop.spent() == 60.0
+    stop("t1", report(1, [10.0, 15.0]))  # the same setting, one member more: 50 + 25
+    stop("t2", report(2, [20.0]))  # another setting alongside: 50 + 25 + 20
+    assert stop.spent() == 95.0 and not stop.stop_all()
+    stop("t0", report(0, [30.0, 20.0]))  # the ended setting replayed after the resume
+    assert stop.spent() == 95.0
+    stop("t2", report(2, [20.0, 6.0]))
+    assert stop.spent() == 101.0 and stop.stop_all()
+    fresh = ComputeBudget(1.0)  # no study: nothing before
+    assert fresh("x", {"seconds.a": 0.4}) is False and not fresh.stop_all()
+
+    spec = robust_plan(load_yaml_text(SPEC + "compute_budget_s: 600\n"), "tiny.yaml")
+    assert spec.compute_budget_s == 600.0
+    with pytest.raises(UsageError, match="compute_budget_s: expected a number of seconds > 0"):
+        robust_plan(load_yaml_text(SPEC + "compute_budget_s: 0\n"), "tiny.yaml")
 
 
 def test_old_snapshots_constraint_func_gives_pruned_trials_no_verdict():
