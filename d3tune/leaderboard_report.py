@@ -213,7 +213,9 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
              f"Population: {len(first.members)} members on seeds "
              f"{sorted({m.seed for m in first.members})}; holdout seeds "
              f"{sorted({m.seed for m in first.holdout})} (never seen by a search). "
-             f"Budget {first.budget} settings per defense; ACC budget "
+             f"Budget {first.budget} settings per defense"
+             + (f" and {first.compute_budget_s:.0f} member-seconds of compute (equal compute)"
+                if first.compute_budget_s else "") + "; ACC budget "
              f"{first.max_acc_drop * 100:.1f} points (mean ACC drop); top_k {first.top_k}.",
              f"Backdoored models built once for all defenses: "
              f"{_f(population_s, 0)} s.", "",
