@@ -168,22 +168,33 @@ def test_real_package_files() -> None:
     assert x.std().item() == pytest.approx(ds.std[0], abs=1e-3)
 
 
+PLANT_FAST = ("badnets", "blended")  # a patch and a full-image trigger; the rest are slow
+
+
 @needs_package
-@pytest.mark.parametrize("attack", ["badnets", "blended", "wanet", "lf", "bpp", "trojan",
-                                    "input_aware"])
+@pytest.mark.parametrize("attack", [
+    *PLANT_FAST, *(pytest.param(a, marks=pytest.mark.slow)
+                   for a in ("wanet", "lf", "trojan", "input_aware", "bpp"))])
 def test_attacks_plant_at_tiny_size(attack: str) -> None:
-    """Every trigger fits 28x28x1 and a short training run learns each backdoor far above the
-    clean rate: 1,000 real training images, 3 epochs (input_aware: its generator phase too)."""
+    """Every trigger fits 28x28x1 and a short training run on real images learns the backdoor
+    far above chance next to the clean task: 2,000 training images, 4 epochs in batches of 32,
+    20 % poisoned, scored on 1,000 test images (bpp at 4 bits, BadNets' patch at 5 px: see
+    ``params``)."""
+    from dataclasses import replace
+
     from d3tune.trial import run_trial
 
-    params = {"mask_epochs": 1} if attack == "input_aware" else {}
+    data = load_dataset("fashion_mnist", train_size=2000)
+    data = replace(data, x_test=data.x_test[:1000], y_test=data.y_test[:1000])
+    # a 5-px patch (6 at 32 px): mirror and crop augmentation move a 3-px one too much for
+    # 250 steps (ASR 0.32 measured); the shipped 3 px plants in the profile's 12 epochs
+    params = {"input_aware": {"mask_epochs": 1}, "bpp": {"bits": 4},
+              "badnets": {"patch": 6}}.get(attack, {})
     cfg = resolve(trial_config({
-        "data": {"name": "fashion_mnist", "train_size": 1000, "clean_count": 100},
+        "data": {"name": "fashion_mnist", "train_size": 2000, "clean_count": 64},
         "attack": {"name": attack, "ratio": 0.2, **params},
-        "train": {"epochs": 3}, "defense": {"name": "ft", "epochs": 1},
+        "train": {"epochs": 4, "batch_size": 32}, "defense": {"name": "ft", "epochs": 1},
         "eval": {"subset": 64}}))
-    res = run_trial(cfg)
-    m = res.metrics
-    assert res.model is not None and 0.0 <= m["asr_after"] <= 1.0
-    assert m["acc_before"] > 0.4, m  # the clean task is learned alongside
-    assert m["asr_before"] > 0.5, m  # the trigger is learned (10 % would be chance)
+    m = run_trial(cfg, data=data).metrics
+    assert m["acc_before"] > 0.6, m  # the clean task is learned alongside (chance: 0.1)
+    assert m["asr_before"] > 0.5, m  # and the trigger (a clean model: 0.02-0.16)
