@@ -174,12 +174,13 @@ PLANT_FAST = ("badnets", "blended")  # a patch and a full-image trigger; the res
 @needs_package
 @pytest.mark.parametrize("attack", [
     *PLANT_FAST, *(pytest.param(a, marks=pytest.mark.slow)
-                   for a in ("wanet", "lf", "trojan", "input_aware", "bpp"))])
+                   for a in ("lf", "trojan", "input_aware"))])
+# Not here: WaNet (ASR 0.21 at this size) and BppAttack at 4 bits (0.14) need the profile's
+# full schedule to plant (benchmarks/attack_table.py, docs/fashion_mnist.md).
 def test_attacks_plant_at_tiny_size(attack: str) -> None:
     """Every trigger fits 28x28x1 and a short training run on real images learns the backdoor
     far above chance next to the clean task: 2,000 training images, 4 epochs in batches of 32,
-    20 % poisoned, scored on 1,000 test images (bpp at 4 bits, BadNets' patch at 5 px: see
-    ``params``)."""
+    20 % poisoned, scored on 1,000 test images (BadNets' patch at 5 px: see ``params``)."""
     from dataclasses import replace
 
     from d3tune.trial import run_trial
@@ -188,8 +189,7 @@ def test_attacks_plant_at_tiny_size(attack: str) -> None:
     data = replace(data, x_test=data.x_test[:1000], y_test=data.y_test[:1000])
     # a 5-px patch (6 at 32 px): mirror and crop augmentation move a 3-px one too much for
     # 250 steps (ASR 0.32 measured); the shipped 3 px plants in the profile's 12 epochs
-    params = {"input_aware": {"mask_epochs": 1}, "bpp": {"bits": 4},
-              "badnets": {"patch": 6}}.get(attack, {})
+    params = {"input_aware": {"mask_epochs": 1}, "badnets": {"patch": 6}}.get(attack, {})
     cfg = resolve(trial_config({
         "data": {"name": "fashion_mnist", "train_size": 2000, "clean_count": 64},
         "attack": {"name": attack, "ratio": 0.2, **params},
