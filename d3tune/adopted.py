@@ -199,9 +199,8 @@ def _float(text: str | None) -> float | None:
 def describe_for(dataset: str, defense: str, mode: str) -> str:
     """What a run's defense settings rest on, in one line."""
     if mode == "builtin":
-        return f"{defense} defaults: built-in values and the {dataset} profile (adopted skipped)"
+        return f"{defense} defaults: built-in + {dataset} profile (adopted skipped)"
     adopted = lookup(dataset, defense)
     if adopted is None:
-        return (f"{defense} defaults: built-in values and the {dataset} profile "
-                "(no adopted defaults for this dataset)")
+        return f"{defense} defaults: built-in + {dataset} profile (none adopted)"
     return adopted.describe()

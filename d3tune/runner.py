@@ -202,8 +202,9 @@ def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total
         console.print(line, style="bold", highlight=False)
     from d3tune.adopted import describe_for
 
-    console.print(describe_for(cfg.data.name, cfg.defense.name, cfg.defaults), soft_wrap=True,
-                  highlight=False)
+    for line in pack(describe_for(cfg.data.name, cfg.defense.name, cfg.defaults).split(" "),
+                     width, " "):
+        console.print(line, highlight=False, overflow="fold")
     record = getattr(cfg.attack.params, "result", None)
     if record:  # an imported model: its file, whole (soft-wrapped, so it copies as one path)
         console.print(f"model from {record}", soft_wrap=True, highlight=False)

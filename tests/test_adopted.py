@@ -82,6 +82,7 @@ def test_trial_configs_use_adopted_knobs_where_they_are_silent(tmp_path, monkeyp
     assert ft.defense.epochs == 40
     assert "robust run abc" in describe_for("digits", "d3", "adopted")
     assert "adopted skipped" in describe_for("digits", "d3", "builtin")
+    assert "none adopted" in describe_for("synthetic", "d3", "adopted")
     assert adopted_params(cfg)["defaults.robust_run"] == "abc"
     assert adopted_params(raw) == {"defaults.source": "builtin"}
     # a robust search's paper reference means the paper's knobs, never the adopted ones

@@ -298,13 +298,14 @@ PLANTED = [[("badnets", 0, {})], [("blended", 1, {}), ("bpp", 2, {"bits": 3})]]
 
 
 def test_backdoors_are_planted(digits):
-    """Three epochs of the small CNN on the digits plant BadNets, Blended and BppAttack (at 3
+    """Five epochs of the small CNN on the digits plant BadNets, Blended and BppAttack (at 3
     bits: at its default 5 bits the digits CNN does not learn it even in 30 epochs, see
     benchmarks/attack_table.py, which checks every attack at the full schedule): ASR far above
     a clean model's. To keep this fast, Blended and BppAttack share one model, each poisoning
-    its own 10 % with its own target label."""
+    its own 10 % with its own target label. Five epochs, not three: at three BadNets reached ASR
+    0.576 on 2026-12-05's packages, a hair under the bar; at five 0.94 / 0.99 / 1.00."""
     d = digits
-    cfg = resolve(trial_config({"device": "cpu", "train": {"epochs": 3}}))
+    cfg = resolve(trial_config({"device": "cpu", "train": {"epochs": 5}}))
     cpu = torch.device("cpu")
     clean = train_backdoored(cfg, d, d.x_train, d.y_train, cpu)
     for group in PLANTED:
