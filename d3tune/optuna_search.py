@@ -69,6 +69,35 @@ def fail_running(storage: str, study_name: str) -> int:
     return failed
 
 
+def prune_cut(storage: str, study_name: str, last_results: dict[str, dict[str, Any]],
+              metric: str, step_key: str, note: str) -> int:
+    """Settings still RUNNING in the study after the search ended were cut by its time or
+    compute budget (Tune stops them without telling the searcher): tell each PRUNED, with its
+    last figures as user attributes and its last value as an intermediate value, so a cut
+    setting never looks finished nor stays RUNNING. ``last_results``: Tune trial id -> last
+    result. Returns how many were closed."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return 0
+    closed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        result = last_results.get(t.user_attrs.get(TRIAL_ID_ATTR, ""), {}) or {}
+        tid = t._trial_id
+        for k in ("worst_der", "mean_der", "mean_acc_drop", "members_done"):
+            if isinstance(result.get(k), (int, float)):
+                study._storage.set_trial_user_attr(tid, k, result[k])
+        study._storage.set_trial_user_attr(tid, "pruned", True)
+        study._storage.set_trial_user_attr(tid, NOTE_ATTR, note)
+        step, value = result.get(step_key), result.get(metric)
+        if isinstance(step, int) and isinstance(value, (int, float)) \
+                and step not in t.intermediate_values:
+            study._storage.set_trial_intermediate_value(tid, step, float(value))
+        study.tell(t.number, state=TrialState.PRUNED)
+        closed += 1
+    return closed
+
+
 class ResumableOptunaSearch(OptunaSearch):
     """OptunaSearch with the same arguments, plus ``constraints`` (``spec.CONSTRAINTS`` name ->
     limit): their values are set on each trial before it is told (``Trial.set_constraint``),

@@ -189,6 +189,18 @@ def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, 
     return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
 
 
+def _close_cut(spec: RobustSpec, results: Any) -> None:
+    """Settings the time or compute budget cut are PRUNED in the study (not left RUNNING)."""
+    from d3tune.optuna_search import prune_cut
+
+    last = {(r.metrics or {}).get("trial_id"): r.metrics or {} for r in results}
+    closed = prune_cut(f"sqlite:///{engine.state_dir(run_plan_of(spec)) / engine.OPTUNA_DB}",
+                       spec.name, last, "worst_der", "members_done",
+                       "cut by the search's time or compute budget before its last member")
+    if closed:
+        log.info("%d setting(s) cut by the search's budget: PRUNED in the study", closed)
+
+
 def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.DataFrame:
     """One row per setting tried: the setting, its figures, complete / pruned / cut (stopped by
     the time budget), per-member DER."""
@@ -390,6 +402,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         t = time.monotonic()
         tuner = build_tuner(spec, members, resume=resume, callbacks=[callback])
         results = tuner.fit()
+        _close_cut(spec, results)
         seconds["search"] = time.monotonic() - t
         callback.load_state()  # Tune may have logged through a copy of the callback
         search = search_frame(results, members, state)

@@ -43,7 +43,8 @@ def _plots(outcome: Any, out: Path) -> list[Path]:
     if not search.empty:
         fig, ax = plt.subplots(figsize=(8, 4.2))
         done = search[search["complete"]]
-        ok = done[[admissible(d, spec.max_acc_drop) for d in done["mean_acc_drop"]]]
+        ok = done[done["mean_acc_drop"].map(lambda d: admissible(d, spec.max_acc_drop))
+                  .astype(bool)]  # (a list would select columns when no setting completed)
         bad = done.drop(ok.index)
         pruned = search[search["pruned"]]
         ax.scatter(ok["trial"], ok["worst_der"], c="tab:green", label="complete, within budget")

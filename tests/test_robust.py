@@ -302,8 +302,8 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 2
     for t in done:
-        assert t.system_attrs["constraints"][0] == pytest.approx(
-            t.user_attrs["mean_acc_drop"] - spec.max_acc_drop)
+        assert t.constraints == {"max_acc_drop": pytest.approx(
+            t.user_attrs["mean_acc_drop"] - spec.max_acc_drop)}
 
     # the chosen defaults are a `d3tune run --config` file
     assert outcome.chosen is not None and outcome.chosen["kind"] == "finalist"
@@ -335,7 +335,7 @@ def test_compute_budget_ends_a_real_search_early(local_ray, tmp_path, monkeypatc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = load_yaml_text(SPEC)
-    data.update(population={"attacks": ["blended"], "seeds": [0, 1]}, budget=6,
+    data.update(population={"attacks": ["blended"], "seeds": [0, 1]}, holdout_seeds=[2], budget=6,
                 compute_budget_s=1.0, references=[], storage=str(tmp_path / "tune"),
                 cache_dir=str(tmp_path / "cache"), experiment="robust-compute")
     spec = robust_plan(data, str(tmp_path / "tiny.yaml"))
