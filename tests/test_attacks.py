@@ -339,5 +339,5 @@ def test_attack_table_prints_a_markdown_row_per_attack(capsys):
           "--param", "sig.delta=30"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| attack | data | ACC | ASR |") and len(lines) == 5
-    assert lines[2].startswith("| (clean, ratio 0) | digits (cnn, 1 ep)")
+    assert lines[2].startswith("| (clean, ratio 0) | digits (cnn, 1 ep, 1438 train) |")
     assert lines[3].startswith("| badnets |") and lines[4].startswith("| sig delta=30 |")
