@@ -288,11 +288,11 @@ class ComputeBudget(Stopper):
         return sum({**self._ended_before(), **self._spent}.values())
 
     def stop_all(self) -> bool:
-        if self.spent() >= self.limit_s:
+        spent = self.spent()
+        if spent >= self.limit_s:
             log.info("compute budget: %.0f of %.0f member-seconds spent; the search stops",
-                     self.spent(), self.limit_s)
-            return True
-        return False
+                     spent, self.limit_s)
+        return spent >= self.limit_s
 
 
 def _now_ms() -> int:
@@ -329,7 +329,7 @@ class RobustMlflowCallback(MlflowSweepCallback):
         self._ensure_setup()
         if key in self.state["children"]:
             return self.state["children"][key]
-        if self.client is None or self.parent_id is None:
+        if not self._ready():
             return None
         run = self._call("child run", lambda: self.client.create_run(
             self.exp_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, **tags}))

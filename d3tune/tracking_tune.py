@@ -120,8 +120,9 @@ class MlflowSweepCallback(Callback):
     def connect(self) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(self.uri)
-        self.exp_id = tracking.experiment_id(self.client, self.plan.experiment, self.uri)
+        client = MlflowClient(self.uri)
+        self.exp_id = tracking.experiment_id(client, self.plan.experiment, self.uri)
+        self.client = client  # only once the store answered: ``_ready`` retries otherwise
 
     @property
     def parent_id(self) -> str | None:
@@ -138,14 +139,24 @@ class MlflowSweepCallback(Callback):
 
     def setup(self, **info: Any) -> None:
         self.load_state()
-        if self._call("connect", self.connect) is None and self.client is None:
+        if not self._ready():
             return
+        for tid, status in list(self.state["closing"].items()):  # owed since a driver kill
+            self._close_child(tid, status)
+
+    def _ready(self) -> bool:
+        """Connected, with the parent run made. Tried again at every use while it is not, so
+        a store that was down at setup (or answered late) gets the runs once it is back."""
+        if self.client is None:
+            self._call("connect", self.connect)
+            if self.client is None:
+                return False
         if self.parent_id is None:
             run = self._call("parent run", lambda: self.client.create_run(
                 self.exp_id, run_name=self.plan.name,
                 tags=self._parent_tags()))
             if run is None:
-                return
+                return False
             self.state["parent"] = run.info.run_id
             self._save()
             params = {f"base.{k}": v for k, v in flatten(self.plan.base).items()}
@@ -156,8 +167,7 @@ class MlflowSweepCallback(Callback):
             if Path(self.plan.source).is_file():
                 self._call("spec artifact", lambda: self.client.log_artifact(
                     self.parent_id, self.plan.source, "spec"))
-        for tid, status in list(self.state["closing"].items()):  # owed since a driver kill
-            self._close_child(tid, status)
+        return True
 
     def _parent_tags(self) -> dict[str, str]:
         tags = {"d3tune.kind": self.plan.kind, "d3tune.spec": self.plan.source,
@@ -193,7 +203,7 @@ class MlflowSweepCallback(Callback):
                 self.state["keys"][key] = tid
             self._save()
             return self.state["children"][tid]
-        if self.client is None or self.parent_id is None:
+        if not self._ready():
             return None
         run = self._call("child run", lambda: self.client.create_run(
             self.exp_id, run_name=str(trial),
@@ -278,16 +288,20 @@ class MlflowSweepCallback(Callback):
             self.flush(tid)
 
     def _finish(self, trial: Any, status: str) -> None:
-        """The ledger first (the trial ended, with this result), then MLflow."""
-        from d3tune.engine import kill_point, recorded_result
+        """The ledger first (the trial ended, with this result), then MLflow. The ledger is
+        written whether or not MLflow answers: it is what keeps --resume from running a
+        finished trial again, and an MLflow outage must not cost that."""
+        from d3tune.engine import kill_point, recorded_result, trial_key
 
         self._ensure_setup()
         tid = trial.trial_id
-        run_id = self._child(trial)
-        if run_id is None or self._ended(tid) or (status != "FINISHED"
-                                                 and tid in self.state["failed"]):
+        self._child(trial)  # None while MLflow is down: the ledger is written all the same
+        if self._ended(tid) or (status != "FINISHED" and tid in self.state["failed"]):
             return
         self.flush(tid)
+        key = trial_key(trial.config or {})
+        if self.state["keys"].get(key) not in self.state["done"]:  # what --resume replays
+            self.state["keys"][key] = tid
         self.state["results"][tid] = recorded_result(trial.last_result)
         self.state["done" if status == "FINISHED" else "failed"].append(tid)
         self.state["closing"][tid] = status

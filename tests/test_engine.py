@@ -208,7 +208,7 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
     runs, parents, steps = mlflow_runs(db)
     assert len(set(parents.values())) == 1 and len(runs) == 1 + len(parents)
     final = json.loads(state.read_text())
-    assert len(final["done"]) == 4 and len(set(final["done"])) == 4
+    assert len(final["done"]) == 4 and len(set(final["done"])) == 4, proc.stderr[-4000:]
     assert set(done_before) <= set(final["done"])
     import sqlite3
 

@@ -210,3 +210,47 @@ def test_mlflow_calls_owed_at_a_kill_are_made_by_the_next_driver(tmp_path, monke
         status = con.execute("select status from runs where run_uuid=?",
                              (cb.state["children"]["t1"],)).fetchone()[0]
     assert status == "FINISHED"
+
+
+def test_the_ledger_records_a_trial_end_while_mlflow_is_down_and_runs_follow_later(
+        tmp_path, monkeypatch):
+    """A store that fails at setup (or at a trial's end) must not cost the ledger: --resume
+    reads it to skip finished trials. Once the store answers, the runs are made."""
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(textwrap.dedent(f"""
+        name: s
+        storage: {tmp_path / 'tune'}
+        base: {{data: {{name: digits}}, attack: {{name: badnets}}, defense: {{name: d3}}}}
+        space: {{defense.lr: {{choice: [0.01]}}}}
+        """))
+    plan = load_plan(spec, "sweep")
+    cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan),
+                                           engine.state_dir(plan))
+    real_connect = cb.connect
+
+    def down() -> None:
+        raise ConnectionError("store unreachable")
+
+    monkeypatch.setattr(cb, "connect", down)
+    cb.setup()
+    assert cb.client is None and cb.parent_id is None
+    first = FakeTrial("t1", config={"d3tune.trial": 0}, last_result=_result(4))
+    cb.on_trial_start(0, [], first)
+    cb.on_trial_complete(0, [], first)
+    ledger = tracking_tune.load_ledger(cb.state_dir)
+    assert ledger["done"] == ["t1"] and ledger["results"]["t1"]["epoch"] == 4
+    assert engine.replay_table(plan)  # a resumed sweep would not run t1 again
+
+    monkeypatch.setattr(cb, "connect", real_connect)  # the store is back
+    cb.down_until = 0.0
+    second = FakeTrial("t2", config={"d3tune.trial": 1}, last_result=_result(4))
+    cb.on_trial_start(0, [], second)
+    cb.on_trial_complete(0, [], second)
+    assert cb.parent_id is not None and "t2" in cb.state["children"]
+    assert tracking_tune.load_ledger(cb.state_dir)["done"] == ["t1", "t2"]
+    with sqlite3.connect(db) as con:
+        status = con.execute("select status from runs where run_uuid=?",
+                             (cb.state["children"]["t2"],)).fetchone()[0]
+    assert status == "FINISHED"
