@@ -29,8 +29,6 @@ from d3tune.errors import UsageError
 
 PACKAGE_DIR = Path(__file__).parent / "defaults"
 ENV = "D3TUNE_DEFAULTS_DIR"
-# What a config may say about this layer (TrialConfig.defaults)
-MODES = ("adopted", "builtin")
 
 
 @dataclass(frozen=True)
@@ -87,15 +85,6 @@ def lookup(dataset: str, defense: str) -> Adopted | None:
                 return Adopted(dataset, defense, dict(entry["knobs"]),
                                dict(entry.get("provenance") or {}), path)
     return None
-
-
-def fill(section: Mapping[str, Any], dataset: str, defense: str) -> dict[str, Any]:
-    """``section`` (a config's defense fields) with every knob it leaves unset taken from the
-    adopted defaults, if any: a knob the config names always wins."""
-    adopted = lookup(dataset, defense)
-    if adopted is None:
-        return dict(section)
-    return {**adopted.knobs, **section}
 
 
 def full_knobs(dataset: str, defense_section: Mapping[str, Any]) -> dict[str, Any]:

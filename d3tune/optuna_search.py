@@ -23,6 +23,7 @@ import logging
 import math
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -53,49 +54,46 @@ def ended_results(storage: str, study_name: str) -> dict[str, dict[str, Any]]:
             and RESULT_ATTR in t.user_attrs}
 
 
+def _running(storage: str, study_name: str) -> tuple[Any, list[Any]]:
+    """(study, its trials still RUNNING); (None, []) when the study was never created."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return None, []
+    return study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+
+
 def fail_running(storage: str, study_name: str) -> int:
     """Safety net after a sweep: a trial still RUNNING in the study (none is expected: in-flight
     trials are continued or adopted) is failed, saying why, rather than left running."""
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return 0
-    failed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    study, running = _running(storage, study_name)
+    for t in running:
         study._storage.set_trial_user_attr(
             t._trial_id, NOTE_ATTR, "in flight when the driver was killed; not continued")
         study.tell(t.number, state=TrialState.FAIL)
-        failed += 1
-    return failed
+    return len(running)
 
 
 def prune_cut(storage: str, study_name: str, last_results: dict[str, dict[str, Any]],
-              metric: str, step_key: str, note: str) -> int:
-    """Settings still RUNNING in the study after the search ended were cut by its time or
-    compute budget (Tune stops them without telling the searcher): tell each PRUNED, with its
-    last figures as user attributes and its last value as an intermediate value, so a cut
-    setting never looks finished nor stays RUNNING. ``last_results``: Tune trial id -> last
-    result. Returns how many were closed."""
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return 0
-    closed = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+              metric: str, step_key: str, note: str,
+              attrs_of: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """Trials still RUNNING in the study after the search ended were cut by its time or
+    compute budget (Tune stops them without telling the searcher): tell each PRUNED, with
+    ``attrs_of(last result)`` as user attributes and its last value as an intermediate value,
+    so a cut trial never looks finished nor stays RUNNING. ``last_results``: Tune trial id ->
+    last result. Returns how many were closed."""
+    study, running = _running(storage, study_name)
+    for t in running:
         result = last_results.get(t.user_attrs.get(TRIAL_ID_ATTR, ""), {}) or {}
         tid = t._trial_id
-        for k in ("worst_der", "mean_der", "mean_acc_drop", "members_done"):
-            if isinstance(result.get(k), (int, float)):
-                study._storage.set_trial_user_attr(tid, k, result[k])
-        study._storage.set_trial_user_attr(tid, "pruned", True)
-        study._storage.set_trial_user_attr(tid, NOTE_ATTR, note)
+        for k, v in {**attrs_of(result), NOTE_ATTR: note}.items():
+            study._storage.set_trial_user_attr(tid, k, v)
         step, value = result.get(step_key), result.get(metric)
         if isinstance(step, int) and isinstance(value, (int, float)) \
                 and step not in t.intermediate_values:
             study._storage.set_trial_intermediate_value(tid, step, float(value))
         study.tell(t.number, state=TrialState.PRUNED)
-        closed += 1
-    return closed
+    return len(running)
 
 
 class ResumableOptunaSearch(OptunaSearch):

@@ -193,10 +193,16 @@ def _close_cut(spec: RobustSpec, results: Any) -> None:
     """Settings the time or compute budget cut are PRUNED in the study (not left RUNNING)."""
     from d3tune.optuna_search import prune_cut
 
+    def attrs_of(result: dict[str, Any]) -> dict[str, Any]:  # as RobustOptunaSearch stores them
+        return {**{k: result[k] for k in ("worst_der", "mean_der", "mean_acc_drop",
+                                           "members_done")
+                    if isinstance(result.get(k), (int, float))}, "pruned": True}
+
     last = {(r.metrics or {}).get("trial_id"): r.metrics or {} for r in results}
     closed = prune_cut(f"sqlite:///{engine.state_dir(run_plan_of(spec)) / engine.OPTUNA_DB}",
                        spec.name, last, "worst_der", "members_done",
-                       "cut by the search's time or compute budget before its last member")
+                       "cut by the search's time or compute budget before its last member",
+                       attrs_of)
     if closed:
         log.info("%d setting(s) cut by the search's budget: PRUNED in the study", closed)
 
