@@ -13,20 +13,49 @@ def cmd_robust(args: argparse.Namespace) -> int:
     from d3tune.robust import robust_search
     from d3tune.robust_spec import load_robust
 
-    spec = load_robust(args.spec)
-    if args.budget is not None:
-        if args.resume:
-            raise UsageError("--budget: a resumed search keeps the budget it started with")
-        spec = spec.with_budget(args.budget)
+    if args.budget is not None and args.resume:
+        raise UsageError("--budget: a resumed search keeps the budget it started with")
     changes = {}
     if args.time_budget_s is not None:
         if not args.time_budget_s > 0:
             raise UsageError(f"--time-budget-s: expected a number of seconds > 0, got "
                              f"{args.time_budget_s}")
         changes["time_budget_s"] = args.time_budget_s
-    spec = replace(spec, **changes, **path_overrides(args))
+
+    def adjusted(spec):
+        if args.budget is not None:
+            spec = spec.with_budget(args.budget)
+        return replace(spec, **changes, **path_overrides(args))
+
+    if args.leave_one_attack_out:
+        return _leave_one_attack_out(args, adjusted)
+    spec = adjusted(load_robust(args.spec))
     check_members(spec)
     robust_search(spec, resume=args.resume, address=args.address, out=args.out)
+    return 0
+
+
+def _leave_one_attack_out(args: argparse.Namespace, adjusted) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from d3tune.errors import UsageError
+    from d3tune.robust_loo import load_leave_one_attack_out, run_leave_one_attack_out
+
+    if args.out:
+        raise UsageError("--out: with --leave-one-attack-out each search writes "
+                         "d3tune_results/robust/NAME-without-ATTACK.yaml")
+    specs = [(family, adjusted(spec)) for family, spec in load_leave_one_attack_out(args.spec)]
+    for _, spec in specs:
+        check_members(spec)
+    table = run_leave_one_attack_out(specs, resume=args.resume, address=args.address)
+    shown = Table(title="leave-one-attack-out: each attack confirmed by a search that never "
+                  "saw it (holdout seeds)")
+    for col in table.columns:
+        shown.add_column(col.replace("_", " "))
+    for _, row in table.iterrows():
+        shown.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row))
+    Console(width=None).print(shown)
     return 0
 
 
@@ -71,6 +100,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, help="number of settings to try (overrides the spec)")
     p.add_argument("--time-budget-s", type=float, help="stop searching after this many seconds "
                    "(settings still running are cut; the confirmation follows)")
+    p.add_argument("--leave-one-attack-out", action="store_true",
+                   help="one search per attack family of the population: search on the others, "
+                   "confirm on it (holdout seeds); a summary table at the end")
     p.add_argument("--storage", help="Tune storage folder (shared storage on a cluster)")
     p.add_argument("--cache-dir", help="backdoored-model cache folder")
     p.add_argument("--experiment", help="MLflow experiment name")

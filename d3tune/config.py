@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from d3tune.attacks import ATTACKS, AttackConfig
-from d3tune.data import DATASETS, Profile
+from d3tune.data import DATASETS, TEST_SPLITS, Profile
 from d3tune.defenses import DEFENSES, DefenseConfig
 from d3tune.errors import UsageError, did_you_mean
 from d3tune.models import MODELS
@@ -34,6 +34,9 @@ class DataConfig:
     # training images kept (a fixed stratified subset); None: the profile's (all, unless the
     # profile cuts a large set for CPU budgets); a value >= the set's size keeps every image
     train_size: int | None = field(default=None, metadata={"ge": 10})
+    # which test images score the trial: all, or one of two fixed class-stratified halves
+    # (``split_test``), so a robust search and its holdout never score on the same images
+    test_split: str = field(default="all", metadata={"choices": TEST_SPLITS})
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,11 @@ LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "d
                     "spaces", "base", "budget", "compute_budget_s",
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
                     "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
-                    "start_with_default"}
+                    "start_with_default", "split_test"}
 # passed to every defense's robust spec unchanged
 SHARED_KEYS = ("population", "holdout_seeds", "holdout_attacks", "base", "budget",
-               "compute_budget_s",
-               "max_acc_drop", "min_asr", "top_k",
-               "search_seed", "resources", "max_concurrent", "max_failures", "cache_dir")
+               "compute_budget_s", "max_acc_drop", "min_asr", "top_k", "search_seed",
+               "resources", "max_concurrent", "max_failures", "cache_dir", "split_test")
 DEFAULT_REFERENCE = "default"  # the holdout label of the default row is "ref-default"
 STORAGE = "d3tune_results/leaderboard"
 EXPERIMENT = "d3tune-leaderboard"

@@ -24,14 +24,15 @@ from d3tune.spec import (Dist, ResourceSpec, _check_override, _expect, _int, _pa
 from d3tune.yamlio import load_yaml
 
 ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "holdout_attacks",
-               "space", "per_defense",
-               "budget", "max_acc_drop", "min_asr", "top_k", "tradeoff_budgets", "references",
-               "search_seed", "time_budget_s", "compute_budget_s", "resources", "max_concurrent", "max_failures",
-               "storage", "experiment", "cache_dir", "start_with"}
+               "space", "per_defense", "budget", "max_acc_drop", "min_asr", "top_k",
+               "tradeoff_budgets", "references", "search_seed", "time_budget_s",
+               "compute_budget_s", "resources", "max_concurrent", "max_failures", "storage",
+               "experiment", "cache_dir", "start_with", "split_test"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
 # Trial fields that say *which threat model* a member is: the population owns them.
-POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.train_size", "data.clean_ratio",
-                     "data.clean_count", "model.arch", "seed")
+POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.train_size",
+                     "data.clean_ratio", "data.clean_count", "data.test_split", "model.arch",
+                     "seed")
 BUILTIN_REFERENCES = ("paper", "profile")
 # The paper's D3 optimisation schedule (../shared/D3_SPEC.md, step 3); its eps/lmd/p/init/radius
 # are the defaults of D3's Params. The clean-data regime stays the population's: a reference
@@ -97,6 +98,9 @@ class RobustSpec:
     storage: str = "d3tune_results/robust"
     experiment: str = "d3tune-robust"
     cache_dir: str | None = None
+    # search members score on one fixed half of each test set, holdout members on the other
+    # (``data.split_test``): selection and confirmation never share a test image
+    split_test: bool = True
 
     @property
     def defense(self) -> str:
@@ -210,8 +214,11 @@ def _combine(axes: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any
     return models
 
 
-def _members(models: list[dict[str, Any]], seeds: list[int]) -> tuple[Member, ...]:
-    return tuple(Member(f"{m['label']}_s{s}", tuple(sorted({**m["fields"], "seed": s}.items())))
+def _members(models: list[dict[str, Any]], seeds: list[int],
+             test_split: str = "all") -> tuple[Member, ...]:
+    extra = {} if test_split == "all" else {"data.test_split": test_split}
+    return tuple(Member(f"{m['label']}_s{s}",
+                        tuple(sorted({**m["fields"], **extra, "seed": s}.items())))
                  for m in models for s in seeds)
 
 
@@ -291,7 +298,10 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
     _check_override(base, {}, f"{source}: base")  # also checks the defense name
 
     models, seeds, held_models = _population(data, source)
-    members = _members(models, seeds)
+    split = data.get("split_test", True)
+    _expect(isinstance(split, bool), f"{source}: split_test", f"expected true or false, got "
+            f"{split!r}")
+    members = _members(models, seeds, "search" if split else "all")
     for m in members[:: len(seeds)]:  # one per threat model: the seed is checked below
         _check_override(base, m.fields, f"{source}: population ({m.id})")
     for m in _members(held_models or [], [0]):
@@ -333,7 +343,8 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
             f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
     spec = RobustSpec(
         name=name, source=source, base=base, members=members,
-        holdout=_members(held_models or models, holdout_seeds), space=tuple(space),
+        holdout=_members(held_models or models, holdout_seeds, "holdout" if split else "all"),
+        space=tuple(space), split_test=split,
         budget=_int(data.get("budget", RobustSpec.budget), f"{source}: budget", 1),
         max_acc_drop=max_drop,
         min_asr=_fraction(data.get("min_asr", RobustSpec.min_asr), f"{source}: min_asr"),

@@ -21,7 +21,7 @@ from torch import nn
 from d3tune.attacks import ATTACKS, Backdoor, ImportedBackdoor, Trainer, split_state, with_state
 from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
-from d3tune.data import Dataset, load_dataset, subset_train
+from d3tune.data import Dataset, half_indices, load_dataset, split_test, subset_train
 from d3tune.errors import UsageError
 from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
@@ -135,13 +135,17 @@ def backdoored_model(cfg: TrialConfig, data: Dataset, device: torch.device,
     from: "attack_train", "cache_load" or "import"): trained by the attack (through the cache),
     or imported from a file for an attack that brings its own (``load_backdoor``)."""
     entry = ATTACKS[cfg.attack.name]
+    tested = split_test(data, cfg.data.test_split)
     if entry.load_backdoor is not None:
         imported = entry.load_backdoor(cfg.attack.params)
         check_import(cfg, imported, data)
         model = imported_model(cfg, imported, device, (data.mean, data.std))
-        bd = tuple(t.to(device) for t in (imported.x_bd_test, imported.y_bd_target,
-                                          imported.y_bd_true))
-        return model, lambda: EvalSets(data.x_test, data.y_test, *bd), imported.key, "import"
+        bd = [t.to(device) for t in (imported.x_bd_test, imported.y_bd_target,
+                                     imported.y_bd_true)]
+        if cfg.data.test_split != "all":  # the record's own poisoned set, split the same way
+            keep = half_indices(bd[2], cfg.data.test_split)
+            bd = [t[keep] for t in bd]
+        return model, lambda: EvalSets(tested.x_test, tested.y_test, *bd), imported.key, "import"
     # The attack is lazy: poisoning the training set (and any trigger optimisation) happens only
     # when the backdoored model is built; a cache hit restores a stateful trigger instead.
     backdoor = Backdoor(data, cfg.attack, generator(cfg.seed, "poison"), device)
@@ -163,7 +167,8 @@ def backdoored_model(cfg: TrialConfig, data: Dataset, device: torch.device,
     model.load_state_dict(weights)
     if not built:
         backdoor.restore({k: v.to(device) for k, v in state.items()})
-    return (model, lambda: EvalSets(data.x_test, data.y_test, *backdoor.test_set()), key,
+    return (model, lambda: EvalSets(tested.x_test, tested.y_test,
+                                    *backdoor.test_set(tested)), key,
             "attack_train" if built else "cache_load")
 
 

@@ -289,10 +289,12 @@ class Backdoor:
             model = train(x, y)
         return model, trigger_state(self.trigger)
 
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def test_set(self, dataset: Dataset | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(triggered images, target labels, true labels): every non-target test image for
-        all-to-one, every test image for all-to-all."""
-        d, cfg = self.dataset, self.cfg
+        all-to-one, every test image for all-to-all; of ``dataset``'s test set when given (a
+        split of the one the backdoor was built on: ``data.split_test``)."""
+        d, cfg = dataset or self.dataset, self.cfg
         keep = (d.y_test != cfg.target) if cfg.mode == "all2one" else \
             torch.ones_like(d.y_test, dtype=torch.bool)
         y_true = d.y_test[keep]
