@@ -29,6 +29,7 @@ from d3tune.errors import UsageError
 
 PACKAGE_DIR = Path(__file__).parent / "defaults"
 ENV = "D3TUNE_DEFAULTS_DIR"
+SHIPPED_ENV = "D3TUNE_SHIPPED_DEFAULTS"
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,12 @@ class Adopted:
 
 
 def folders() -> list[Path]:
+    """Where adopted defaults are read: ``$D3TUNE_DEFAULTS_DIR``, then the package's own unless
+    ``$D3TUNE_SHIPPED_DEFAULTS`` is 0 (the test suite sets it, so tests of the mechanism do not
+    depend on what d3tune ships; ``defaults: builtin`` does the same for one config)."""
     extra = os.environ.get(ENV)
-    return ([Path(extra).expanduser()] if extra else []) + [PACKAGE_DIR]
+    shipped = os.environ.get(SHIPPED_ENV, "1") != "0"
+    return ([Path(extra).expanduser()] if extra else []) + ([PACKAGE_DIR] if shipped else [])
 
 
 def read(path: Path) -> dict[str, Any]:
@@ -174,7 +179,7 @@ def adopt(run_id: str, dataset: str | None = None, path: Path | None = None,
            if k in metrics},
         "max_acc_drop": _float(run.data.params.get("max_acc_drop")),
         "adopted_on": _dt.date.today().isoformat()}
-    target = path or (folders()[0] / f"{dataset}.yaml")
+    target = path or ((folders() or [PACKAGE_DIR])[0] / f"{dataset}.yaml")
     return write(target, dataset, defense, knobs, provenance)
 
 

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# Tests of trial configs see the built-in and profile defaults, not the adopted ones d3tune
+# ships (tests/test_adopted.py checks those on their own); inherited by subprocesses and Ray.
+os.environ.setdefault("D3TUNE_SHIPPED_DEFAULTS", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -142,3 +142,24 @@ def test_adopt_from_the_command_line(tmp_path, monkeypatch, capsys):
     assert main(["adopt", "f" * 32]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no MLflow run" in err
+
+
+def test_shipped_digits_defaults_are_the_confirmed_robust_setting(monkeypatch):
+    """What d3tune ships for D3 on digits: a robust search's confirmed setting, every knob, with
+    its provenance, and what `d3tune run` resolves to when a config is silent."""
+    from d3tune.adopted import PACKAGE_DIR, lookup
+
+    monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "1")
+    monkeypatch.delenv("D3TUNE_DEFAULTS_DIR", raising=False)
+    entry = lookup("digits", "d3")
+    assert entry is not None and entry.path == PACKAGE_DIR / "digits.yaml"
+    p = entry.provenance
+    assert p["spec"] == "search_spaces/robust_d3_digits.yaml" and p["holdout_seeds"] == "3,4"
+    assert p["holdout_mean_acc_drop"] <= p["max_acc_drop"]  # confirmed within its ACC budget
+    cfg = resolve(trial_config({}))
+    assert cfg.defense.epochs == entry.knobs["epochs"] and cfg.defense.batch_size == 16
+    assert cfg.defense.params.eps == pytest.approx(entry.knobs["eps"])
+    assert cfg.defense.params.init == entry.knobs["init"]
+    monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "0")
+    assert lookup("digits", "d3") is None
+    assert resolve(trial_config({})).defense.epochs == 40  # the profile's again
