@@ -192,3 +192,35 @@ def test_cli_leave_one_attack_out_refuses_out_and_bad_specs(tmp_path, capsys):
     assert len(err) == 1 and "holdout_attacks" in err[0]
     assert main(["robust", str(path), "--leave-one-attack-out", "--out", "x.yaml"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two tiny searches on a real local Ray: ~1-2 min on 2 cores
+def test_leave_one_attack_out_end_to_end(local_ray, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    text = SPEC.replace("[badnets, blended, {name: blended, alpha: 0.1}, wanet]",
+                        "[badnets, blended]").replace("holdout_seeds: [1, 2]",
+                                                       "holdout_seeds: [1]")
+    data = spec_data(text)
+    data.update(budget=1, min_asr=0.0, max_acc_drop=1.0, storage=str(tmp_path / "tune"),
+                cache_dir=str(tmp_path / "cache"), experiment="loo-test")
+    specs = leave_one_attack_out(data, "proto.yaml")
+    table = run_leave_one_attack_out(specs, out_dir=tmp_path / "out")
+    assert list(table["held_out"]) == ["badnets", "blended"]
+    assert table["held_out_worst_der"].between(0, 1).all()
+    assert table["ref-profile_worst_der"].between(0, 1).all()
+    assert (tmp_path / "out" / "proto.leave_one_attack_out.csv").is_file()
+    # read back from MLflow: each search scored only the other attack, its holdout only the
+    # held-out one, on the holdout seed
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("loo-test").experiment_id])
+    for family, spec in specs:
+        parent = next(r for r in runs if r.info.run_name == spec.name)
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        for r in kids:
+            members = {k.split(".", 1)[1] for k in r.data.metrics if k.startswith("der.")}
+            phase = r.data.tags["d3tune.phase"]
+            other = ({"badnets", "blended"} - {family}).pop()
+            assert members == ({f"{other}_s0"} if phase == "search" else {f"{family}_s1"})

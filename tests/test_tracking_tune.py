@@ -42,7 +42,7 @@ def _result(epoch: int) -> dict[str, Any]:
             "acc_before": 0.95, "asr_before": 0.99, "ra_before": 0.0}
 
 
-def _callback(tmp_path: Path) -> tracking_tune.MlflowSweepCallback:
+def _callback(tmp_path: Path, setup: bool = True) -> tracking_tune.MlflowSweepCallback:
     """The driver's callback of a one-knob sweep, set up (parent run created) on the store."""
     spec = tmp_path / "s.yaml"
     spec.write_text(textwrap.dedent(f"""
@@ -53,7 +53,8 @@ def _callback(tmp_path: Path) -> tracking_tune.MlflowSweepCallback:
         """))
     plan = load_plan(spec, "sweep")
     cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan), engine.state_dir(plan))
-    cb.setup()
+    if setup:
+        cb.setup()
     return cb
 
 
@@ -218,16 +219,8 @@ def test_the_ledger_records_a_trial_end_while_mlflow_is_down_and_runs_follow_lat
     reads it to skip finished trials. Once the store answers, the runs are made."""
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
-    spec = tmp_path / "s.yaml"
-    spec.write_text(textwrap.dedent(f"""
-        name: s
-        storage: {tmp_path / 'tune'}
-        base: {{data: {{name: digits}}, attack: {{name: badnets}}, defense: {{name: d3}}}}
-        space: {{defense.lr: {{choice: [0.01]}}}}
-        """))
-    plan = load_plan(spec, "sweep")
-    cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan),
-                                           engine.state_dir(plan))
+    cb = _callback(tmp_path, setup=False)
+    plan = cb.plan
     real_connect = cb.connect
 
     def down() -> None:
