@@ -104,12 +104,11 @@ def test_list_verbs_read_the_registries():
 
 
 def test_readme_example_runs_as_written(capsys):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## From Python", 1)[1].split("\n## ", 1)[0]
-    code = code_blocks(section, "python")[0]
+    page = (ROOT / "docs" / "python.md").read_text()
+    code = code_blocks(page, "python")[0]
     assert "torchvision.models.resnet18" in code and "d3tune.defend(" in code
     scope = {"__name__": "readme_example"}
-    exec(compile(code, "README.md (From Python)", "exec"), scope)
+    exec(compile(code, "docs/python.md", "exec"), scope)
     lines = [ln.partition(" {") for ln in capsys.readouterr().out.splitlines()]
     assert [name for name, _, _ in lines] == ["backdoored", "after D3"]
     before, after = (ast.literal_eval("{" + rest) for _, _, rest in lines)
