@@ -7,9 +7,11 @@ clean subset, epochs, batch size, seed.
 
   (a) d3tune default: ``d3tune.defenses.d3.run`` on device-resident uint8 tensors with batched
       augmentation (channels_last, d3tune's default layout); its ``on_epoch`` evaluates as
-      ``trial.py`` does by default: every epoch but the last on the fixed class-stratified subset
-      (``eval.subset``, default config.DEFAULT_EVAL_SUBSET images per set), the last on the full
-      clean and poisoned test sets.
+      ``trial.py`` does by default: the epochs d3tune/eval_schedule.py makes due (the first,
+      then every k-th, k from its cost model so that evaluation stays near 15 % of training),
+      on the fixed class-stratified subset (``eval.subset``, default
+      config.DEFAULT_EVAL_SUBSET images per set), and the last on the full clean and poisoned
+      test sets.
   (b) reference style, written below the way BackdoorBench's ``defense/d3.py`` does it: the data
       are PIL images; torchvision per-sample transforms (Resize, RandomCrop(pad 4),
       RandomHorizontalFlip where the dataset allows it, ToTensor, Normalize); a torch DataLoader
@@ -22,12 +24,15 @@ clean subset, epochs, batch size, seed.
       epoch, like for like with (b). Its final metrics must equal (a)'s exactly.
 
 (a)/(c) and (b) use different RNG streams (generator vs global seed), so their final ACC/ASR are
-comparable, not identical. Repetitions alternate the order (a b c, c b a, ...) so load on a
+comparable, not identical; (a) and (c) must end identical (the script exits 1 otherwise).
+``--record PATH --data-dir DIR`` runs the three on any BackdoorBench attack_result.pt, imported
+as ``d3tune run --attack-result PATH --data-dir DIR --defense d3`` imports it. Repetitions alternate the order (a b c, c b a, ...) so load on a
 shared machine hits all alike; the load average is printed next to every timing.
 
     python benchmarks/d3_pipeline.py                              # digits, default trial
     python benchmarks/d3_pipeline.py --nchw                       # also time the old NCHW layout
     python benchmarks/d3_pipeline.py --real-size --epochs 3 --train-size 5000 --test-size 1000
+    python benchmarks/d3_pipeline.py --record RECORD/attack_result.pt --data-dir CIFAR_DIR
 """
 from __future__ import annotations
 
@@ -52,6 +57,7 @@ from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import DEFAULT_EVAL_SUBSET, EvalConfig, TrialConfig, resolve, trial_config
 from d3tune.data import Dataset, load_dataset
 from d3tune.defenses import DEFENSES, DefenseContext, params_of
+from d3tune.eval_schedule import DEFAULT_EVAL_SHARE, due_epochs, interval_for
 from d3tune.metrics import EvalSets, evaluate
 from d3tune.models import MODELS, ModelSpec, build_model
 from d3tune.train import CHANNELS_LAST_ENV, Augment
@@ -195,14 +201,30 @@ def real_size_setup(workdir: Path, n_train: int, n_test: int, attack_epochs: int
     if built or not path.is_file():
         write_cifar_folder(record_dir / "cifar10", src)
         write_attack_result(record_dir, weights, *backdoor.test_set())
+    return import_record(path, record_dir / "cifar10", epochs, device, seed)
+
+
+def import_record(path: Path, data_dir: Path, epochs: int | None, device: str,
+                  seed: int) -> Setup:
+    """A BackdoorBench attack_result.pt imported as ``d3tune run --attack-result PATH
+    --data-dir DIR --defense d3`` imports it (d3tune's profile for the record's dataset: for
+    CIFAR-10, 5 % clean data, batch 256, 100 epochs unless ``epochs``)."""
+    from d3tune.attacks import ATTACKS
+    from d3tune.backdoorbench import read_header
+
+    dev = pick_device(device)
+    head = read_header(path)
+    if head.dataset is None:
+        raise SystemExit(f"{path}: dataset {head.clean_data!r} has no d3tune loader")
     spec = {"seed": seed, "device": device,
-            "data": {"name": "cifar10", "data_dir": str(record_dir / "cifar10")},
+            "data": {"name": head.dataset, "data_dir": str(data_dir)},
+            "model": {"arch": head.arch},
             "attack": {"name": "backdoorbench", "result": str(path)}, "defense": {"name": "d3"}}
     if epochs:
         spec["defense"]["epochs"] = epochs
     cfg = resolve(trial_config(spec))
     imported = ATTACKS["backdoorbench"].load_backdoor(cfg.attack.params)
-    data = load_dataset("cifar10", cfg.data.data_dir)
+    data = load_dataset(cfg.data.name, cfg.data.data_dir)
     check_import(cfg, imported, data)
     data = replace(data, mean=imported.mean, std=imported.std).to(dev)  # the record's, as run does
     model = imported_model(cfg, imported, dev)
@@ -217,28 +239,37 @@ class Run:
     seconds: float = 0.0
     eval_seconds: float = 0.0
     final: dict[str, float] = field(default_factory=dict)
+    evals: int = 0  # evaluations during the defense
+    every: int = 1  # the interval the schedule used
 
 
 # =============================================================================================
 # (a) d3tune's pipeline
 
 
-def run_d3tune(s: Setup, eval_subset: int = 0) -> Run:
-    """D3 through d3tune, evaluating every epoch as trial.py does: the full sets at the last
-    epoch; the other epochs on the fixed class-stratified subset of ``eval_subset`` images per
-    set (d3tune's ``eval.subset``; its default is config.DEFAULT_EVAL_SUBSET), or on the full
-    sets with 0."""
+def run_d3tune(s: Setup, eval_subset: int = 0, every: int | None = 1,
+               share: float = DEFAULT_EVAL_SHARE) -> Run:
+    """D3 through d3tune, evaluating as trial.py does (d3tune/eval_schedule.py): the epochs the
+    schedule makes due (``every`` None: d3tune's default, the first epoch and every k-th, k
+    from the cost model; 1: every epoch), the last on the full sets, the others on the fixed
+    class-stratified subset of ``eval_subset`` images per set (0: the full sets)."""
     out = Run()
     start = time.perf_counter()
     model = model_for(s.cfg, s.data, s.device)
     model.load_state_dict(s.weights)
     last = s.cfg.defense.epochs
     epoch_sets = eval_subset_sets(replace(s.cfg, eval=EvalConfig(subset=eval_subset)), s.sets)
+    out.every = every or interval_for(len(s.y_clean),
+                                      len(epoch_sets.y_clean) + len(epoch_sets.y_bd_true), share)
+    due = due_epochs(last, out.every, first=every is None)
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> bool:
+        if epoch not in due:
+            return False
         t = time.perf_counter()
         out.final = evaluate(model, s.sets if epoch == last else epoch_sets)
         out.eval_seconds += time.perf_counter() - t
+        out.evals += 1
         return False
 
     ctx = DefenseContext(num_classes=s.data.num_classes, head=MODELS[s.cfg.model.arch].head,
@@ -410,6 +441,7 @@ def run_reference(s: Setup, rd: RefData, workers: int = 0) -> Run:
         t = time.perf_counter()
         out.final = ref_eval_step(model, clean_loader, bd_loader, s.device)
         out.eval_seconds += time.perf_counter() - t
+        out.evals += 1
     out.seconds = time.perf_counter() - start
     return out
 
@@ -462,15 +494,28 @@ def main(argv: list[str] | None = None) -> None:
                     "images only (default: all); the timing of D3 does not depend on it")
     ap.add_argument("--workdir", help="--real-size: where the record, data and model cache go "
                     "(default: a temporary folder)")
+    ap.add_argument("--record", metavar="PATH",
+                    help="time D3 on this BackdoorBench attack_result.pt (its clean data from "
+                    "--data-dir), imported as d3tune run --attack-result imports it")
+    ap.add_argument("--data-dir", help="--record: the clean dataset's folder (e.g. CIFAR-10's)")
+    ap.add_argument("--eval-every", type=int,
+                    help="the 'd3tune default' leg's eval.every (default: d3tune's default, "
+                    "from the cost model)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip the untimed one-epoch warm-up of each pipeline (default with "
                     "--real-size, where an epoch takes minutes)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.real_size else 3)
+    big = args.real_size or args.record
+    repeats = args.repeats or (1 if big else 3)
 
-    if args.real_size:
+    if args.record:
+        if not args.data_dir:
+            ap.error("--record needs --data-dir (the record's clean dataset folder)")
+        s = import_record(Path(args.record), Path(args.data_dir), args.epochs, args.device,
+                          args.seed)
+    elif args.real_size:
         tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="d3_real_size_")
         workdir = Path(args.workdir or tmp.name)
         s = real_size_setup(workdir, args.train_size, args.test_size, args.attack_epochs,
@@ -480,23 +525,25 @@ def main(argv: list[str] | None = None) -> None:
                   args.device, args.seed, ModelCache(args.cache))
     rd = ref_data(s)
     d = s.cfg.defense
-    print(f"# D3 pipeline: {s.cfg.data.name}/{s.cfg.model.arch}"
-          f"{' (imported attack_result.pt, synthetic data)' if args.real_size else ''}, "
+    source = (f" (BackdoorBench record {args.record})" if args.record else
+              " (imported attack_result.pt, synthetic data)" if args.real_size else "")
+    print(f"# D3 pipeline: {s.cfg.data.name}/{s.cfg.model.arch}{source}, "
           f"clean {len(s.y_clean)} images, {d.epochs} epochs, batch {d.batch_size}, eval "
           f"{len(s.sets.y_clean)} clean + {len(s.sets.y_bd_true)} poisoned (full), "
-          f"subset {args.eval_subset} per set, device {s.device}, "
+          f"subset {args.eval_subset} per set, eval.every "
+          f"{args.eval_every or 'auto'} (share {DEFAULT_EVAL_SHARE}), device {s.device}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores, torch {torch.__version__}")
     with torch.no_grad():
         before = evaluate(model_for_eval(s), s.sets)
     print(f"backdoored model: {fmt(before)}  [{load()}]", flush=True)
 
-    if not (args.no_warmup or args.real_size):
+    if not (args.no_warmup or big):
         # Untimed: one epoch of each (first-call allocations, oneDNN primitive caches).
         warm = replace(s, cfg=replace(s.cfg, defense=replace(s.cfg.defense, epochs=1)))
         run_d3tune(warm)
         run_reference(warm, rd, args.workers)
     default = f"d3tune default (eval.subset={args.eval_subset})"
-    pipelines = {default: lambda: run_d3tune(s, args.eval_subset),
+    pipelines = {default: lambda: run_d3tune(s, args.eval_subset, args.eval_every),
                  "reference": lambda: run_reference(s, rd, args.workers),
                  "d3tune full eval": lambda: run_d3tune(s)}
     if args.nchw:
@@ -504,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {k: [] for k in pipelines}
     evals: dict[str, list[float]] = {k: [] for k in pipelines}
     finals: dict[str, dict[str, float]] = {}
+    evaluations: dict[str, int] = {}
     names = list(pipelines)
     for rep in range(repeats):
         order = names if rep % 2 == 0 else names[::-1]
@@ -512,18 +560,21 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(r.seconds)
             evals[name].append(r.eval_seconds)
             finals[name] = r.final
-            print(f"rep {rep + 1} {name:<36} {r.seconds:8.2f} s (eval {r.eval_seconds:7.2f} s)  "
+            print(f"rep {rep + 1} {name:<36} {r.seconds:8.2f} s (eval {r.eval_seconds:7.2f} s, "
+                  f"{r.evals} evaluations, {100 * r.eval_seconds / r.seconds:.0f} %)  "
                   f"{fmt(r.final)}  [{load()}]", flush=True)
+            evaluations[name] = r.evals
 
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     print()
-    print("| pipeline | median s | min s | eval s (median) | train s (median) | final ACC "
-          "| final ASR | final RA |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| pipeline | median s | min s | eval s (median) | eval share | evaluations "
+          "| train s (median) | final ACC | final ASR | final RA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for k in names:
         e = statistics.median(evals[k])
-        print(f"| {k} | {med[k]:.2f} | {low[k]:.2f} | {e:.2f} | {med[k] - e:.2f} "
+        print(f"| {k} | {med[k]:.2f} | {low[k]:.2f} | {e:.2f} | {100 * e / med[k]:.0f} % "
+              f"| {evaluations[k]} | {med[k] - e:.2f} "
               f"| {finals[k]['acc']:.3f} | {finals[k]['asr']:.3f} | {finals[k]['ra']:.3f} |")
     print()
     full = "d3tune full eval"
@@ -532,20 +583,23 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads; {load()})")
     print(f"like for like: {med['reference'] / med[full]:.2f}x  (reference / d3tune full eval: "
           f"both evaluate the full sets every epoch)")
-    print(f"final ACC/ASR/RA of d3tune default and d3tune full eval identical: "
-          f"{finals[default] == finals[full]}")
+    same = finals[default] == finals[full]
+    print(f"final ACC/ASR/RA of d3tune default and d3tune full eval identical: {same}")
     if args.nchw:
         print(f"channels_last (default) over NCHW: {med['d3tune full eval NCHW'] / med[full]:.2f}x "
               f"(full eval both)")
     if args.real_size:
-        print(projection(s, med, evals, default, full, args.eval_subset))
+        print(projection(s, med, evals, full, args.eval_subset, args.eval_every))
+    if not same:  # the schedule and the subset must never change a final metric
+        raise SystemExit("d3tune default and d3tune full eval ended on different final metrics")
 
 
-def projection(s: Setup, med: dict[str, float], evals: dict[str, list[float]], default: str,
-               full: str, subset: int) -> str:
+def projection(s: Setup, med: dict[str, float], evals: dict[str, list[float]], full: str,
+               subset: int, every: int | None) -> str:
     """The measured per-image costs scaled to CIFAR-10's sizes (2500 clean images, 10000 clean +
-    9000 poisoned test images, the same epochs): a projection, printed as one, for when the
-    real-size run had to be smaller than CIFAR-10 on a CPU."""
+    9000 poisoned test images, the same epochs, the evaluation schedule deciding on the
+    projected costs): a projection, printed as one, for when the real-size run had to be smaller
+    than CIFAR-10 on a CPU."""
     epochs = s.cfg.defense.epochs
     n_clean, n_test, n_bd = len(s.y_clean), len(s.sets.y_clean), len(s.sets.y_bd_true)
     ours_eval = statistics.median(evals[full]) / (epochs * (n_test + n_bd))
@@ -554,7 +608,9 @@ def projection(s: Setup, med: dict[str, float], evals: dict[str, list[float]], d
     ref_train = (med["reference"] - statistics.median(evals["reference"])) / (epochs * n_clean)
     c, t, b = 2500, 10000, 9000
     ref = epochs * (ref_train * c + ref_eval * (t + 2 * b))
-    ours = epochs * ours_train * c + ours_eval * ((epochs - 1) * 2 * min(subset, b) + t + b)
+    k = every or interval_for(c, min(subset, t) + min(subset, b))  # as it decides at these sizes
+    n_evals = len(due_epochs(epochs, k, first=every is None))
+    ours = epochs * ours_train * c + ours_eval * ((n_evals - 1) * 2 * min(subset, b) + t + b)
     return (f"projection to CIFAR-10 sizes (per-image costs measured above; NOT a measurement): "
             f"reference {ref:.0f} s, d3tune default {ours:.0f} s, {ref / ours:.2f}x")
 

@@ -49,6 +49,7 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
     base.update({k: v for k, v in flags.items() if v is not None})
     if getattr(args, "eval_full", False):
         base["eval.subset"] = 0  # every epoch on the full test sets
+        base["eval.every"] = 1
     base.update(dict(_kv(s) for s in args.set or []))
     if getattr(args, "attack_result", None):
         base.update(_imported_fields(args.attack_result, base))
@@ -116,6 +117,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     kinds = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS}
     for kind in [args.kind] if args.kind else kinds:
         print(f"{kind}: {', '.join(kinds[kind].names(args.pattern))}")
+    if args.kind == "defenses":  # one line each: the paper, from the registry entry
+        for name in DEFENSES.names(args.pattern):
+            print(f"  {name}: {DEFENSES[name].citation or '(no citation registered)'}")
     loaded = ensure_plugins().loaded  # a skipped plugin was reported in its warning line
     if loaded and not args.kind:
         print(f"plugins: {', '.join(loaded)}")
@@ -146,9 +150,10 @@ def _add_trial_flags(p: argparse.ArgumentParser) -> None:
                    help="defend a BackdoorBench model: its attack_result.pt (bd_test_dataset/ "
                    "beside it); the clean data comes from --data-dir")
     p.add_argument("--eval-full", action="store_true",
-                   help="score every defense epoch on the full test sets (eval.subset=0); by "
-                   "default epochs before the last use a fixed class-stratified subset (the "
-                   "final metrics always use the full sets)")
+                   help="score every defense epoch on the full test sets (eval.every=1, "
+                   "eval.subset=0); by default a trial evaluates a few epochs, as many as keep "
+                   "evaluation near 15 %% of its time, on a fixed class-stratified subset (rung "
+                   "epochs, the last epoch and the final metrics always on the full sets)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any trial field, e.g. --set defense.eps=0.2 (repeatable)")
 

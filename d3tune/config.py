@@ -22,6 +22,7 @@ from d3tune.attacks import ATTACKS, AttackConfig
 from d3tune.data import DATASETS, TEST_SPLITS, Profile
 from d3tune.defenses import DEFENSES, DefenseConfig
 from d3tune.errors import UsageError, did_you_mean
+from d3tune.eval_schedule import DEFAULT_EVAL_SHARE
 from d3tune.models import MODELS
 
 
@@ -66,15 +67,20 @@ DEFAULT_EVAL_SUBSET = 256
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Per-epoch evaluation can dominate D3's time (a full pass over both test sets after every
-    epoch costs ~4x D3's own training on PreActResNet-18), yet only ASHA and the curves read the
-    epochs before the last. So by default every epoch but the last is scored on a fixed,
-    class-stratified subset of ``subset`` images of each test set (``subset: 0``, or
-    ``--eval-full``, scores every epoch on the full sets); evaluate every ``every`` epochs. The
-    "before" metrics, the last epoch and the final metrics of a trial stopped early always use
-    the full test sets, so final ACC/ASR/RA/DER do not depend on these settings."""
+    """Per-epoch evaluation can dominate a trial's time (on a PreActResNet-18 record, scoring
+    every epoch was 72 % of a D3 trial), yet only the curves, the scheduler's decision points
+    and the last epoch read it. So (d3tune/eval_schedule.py) by default a trial evaluates the
+    first epoch, then every k-th, k from a cost model (training an image ~ 3 forward passes)
+    so that periodic evaluation stays within ``share`` of training time (``every: N`` fixes k),
+    and always ASHA's rung epochs and the last; k depends only on the config, so curves are as
+    reproducible as metrics. Epochs before the last are scored on a fixed, class-stratified
+    subset of ``subset`` images of each test set. ``--eval-full`` (``every: 1``, ``subset: 0``)
+    scores every epoch on the full sets. The "before" metrics, rung epochs, the last epoch and
+    the final metrics of a trial stopped early always use the full test sets, so final
+    ACC/ASR/RA/DER and scheduler decisions do not depend on these settings."""
 
-    every: int = field(default=1, metadata={"ge": 1})
+    every: int | None = field(default=None, metadata={"ge": 1})
+    share: float = field(default=DEFAULT_EVAL_SHARE, metadata={"gt": 0.0, "le": 1.0})
     subset: int = field(default=DEFAULT_EVAL_SUBSET, metadata={"ge": 0})
 
 

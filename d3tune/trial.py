@@ -23,6 +23,7 @@ from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
 from d3tune.data import Dataset, half_indices, load_dataset, split_test, subset_train
 from d3tune.errors import UsageError
+from d3tune.eval_schedule import due_epochs, interval_for
 from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
 from d3tune.models import MODELS, ModelSpec, build_model
@@ -223,9 +224,11 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     """Run one resolved trial (see config.resolve). ``save``/``resume`` checkpoint the defense
     after every epoch and continue from such a checkpoint (defenses built on ``fit``).
 
-    Epochs before the last are scored on ``eval.subset`` (config.EvalConfig), except the first
-    evaluated epoch at or past each of ``full_eval_at`` (a scheduler's decision points, e.g.
-    ``asha_rungs``): those use the full sets, so a scheduler decides on the same values as with
+    Which epochs are evaluated: d3tune/eval_schedule.py (always the last and the first epoch at
+    or past each of ``full_eval_at``, a scheduler's decision points, e.g. ``asha_rungs``;
+    ``result.seconds`` and the log say how many).
+    Epochs before the last are scored on ``eval.subset`` (config.EvalConfig), except those
+    decision points: they use the full sets, so a scheduler decides on the same values as with
     full evaluation, and a trial it stops ends on full-set metrics. Each history row says which
     it was (``eval_full``: 1.0 full sets, 0.0 subset)."""
     seconds: dict[str, float] = {}
@@ -257,11 +260,16 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     epoch_sets = eval_subset_sets(cfg, sets)
     last = cfg.defense.epochs
     rungs = sorted(full_eval_at)
+    every = cfg.eval.every or interval_for(
+        len(y_clean), len(epoch_sets.y_clean) + len(epoch_sets.y_bd_true), cfg.eval.share)
+    due = due_epochs(last, every, rungs, first=cfg.eval.every is None)
+    log.debug("evaluating %d of %d defense epochs (every %d%s)", len(due), last, every,
+              "" if cfg.eval.every else ", from the cost model")
     stopped = False
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> bool:
         nonlocal stopped
-        if epoch % cfg.eval.every and epoch != last:
+        if epoch not in due:
             return False
         lap("defense")
         full = epoch == last or epoch_sets is sets or bool(rungs and epoch >= rungs[0])

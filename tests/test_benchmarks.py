@@ -162,12 +162,15 @@ def test_both_evaluations_agree(setup):
 def test_both_pipelines_run_and_report_metrics(setup):
     a = dp.run_d3tune(setup)
     b = dp.run_reference(setup, dp.ref_data(setup))
-    c = dp.run_d3tune(setup, eval_subset=8)  # d3tune's default mode, on a tiny subset
-    for r in (a, b, c):
+    c = dp.run_d3tune(setup, eval_subset=8)  # every epoch, on a tiny subset
+    d = dp.run_d3tune(setup, eval_subset=8, every=None)  # d3tune's default schedule
+    for r in (a, b, c, d):
         assert set(r.final) == {"acc", "asr", "ra"}
         assert all(0.0 <= v <= 1.0 for v in r.final.values())
         assert 0.0 < r.eval_seconds < r.seconds
-    assert c.final == a.final  # the last epoch is always scored on the full sets
+    assert a.evals == b.evals == c.evals == setup.cfg.defense.epochs
+    assert 1 <= d.evals <= setup.cfg.defense.epochs and d.every >= 1
+    assert c.final == a.final == d.final  # the last epoch is always scored on the full sets
 
 
 @pytest.mark.slow
@@ -183,6 +186,12 @@ def test_real_size_mode_runs_end_to_end_on_tiny_sizes(tmp_path, capsys):
     assert "identical: True" in out and "speedup:" in out and "projection to CIFAR-10" in out
     record = next(tmp_path.glob("record_*/attack_result.pt"))
     assert len(list(record.parent.glob("bd_test_dataset/*/*.png"))) == 36  # non-target of 40
+    # --record: the same file timed as any BackdoorBench record is
+    dp.main(["--record", str(record), "--data-dir", str(record.parent / "cifar10"),
+             "--epochs", "3", "--eval-subset", "8"])
+    out = capsys.readouterr().out
+    assert f"(BackdoorBench record {record})" in out and "eval.every auto" in out
+    assert "identical: True" in out and "speedup:" in out and "eval share" in out
 
 
 def test_real_size_record_imports_like_a_backdoorbench_file(tmp_path):

@@ -35,7 +35,7 @@ base:
   attack: {name: badnets}
   train: {epochs: 3}
   defense: {name: d3, epochs: 2}
-  eval: {subset: 100}
+  eval: {subset: 100, every: 1}  # every epoch: the tests count per-epoch steps
 space:
   defense.lr: {loguniform: [0.005, 0.05]}
 metric: der

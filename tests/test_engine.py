@@ -18,7 +18,7 @@ base:
   attack: {name: badnets}
   train: {epochs: 3}
   defense: {name: d3, epochs: 4}
-  eval: {subset: 100}
+  eval: {subset: 100, every: 1}  # every epoch: the tests count per-epoch steps
 """
 
 

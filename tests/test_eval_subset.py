@@ -21,10 +21,11 @@ from d3tune.trial import asha_rungs, eval_subset_sets, run_trial
 FINAL = ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after", "der")
 
 
-def cfg_with(subset: int, epochs: int = 3, **extra):
+def cfg_with(subset: int, epochs: int = 3, every: int | None = 1, **extra):
+    """Every epoch evaluated unless ``every`` says otherwise (None: the timing-based default)."""
     return resolve(trial_config({"device": "cpu", "train": {"epochs": 1},
-                                 "defense": {"epochs": epochs}, "eval": {"subset": subset},
-                                 **extra}))
+                                 "defense": {"epochs": epochs},
+                                 "eval": {"subset": subset, "every": every}, **extra}))
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,15 @@ def test_subset_is_the_default_and_zero_restores_full_eval():
         trial_config({"eval": {"subset": -1}})
 
 
-@pytest.mark.parametrize("argv,subset", [([], DEFAULT_EVAL_SUBSET), (["--eval-full"], 0),
-                                         (["--set", "eval.subset=0"], 0),
-                                         (["--set", "eval.subset=64"], 64)])
-def test_run_flags_choose_the_per_epoch_evaluation(argv, subset):
+@pytest.mark.parametrize("argv,subset,every", [([], DEFAULT_EVAL_SUBSET, None),
+                                               (["--eval-full"], 0, 1),
+                                               (["--set", "eval.subset=0"], 0, None),
+                                               (["--set", "eval.every=1"], DEFAULT_EVAL_SUBSET, 1),
+                                               (["--set", "eval.subset=64"], 64, None)])
+def test_run_flags_choose_the_per_epoch_evaluation(argv, subset, every):
     args = build_parser().parse_args(["run", *argv])
-    assert resolve(trial_config(trial_dict_from_args(args))).eval.subset == subset
+    cfg = resolve(trial_config(trial_dict_from_args(args)))
+    assert (cfg.eval.subset, cfg.eval.every) == (subset, every)
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ base:
   attack: {name: badnets}
   train: {epochs: 3}
   defense: {name: d3, epochs: 6}
-  eval: {subset: 100}
+  eval: {subset: 100, every: 1}  # every epoch: the tests watch per-epoch steps
 """
 
 

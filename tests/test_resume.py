@@ -32,7 +32,7 @@ base:
   attack: {name: badnets}
   train: {epochs: 3}
   defense: {name: d3, epochs: 4}
-  eval: {subset: 100}
+  eval: {subset: 100, every: 1}  # every epoch: the tests count per-epoch steps
 """
 # One trial at a time and two learning rates far apart: the seeded sampler draws both and ASHA
 # (first rung at epoch 1) stops the weak ones, in the same order every run.

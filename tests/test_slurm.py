@@ -240,7 +240,7 @@ base:
   attack: {{name: badnets}}
   train: {{epochs: 2}}
   defense: {{name: d3, epochs: {epochs}}}
-  eval: {{subset: 100}}
+  eval: {{subset: 100, every: 1}}  # every epoch: the tests count per-epoch steps
 space:
   defense.lr: {{loguniform: [0.005, 0.05]}}
 num_samples: 4
