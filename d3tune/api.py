@@ -48,10 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("d3tune.api")
 
-# Defenses that work on the classifier head (ctx.head), and the knob that overrides it.
-HEAD_KNOBS = {"d3": "select_layer", "fp": None, "fst": None}
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
@@ -138,10 +134,13 @@ def default_head(model: nn.Module) -> tuple[str | None, str]:
 def _head_for(model: nn.Module, defense: str, params: Any) -> str:
     """The head handed to the defense; fails in one line (naming the knob) only when the
     defense needs a head the model does not have."""
+    from d3tune.defenses import DEFENSES
+
     head, why = default_head(model)
-    if defense not in HEAD_KNOBS:
+    entry = DEFENSES[defense]
+    if not entry.uses_head:
         return head or ""
-    knob = HEAD_KNOBS[defense]
+    knob = entry.head_knob
     if knob is not None and getattr(params, knob, None):
         return head or ""  # the knob wins; the defense reads it
     if head is None:

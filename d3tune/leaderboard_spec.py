@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from d3tune.errors import did_you_mean
-from d3tune.leaderboard_spaces import ALL_DEFENSES, DEFAULT_SPACES
 from d3tune.robust_spec import RobustSpec, check_top_keys, robust_plan
 from d3tune.spec import _expect, _int
 from d3tune.yamlio import load_yaml
@@ -70,10 +69,11 @@ class LeaderboardSpec:
 
 
 def _defenses(data: Mapping[str, Any], source: str) -> tuple[str, ...]:
-    from d3tune.defenses import DEFENSES
+    from d3tune.defenses import DEFENSES, leaderboard_order
 
     where = f"{source}: defenses"
-    raw = data.get("defenses", list(ALL_DEFENSES))
+    raw = data.get("defenses") if "defenses" in data else list(leaderboard_order(
+        [n for n in DEFENSES.names() if DEFENSES[n].space is not None]))
     _expect(isinstance(raw, list) and raw, where, f"expected a non-empty list of defense names, "
             f"got {raw!r}")
     known = DEFENSES.names()
@@ -82,6 +82,14 @@ def _defenses(data: Mapping[str, Any], source: str) -> tuple[str, ...]:
                 f"unknown defense {d!r}{did_you_mean(str(d), known)}; known: {', '.join(known)}")
     _expect(len(set(raw)) == len(raw), where, f"a defense is listed twice: {raw}")
     return tuple(raw)
+
+
+def _registered_space(defense: str) -> dict[str, Any] | None:
+    """The search space the defense registered beside its code (defenses.DefenseEntry)."""
+    from d3tune.defenses import DEFENSES
+
+    space = DEFENSES[defense].space
+    return None if space is None else {k: v for k, v in space.items()}
 
 
 def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
@@ -98,6 +106,12 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
         _expect(d in defenses, f"{source}: spaces.{d}",
                 f"not a defense of this leaderboard{did_you_mean(str(d), defenses)}; "
                 f"defenses: {', '.join(defenses)}")
+    from d3tune.defenses import DEFENSES
+
+    for d in defenses:
+        _expect(d in spaces or DEFENSES[d].space is not None, f"{source}: spaces.{d}",
+                f"defense {d!r} registers no search space; give one here "
+                "({defense.<knob>: distribution, ...})")
     for key in ("storage", "experiment"):
         _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
                 f"expected a string, got {data.get(key)!r}")
@@ -109,7 +123,7 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
     searches = []
     for d in defenses:
         robust = {k: data[k] for k in SHARED_KEYS if k in data}
-        robust.update(name=f"{name}-{d}", defense=d, space=spaces.get(d, DEFAULT_SPACES.get(d)),
+        robust.update(name=f"{name}-{d}", defense=d, space=spaces.get(d, _registered_space(d)),
                       references=[{"name": DEFAULT_REFERENCE, "setting": {}}],
                       start_with=[DEFAULT_REFERENCE] if start else [],
                       storage=storage, experiment=experiment)

@@ -81,6 +81,10 @@ def test_list_names_registries(capsys):
     assert main(["list", "attacks"]) == 0
     out = capsys.readouterr().out
     assert "badnets" in out and "blended" in out
+    assert main(["list", "defenses"]) == 0  # with each paper, from the registry entries
+    out = capsys.readouterr().out
+    assert "  d3: Wei, Liu, Zha: Distance-Driven Detoxification (D3), ICCV 2025" in out
+    assert "  fst: Min et al." in out
 
 
 def test_run_without_a_reachable_mlflow_store_keeps_its_results(tmp_path, monkeypatch, caplog):

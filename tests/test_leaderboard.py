@@ -13,15 +13,16 @@ import pandas as pd
 import pytest
 
 from d3tune.errors import UsageError
-from d3tune.leaderboard_spaces import ALL_DEFENSES, DEFAULT_SPACES
+from d3tune.defenses import DEFENSES, leaderboard_order
 from d3tune.leaderboard_spec import leaderboard_plan, load_leaderboard
 
 REPO = Path(__file__).parent.parent
+BUILT_IN = ("d3", "ft", "fp", "nad", "fst", "ft_sam", "ibau", "sau", "anp")
 
 
 def test_shipped_spec_gives_every_defense_the_same_budget_and_population():
     spec = load_leaderboard(REPO / "search_spaces" / "leaderboard_digits.yaml")
-    assert spec.defenses == ALL_DEFENSES and len(spec.searches) == 9
+    assert spec.defenses == BUILT_IN and len(spec.searches) == 9
     first = spec.searches[0]
     assert len(first.members) == 18 and {m.seed for m in first.holdout} == {3, 4}
     for s in spec.searches:
@@ -33,7 +34,7 @@ def test_shipped_spec_gives_every_defense_the_same_budget_and_population():
     assert {s.budget for s in spec.with_budget(3).searches} == {3}
 
 
-@pytest.mark.parametrize("defense", ALL_DEFENSES)
+@pytest.mark.parametrize("defense", BUILT_IN)
 def test_default_space_contains_the_defense_defaults(defense):
     """Tuning can always find the default again: each searched knob's range holds it."""
     from d3tune.data import load_dataset  # noqa: F401  (registers the profiles)
@@ -42,7 +43,8 @@ def test_default_space_contains_the_defense_defaults(defense):
 
     defaults = asdict(DEFENSES[defense].params())
     defaults.update({"lr": 0.01, "epochs": 40, "batch_size": 32, "weight_decay": 0.0})  # digits
-    for path, raw in DEFAULT_SPACES[defense].items():
+    assert DEFENSES[defense].citation  # the registry entry carries the paper too
+    for path, raw in DEFENSES[defense].space.items():
         knob = path.removeprefix("defense.")
         dist = _parse_dist(path, raw, path)
         value = defaults[knob]
@@ -79,6 +81,53 @@ def test_bad_leaderboard_spec_names_the_field(edit, needle):
     with pytest.raises(UsageError, match=None) as exc:
         leaderboard_plan({**SPEC, **edit}, "lb.yaml")
     assert needle in str(exc.value), str(exc.value)
+
+
+@pytest.fixture
+def plugin_defense():
+    """A defense registered as a plugin registers it (d3tune.defenses.register), with its
+    search space, head and citation beside its code; removed again afterwards."""
+    from dataclasses import dataclass
+
+    from d3tune.defenses import register
+
+    @dataclass(frozen=True)
+    class Params:
+        strength: float = 0.5
+
+    register("shrink", Params, space={"defense.strength": {"uniform": [0.1, 0.9]}},
+             uses_head=True, citation="A. Plugin: Shrinking heads, 2026", cost=0.1)(
+        lambda model, x, y, cfg, ctx: None)
+    yield "shrink"
+    DEFENSES._items.pop("shrink", None)
+
+
+def test_a_plugin_defense_joins_a_leaderboard_with_no_edit_to_d3tune(plugin_defense):
+    spec = leaderboard_plan({**SPEC, "defenses": ["ft", plugin_defense],
+                             "spaces": {"ft": SPEC["spaces"]["ft"]}}, "lb.yaml")
+    search = spec.search_of(plugin_defense)
+    assert [d.path for d in search.space] == ["defense.strength"]
+    (point,) = search.start_points  # its own default, as for the built-in defenses
+    assert dict(point) == {"defense.strength": 0.5}
+    # without a `defenses` list: every registered defense with a space, D3 first, cheapest next
+    everything = leaderboard_plan({k: v for k, v in SPEC.items()
+                                   if k not in ("defenses", "spaces", "base")}, "lb.yaml")
+    assert everything.defenses[:2] == ("d3", plugin_defense)
+    assert everything.defenses[-1] == "anp" and set(BUILT_IN) < set(everything.defenses)
+    assert leaderboard_order(["anp", "ft", "d3"]) == ("d3", "ft", "anp")
+
+
+def test_a_defense_without_a_space_needs_one_in_the_spec():
+    from d3tune.defenses import register
+
+    register("spaceless")(lambda model, x, y, cfg, ctx: None)
+    try:
+        with pytest.raises(UsageError, match=r"spaces\.spaceless: defense 'spaceless' "
+                                             r"registers no search space"):
+            leaderboard_plan({**SPEC, "defenses": ["ft", "spaceless"],
+                              "spaces": {"ft": SPEC["spaces"]["ft"]}}, "lb.yaml")
+    finally:
+        DEFENSES._items.pop("spaceless", None)
 
 
 def test_every_search_starts_from_its_defense_defaults():

@@ -6,8 +6,9 @@ to Tune and stop early. Defense-specific knobs live in the module's frozen ``Par
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -54,19 +55,57 @@ DefenseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, DefenseConfig, Defe
 
 @dataclass(frozen=True)
 class DefenseEntry:
+    """A defense and what the rest of d3tune needs to know about it, kept beside its code (as
+    timm keeps a model's config beside the model), so a plugin defense joins a leaderboard or
+    ``d3tune.defend`` with no edit to d3tune.
+
+    ``space``: its search space for leaderboards ({"defense.<knob>": distribution}), ranges
+    around its own defaults that contain them; None: a leaderboard spec must give one.
+    ``uses_head``: it works on the classifier head (``ctx.head``); ``head_knob`` names the
+    param that overrides it (``d3tune.defend`` on a foreign model needs one or the other).
+    ``citation``: the paper, one line. ``cost``: seconds of one member evaluation relative to
+    D3's, as measured on digits (docs/results/leaderboard_b2): a leaderboard without a
+    ``defenses`` list runs the method first, then the cheapest first."""
+
     run: DefenseFn
     params: type = NoParams
+    space: Mapping[str, Any] | None = None
+    uses_head: bool = False
+    head_knob: str | None = None
+    citation: str = ""
+    cost: float = 1.0
 
 
 DEFENSES: Registry[DefenseEntry] = Registry("defense")
 
+# The common fine-tuning schedule's ranges (the profile's defaults on digits: lr 0.01, 40
+# epochs, batch 32), shared by the spaces of the defenses that use it. ANP, I-BAU and SAU run
+# their own optimisers and do not search them.
+FINETUNE_SPACE: Mapping[str, Any] = MappingProxyType({
+    "defense.lr": {"loguniform": [0.002, 0.05]},
+    "defense.epochs": {"int": [20, 60]},
+    "defense.batch_size": {"choice": [16, 32, 64]},
+})
 
-def register(name: str, params: type = NoParams):
+
+def register(name: str, params: type = NoParams, *, space: Mapping[str, Any] | None = None,
+             uses_head: bool = False, head_knob: str | None = None, citation: str = "",
+             cost: float = 1.0):
     def add(run: DefenseFn) -> DefenseFn:
-        DEFENSES.add(name, DefenseEntry(run, params))
+        DEFENSES.add(name, DefenseEntry(run, params, MappingProxyType(dict(space))
+                                        if space is not None else None,
+                                        uses_head or head_knob is not None, head_knob,
+                                        citation, cost))
         return run
 
     return add
+
+
+def leaderboard_order(names: list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The order a leaderboard runs defenses in when its spec lists none: D3 (the method)
+    first, then by measured cost, cheapest first (ANP, the slowest, last)."""
+    names = list(DEFENSES.names() if names is None else names)
+    return tuple(sorted(names, key=lambda n: (n != "d3", DEFENSES[n].cost, n)))
 
 
 def params_of(cfg: DefenseConfig) -> Any:

@@ -138,7 +138,14 @@ def apply_pruning(model: nn.Module, original: dict[str, torch.Tensor], masks: Ne
     return count
 
 
-@register("anp", Params)
+SPACE = {"defense.eps": {"uniform": [0.1, 0.6]},
+         "defense.alpha": {"uniform": [0.0, 0.5]},
+         "defense.mask_lr": {"loguniform": [0.05, 0.5]},
+         "defense.threshold": {"uniform": [0.05, 0.5]}}
+CITATION = "Wu, Wang: Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021"
+
+
+@register("anp", Params, space=SPACE, citation=CITATION, cost=10.4)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

@@ -86,7 +86,22 @@ def project(weights: list[torch.Tensor], norms: list[torch.Tensor], p: float) ->
         w.mul_(target / w.norm(p).clamp_min(1e-12))
 
 
-@register("d3", Params)
+# as search_spaces/robust_d3_digits.yaml
+SPACE = {
+    "defense.lr": {"loguniform": [0.003, 0.05]},
+    "defense.epochs": {"int": [20, 60]},
+    "defense.batch_size": {"choice": [16, 32, 64]},
+    "defense.eps": {"uniform": [0.0, 0.5]},
+    "defense.lmd": {"loguniform": [0.1, 10.0]},
+    "defense.p": {"choice": [1, 1.5, 2]},
+    "defense.radius": {"uniform": [0.5, 2.0]},
+    "defense.init": {"choice": ["random", "near", "middle", "far", "noise"]},
+}
+CITATION = "Wei, Liu, Zha: Distance-Driven Detoxification (D3), ICCV 2025"
+
+
+@register("d3", Params, space=SPACE, head_knob="select_layer", citation=CITATION,
+          cost=1.0)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

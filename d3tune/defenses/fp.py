@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from d3tune.defenses import DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
 from d3tune.errors import UsageError
 from d3tune.train import fit, make_sgd, predict
 
@@ -163,7 +163,12 @@ def fold_mask(point: PrunePoint, mask: torch.Tensor) -> None:
         bias.mul_(mask)
 
 
-@register("fp", Params)
+SPACE = {**FINETUNE_SPACE, "defense.acc_ratio": {"uniform": [0.02, 0.3]},
+         "defense.prune_step": {"choice": [0.005, 0.01, 0.02, 0.05]}}
+CITATION = "Liu, Dolan-Gavitt, Garg: Fine-Pruning, RAID 2018"
+
+
+@register("fp", Params, space=SPACE, uses_head=True, citation=CITATION, cost=0.65)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3tune.defenses import DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
 from d3tune.errors import UsageError
 from d3tune.train import fit, make_sgd
 
@@ -54,7 +54,12 @@ def reinitialise(linear: nn.Linear,
     return w0, norm
 
 
-@register("fst", Params)
+SPACE = {**FINETUNE_SPACE, "defense.alpha": {"uniform": [0.05, 0.5]}}
+CITATION = ("Min et al.: Towards Stable Backdoor Purification through Feature"
+            " Shift Tuning, NeurIPS 2023")
+
+
+@register("fst", Params, space=SPACE, uses_head=True, citation=CITATION, cost=0.77)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

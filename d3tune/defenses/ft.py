@@ -8,11 +8,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from d3tune.defenses import DefenseConfig, DefenseContext, register
+from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, register
 from d3tune.train import fit, make_sgd
 
 
-@register("ft")
+SPACE = {**FINETUNE_SPACE, "defense.weight_decay": {"choice": [0.0, 0.0001, 0.0005, 0.001]}}
+CITATION = "plain fine-tuning on the clean set (the baseline of every paper here)"
+
+
+@register("ft", space=SPACE, citation=CITATION, cost=0.53)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     opt, sched = make_sgd(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from d3tune.defenses import DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
 from d3tune.train import augment, batches, make_sgd
 
 
@@ -90,7 +90,13 @@ def sam_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb:
     return loss.item()
 
 
-@register("ft_sam", Params)
+SPACE = {**FINETUNE_SPACE, "defense.rho": {"loguniform": [0.1, 5.0]},
+         "defense.label_smoothing": {"uniform": [0.0, 0.2]}}
+CITATION = ("Zhu et al.: Enhancing Fine-Tuning Based Backdoor Defense with"
+            " Sharpness-Aware Minimization, ICCV 2023")
+
+
+@register("ft_sam", Params, space=SPACE, citation=CITATION, cost=0.94)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

@@ -113,7 +113,17 @@ def hypergradient(model: nn.Module, params: list[torch.Tensor], delta: torch.Ten
     return grads, outer_loss.item()
 
 
-@register("ibau", Params)
+# its own optimiser: no lr/epochs search; ignores defense.epochs
+SPACE = {"defense.adam_lr": {"loguniform": [0.00002, 0.001]},
+         "defense.n_rounds": {"int": [3, 10]},
+         "defense.k": {"int": [3, 8]},
+         "defense.radius": {"loguniform": [2.0, 20.0]},
+         "defense.batch_size": {"choice": [16, 32, 64]}}
+CITATION = ("Zeng et al.: Adversarial Unlearning of Backdoors via Implicit"
+            " Hypergradient (I-BAU), ICLR 2022")
+
+
+@register("ibau", Params, space=SPACE, citation=CITATION, cost=0.74)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3tune.defenses import DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
 from d3tune.errors import UsageError
 from d3tune.train import fit, make_sgd
 
@@ -132,7 +132,15 @@ def tapped(model: nn.Module, names: Sequence[str]) -> Iterator[list[torch.Tensor
             h.remove()
 
 
-@register("nad", Params)
+SPACE = {**FINETUNE_SPACE, "defense.te_epochs": {"int": [5, 20]},
+         "defense.beta1": {"loguniform": [100.0, 2500.0]},
+         "defense.beta2": {"loguniform": [200.0, 5000.0]},
+         "defense.beta3": {"loguniform": [200.0, 5000.0]},
+         "defense.p": {"choice": [1.0, 2.0, 4.0]}}
+CITATION = "Li et al.: Neural Attention Distillation, ICLR 2021"
+
+
+@register("nad", Params, space=SPACE, citation=CITATION, cost=0.88)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

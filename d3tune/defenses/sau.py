@@ -120,7 +120,16 @@ def sau_loss(model: nn.Module, ref: nn.Module, x: torch.Tensor, x_adv: torch.Ten
                   "loss_shared": loss_sar.item(), "fooled": float(fooled.float().mean())}
 
 
-@register("sau", Params)
+# its own optimiser
+SPACE = {"defense.adam_lr": {"loguniform": [0.00002, 0.001]},
+         "defense.eps": {"uniform": [0.05, 0.4]},
+         "defense.adv_steps": {"int": [3, 8]},
+         "defense.lmd_3": {"uniform": [0.5, 2.0]},
+         "defense.epochs": {"int": [20, 60]}}
+CITATION = "Wei et al.: Shared Adversarial Unlearning, NeurIPS 2023"
+
+
+@register("sau", Params, space=SPACE, citation=CITATION, cost=4.5)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)
