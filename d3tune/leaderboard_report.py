@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,15 @@ def _search_best(holdout: dict[str, Any]) -> str:
     return min(finals, key=rank, default="none")
 
 
-def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def read_back(client: Any, parent: str,
+              defenses: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(table, members): one row per defense, sorted by tuned holdout worst case (best first;
     rows whose tuned setting keeps the ACC budget before those that do not), and one row per
     (defense, default|tuned, holdout member) with its DER. The tuned row is the robust search's
     choice; when no finalist kept the budget on the holdout, its best finalist, flagged
-    (``chosen`` False, ``tuned_ok`` False)."""
+    (``chosen`` False, ``tuned_ok`` False). ``defenses``: only these (a leaderboard resumed
+    with a shorter ``defenses`` list, or one whose last search is unfinished, reports the
+    finished ones it lists)."""
     exp_id = client.get_run(parent).info.experiment_id
     rows, members = [], []
     for search in _children(client, exp_id, parent):
@@ -71,6 +75,8 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         if tags.get("d3tune.kind") != "robust":
             continue
         defense = tags["d3tune.defense"]
+        if defenses is not None and defense not in defenses:
+            continue
         budget = float(search.data.params.get("max_acc_drop", "nan"))
         chosen = tags.get("d3tune.chosen", "none")
         children = _children(client, exp_id, search.info.run_id)
@@ -105,7 +111,7 @@ def read_back(client: Any, parent: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return table, pd.DataFrame(members, columns=["defense", "row", "member", "der"])
 
 
-def progress(client: Any, parent: str) -> pd.DataFrame:
+def progress(client: Any, parent: str, defenses: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per setting searched, per defense, in the order the search ran them: the
     member-seconds it spent, the running total, and the best complete within-budget search
     worst case so far (NaN until one exists). What "tuned as hard" looks like: whether each
@@ -116,6 +122,8 @@ def progress(client: Any, parent: str) -> pd.DataFrame:
         if search.data.tags.get("d3tune.kind") != "robust":
             continue
         defense = search.data.tags["d3tune.defense"]
+        if defenses is not None and defense not in defenses:
+            continue
         trials = [r for r in _children(client, exp_id, search.info.run_id)
                   if r.data.tags.get("d3tune.phase") == "search"]
         best, spent = math.nan, 0.0
@@ -281,7 +289,8 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
 
     from d3tune.leaderboard import LeaderboardOutcome
 
-    table, members = read_back(client, parent)
+    done = [d for d in spec.defenses if state["defenses"].get(d, {}).get("done")]
+    table, members = read_back(client, parent, done)
     out = spec.state_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     per_model = per_threat_model(table, members)
@@ -291,7 +300,7 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     members.to_csv(out / "members.csv", index=False)
     per_model.to_csv(out / "per_threat_model.csv", index=False)
     plot(table, members, out)
-    prog = progress(client, parent)
+    prog = progress(client, parent, done)
     prog.to_csv(out / "progress.csv", index=False)
     if not prog.empty:
         plot_progress(prog, out)

@@ -196,6 +196,9 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
     assert d3["knobs"] == 3  # the space_dims param of d3's robust search run
     assert d3["compute_s"] == pytest.approx(2 * 2.0 + 4 * 1.0)  # search + holdout evaluations
     assert len(members) == 8 and set(members["row"]) == {"default", "tuned"}
+    # a leaderboard reporting only its finished (or listed) defenses
+    only, only_members = read_back(client, parent, ["ft"])
+    assert list(only["defense"]) == ["ft"] and set(only_members["defense"]) == {"ft"}
     # change a stored member metric: the table follows the store
     runs = client.search_runs([client.get_run(parent).info.experiment_id],
                               "tags.`d3tune.label` = 'trial-0'")
