@@ -163,3 +163,21 @@ def test_shipped_digits_defaults_are_the_confirmed_robust_setting(monkeypatch):
     monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "0")
     assert lookup("digits", "d3") is None
     assert resolve(trial_config({})).defense.epochs == 40  # the profile's again
+
+
+def test_shipped_fashion_mnist_defaults_are_the_leaderboard_search_confirmed_setting(monkeypatch):
+    """D3 on Fashion-MNIST ships the setting its budget-8 leaderboard search confirmed on the
+    holdout within the 3-point ACC budget (the profile's schedule lost 7 points there)."""
+    from d3tune.adopted import PACKAGE_DIR, lookup
+
+    monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "1")
+    monkeypatch.delenv("D3TUNE_DEFAULTS_DIR", raising=False)
+    entry = lookup("fashion_mnist", "d3")
+    assert entry is not None and entry.path == PACKAGE_DIR / "fashion_mnist.yaml"
+    p = entry.provenance
+    assert p["spec"] == "search_spaces/leaderboard_fashion_mnist.yaml [d3]"
+    assert p["holdout_mean_acc_drop"] <= p["max_acc_drop"] == 0.03
+    cfg = resolve(trial_config({"data": {"name": "fashion_mnist"}}))
+    assert (cfg.defense.epochs, cfg.defense.batch_size) == (49, 16)
+    assert cfg.defense.params.p == 1.5 and cfg.defense.params.init == "near"
+    assert lookup("digits", "d3").knobs != entry.knobs  # one file per dataset

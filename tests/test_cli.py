@@ -42,7 +42,9 @@ def test_default_run_end_to_end_logs_to_sqlite_mlflow(tmp_path):
         assert key in m
     assert m["asr_before"] >= 0.9 and m["asr_after"] <= 0.2
     assert m["acc_before"] - m["acc_after"] <= 0.08
-    assert m["_asr_steps"] == 40  # one per defense epoch
+    # one per evaluated defense epoch: 40 epochs on 143 clean images, 256 + 256 scored, so the
+    # default schedule evaluates every 7th (d3tune/eval_schedule.py): 1, 7, 14, ..., 35, 40
+    assert m["_asr_steps"] == 7
     result = next((tmp_path / "d3tune_results" / "runs").glob("*/result.json"))
     assert json.loads(result.read_text())["metrics"]["asr_after"] == pytest.approx(m["asr_after"])
     artifacts = list((tmp_path / "mlartifacts").rglob("defended.safetensors"))
