@@ -171,7 +171,6 @@ def real_size_setup(workdir: Path, n_train: int, n_test: int, attack_epochs: int
     ``attack_train_size`` may train it on the first images of the poisoned training set only
     (an attack epoch on all 50000 takes ~15 min on 2 CPU cores); the record and the CIFAR-10
     folder still hold all ``n_train`` images, and D3's clean set is 5 % of those."""
-    from d3tune.attacks import ATTACKS
     from d3tune.backdoorbench import NORMALIZATION
     from d3tune.data import synthetic
 

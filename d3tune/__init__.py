@@ -7,6 +7,9 @@ From Python (README "From Python"; the input contract is in ``d3tune.api``)::
     d3tune.evaluate(defended, test_x, test_y, bd_x, bd_target, bd_true)  # {'acc', 'asr', 'ra'}
     d3tune.run_trial({"data": {"name": "digits"}, "attack": {"name": "badnets"}})
     d3tune.sweep("search_spaces/d3_default.yaml"); d3tune.ablate("ablations/quickstart.yaml")
+    d3tune.robust("search_spaces/robust_d3_digits.yaml")  # .chosen: the confirmed setting
+    d3tune.leaderboard("search_spaces/leaderboard_digits.yaml")
+    d3tune.report("quickstart-ablations")  # a finished sweep's or ablation's report
     d3tune.list_attacks(), d3tune.list_defenses(), d3tune.list_models(), d3tune.list_datasets()
 
 The verbs are imported on first use, so ``import d3tune`` itself loads neither torch nor Ray.
@@ -17,12 +20,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["defend", "evaluate", "run_trial", "sweep", "ablate", "list_attacks", "list_defenses",
-           "list_models", "list_datasets"]
+from d3tune import plugins as _plugins
+from d3tune import registry as _registry
+
+# The first registry lookup in a process loads the installed plugins (d3tune/plugins.py).
+_registry.set_lookup_hook(_plugins.ensure_plugins)
+
+__all__ = ["defend", "evaluate", "run_trial", "sweep", "ablate", "robust", "leaderboard", "report",
+           "list_attacks", "list_defenses", "list_models", "list_datasets"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports lazily
-    from d3tune.api import (ablate, defend, evaluate, list_attacks, list_datasets,  # noqa: F401
-                            list_defenses, list_models, run_trial, sweep)
+    from d3tune.api import (  # noqa: F401
+        ablate,
+        defend,
+        evaluate,
+        list_attacks,
+        list_datasets,
+        list_defenses,
+        list_models,
+        run_trial,
+        sweep,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -1,12 +1,13 @@
 """Adopted defaults: a defense's every knob, per dataset, as confirmed by a robust search.
 
 Why: "finding robust defaults" should end in the defaults ``d3tune run`` uses, not in a YAML
-file beside them. ``d3tune adopt RUN`` reads a finished robust search from MLflow (its chosen
-setting, confirmed on the holdout) and writes every knob of that defense, resolved for the
-dataset, into ``<dataset>.yaml`` with where it came from (spec, run, search and holdout
-figures, date). ``trial_config`` then fills each defense knob a config leaves unset from there,
-before the dataset profile and the defense's built-in values; ``defaults: builtin`` in a
-config (the robust search's ``paper`` reference uses it) skips the adopted layer.
+file beside them. ``d3tune adopt RUN`` (``d3tune/search/adopt.py``) reads a finished robust
+search from MLflow (its chosen setting, confirmed on the holdout) and writes every knob of that
+defense, resolved for the dataset, into ``<dataset>.yaml`` with where it came from (spec, run,
+search and holdout figures, date). ``trial_config`` then fills each defense knob a config
+leaves unset from there, before the dataset profile and the defense's built-in values;
+``defaults: builtin`` in a config (the robust search's ``paper`` reference uses it) skips the
+adopted layer.
 
 Where the files live: ``$D3TUNE_DEFAULTS_DIR`` first (a user's or a cluster's own), then
 ``d3tune/defaults/`` in the package (what d3tune ships). One file per dataset, one entry per
@@ -18,7 +19,6 @@ defense::
 """
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,19 +92,6 @@ def lookup(dataset: str, defense: str) -> Adopted | None:
     return None
 
 
-def full_knobs(dataset: str, defense_section: Mapping[str, Any]) -> dict[str, Any]:
-    """Every field of the defense, resolved for ``dataset`` (profile and built-in values where
-    the section is silent): what an adopted entry stores, so it does not shift when a profile
-    or a built-in default changes later."""
-    from d3tune.config import resolve, to_dict, trial_config
-
-    cfg = resolve(trial_config({"data": {"name": dataset}, "defaults": "builtin",
-                                "defense": dict(defense_section)}, "adopt"))
-    knobs = to_dict(cfg)["defense"]
-    knobs.pop("name", None)
-    return knobs
-
-
 def write(path: Path, dataset: str, defense: str, knobs: Mapping[str, Any],
           provenance: Mapping[str, Any]) -> Adopted:
     """Add or replace one defense's entry (other defenses in the file are kept); atomic."""
@@ -117,77 +104,6 @@ def write(path: Path, dataset: str, defense: str, knobs: Mapping[str, Any],
     dump_yaml(data, tmp)
     tmp.replace(path)
     return Adopted(dataset, defense, dict(knobs), dict(provenance), path)
-
-
-def adopt(run_id: str, dataset: str | None = None, path: Path | None = None,
-          tracking_uri: str | None = None) -> Adopted:
-    """Read a finished robust search (MLflow parent run) and adopt its chosen setting."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from d3tune import tracking
-    from d3tune.yamlio import load_yaml
-
-    uri = tracking_uri or tracking.tracking_uri()
-    client = MlflowClient(uri)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise UsageError(f"RUN: no MLflow run {run_id!r} in {uri}") from None
-    tags, metrics = run.data.tags, run.data.metrics
-    if tags.get("d3tune.kind") != "robust":
-        raise UsageError(f"RUN: {run_id} is not a robust search's parent run (d3tune.kind = "
-                         f"{tags.get('d3tune.kind')!r}); adopt the run `d3tune robust` printed")
-    if "holdout_worst_der" not in metrics:
-        raise UsageError(f"RUN: robust search {run_id} chose nothing (no finalist kept the ACC "
-                         "budget on the holdout, or it did not finish): nothing to adopt")
-    datasets = [d for d in tags.get("d3tune.datasets", "").split(",") if d]
-    if dataset is None:
-        if len(datasets) != 1:
-            raise UsageError(f"--dataset: robust search {run_id} covers "
-                             f"{', '.join(datasets) or 'unrecorded datasets'}: name the one "
-                             "whose defaults to set")
-        dataset = datasets[0]
-    elif datasets and dataset not in datasets:
-        raise UsageError(f"--dataset: {dataset!r} is not in robust search {run_id}'s population "
-                         f"({', '.join(datasets)})")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = Path(client.download_artifacts(run_id, "defaults", tmp))
-        except (MlflowException, OSError) as exc:
-            raise UsageError(f"RUN: robust search {run_id} has no chosen-defaults artifact "
-                             f"({type(exc).__name__})") from None
-        files = sorted(folder.glob("*.yaml"))
-        if len(files) != 1:
-            raise UsageError(f"RUN: expected one YAML under {run_id}'s defaults/ artifact, "
-                             f"found {len(files)}")
-        chosen = load_yaml(files[0])
-    section = (chosen or {}).get("defense") if isinstance(chosen, Mapping) else None
-    if not isinstance(section, Mapping) or "name" not in section:
-        raise UsageError(f"RUN: {run_id}'s chosen defaults have no defense section")
-    defense = str(section["name"])
-    knobs = full_knobs(dataset, section)
-    provenance = {
-        "robust_run": run_id, "experiment": client.get_experiment(
-            run.info.experiment_id).name, "tracking_uri": uri,
-        "spec": tags.get("d3tune.spec"), "population_seeds": tags.get("d3tune.population_seeds"),
-        "holdout_seeds": tags.get("d3tune.holdout_seeds"),
-        **{k: float(metrics[k]) for k in ("search_worst_der", "holdout_worst_der",
-                                           "holdout_mean_der", "holdout_mean_acc_drop")
-           if k in metrics},
-        "max_acc_drop": _float(run.data.params.get("max_acc_drop")),
-        "adopted_on": _dt.date.today().isoformat()}
-    target = path or ((folders() or [PACKAGE_DIR])[0] / f"{dataset}.yaml")
-    return write(target, dataset, defense, knobs, provenance)
-
-
-def _float(text: str | None) -> float | None:
-    try:
-        return float(text) if text is not None else None
-    except ValueError:
-        return None
 
 
 def describe_for(dataset: str, defense: str, mode: str) -> str:

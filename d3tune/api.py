@@ -1,4 +1,5 @@
-"""d3tune from Python: defend a model you trained yourself, evaluate it, run trials and sweeps.
+"""d3tune from Python: defend a model you trained yourself, evaluate it, run trials, sweeps,
+robust searches and leaderboards, and report on them.
 
 These are the verbs ``import d3tune`` offers (``d3tune/__init__.py`` imports this module only
 when one of them is first used, so ``import d3tune`` stays cheap).
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 
     from d3tune.config import TrialConfig
     from d3tune.data import Dataset
+    from d3tune.reports.leaderboard import LeaderboardOutcome
+    from d3tune.search.robust import RobustOutcome
+    from d3tune.specs.robust import RobustSpec
     from d3tune.trial import TrialResult
 
 log = logging.getLogger("d3tune.api")
@@ -265,7 +269,7 @@ def run_trial(config: Any, *, cache_dir: str | Path | None = None, use_cache: bo
     say). Returns a ``TrialResult``: ``metrics``, per-epoch ``history``, the defended ``model``.
     """
     from d3tune.cache import ModelCache
-    from d3tune.runner import check_paths
+    from d3tune.specs.inputs import check_paths
     from d3tune.trial import run_trial as run
 
     cfg = _trial_config(config)
@@ -275,8 +279,13 @@ def run_trial(config: Any, *, cache_dir: str | Path | None = None, use_cache: bo
 
 
 def _plan(spec: Any, kind: str, num_samples: int | None = None):
-    from d3tune.cli_sweeps import check_inputs
-    from d3tune.spec import ablation_plan, load_plan, sweep_plan, with_absolute_paths
+    from d3tune.specs.inputs import check_inputs
+    from d3tune.specs.sweep import (
+        ablation_plan,
+        load_plan,
+        sweep_plan,
+        with_absolute_paths,
+    )
 
     if isinstance(spec, (str, Path)):
         plan = load_plan(spec, kind, num_samples)
@@ -293,7 +302,7 @@ def sweep(spec: Any, *, num_samples: int | None = None, resume: bool = False,
           address: str | None = None) -> pd.DataFrame:
     """``d3tune sweep``: ``spec`` is a YAML path or the same fields as a mapping (its ``name``
     defaults to "sweep"). Returns one row per trial (its sampled fields and last metrics)."""
-    from d3tune.sweeps import run_plan
+    from d3tune.search.sweeps import run_plan
 
     return run_plan(_plan(spec, "sweep", num_samples), resume=resume, address=address)
 
@@ -301,9 +310,77 @@ def sweep(spec: Any, *, num_samples: int | None = None, resume: bool = False,
 def ablate(spec: Any, *, resume: bool = False, address: str | None = None) -> pd.DataFrame:
     """``d3tune ablate``: a grid spec (YAML path or mapping, ``name`` defaults to "ablation").
     Returns one row per cell."""
-    from d3tune.sweeps import run_plan
+    from d3tune.search.sweeps import run_plan
 
     return run_plan(_plan(spec, "ablation"), resume=resume, address=address)
+
+
+def robust(spec: str | Path, *, budget: int | None = None, time_budget_s: float | None = None,
+           resume: bool = False, address: str | None = None, out: str | Path | None = None,
+           **paths: str | None) -> RobustOutcome:
+    """``d3tune robust``: search ``spec``'s defense settings for the best worst-case DER over its
+    population (the ACC budget a constraint), then confirm the best on the holdout seeds.
+    ``paths``: ``storage``, ``cache_dir``, ``experiment`` overrides. Returns the
+    ``RobustOutcome`` (``chosen``: the confirmed setting; ``search``, ``holdout``: the rows)."""
+    from d3tune.search.robust import robust_search
+    from d3tune.specs.inputs import check_members
+    from d3tune.specs.robust import load_robust
+
+    search = adjusted_robust(load_robust(spec), budget, time_budget_s, resume, paths)
+    check_members(search)
+    return robust_search(search, resume=resume, address=address, out=out)
+
+
+def adjusted_robust(spec: RobustSpec, budget: int | None, time_budget_s: float | None,
+                    resume: bool, paths: Mapping[str, str | None]) -> RobustSpec:
+    """A robust spec with the caller's overrides (the CLI's flags), validated."""
+    if budget is not None:
+        if resume:
+            raise UsageError("--budget: a resumed search keeps the budget it started with")
+        spec = spec.with_budget(budget)
+    changes: dict[str, Any] = _path_changes(paths)
+    if time_budget_s is not None:
+        if not time_budget_s > 0:
+            raise UsageError(f"--time-budget-s: expected a number of seconds > 0, got "
+                             f"{time_budget_s}")
+        changes["time_budget_s"] = time_budget_s
+    return replace(spec, **changes)
+
+
+def _path_changes(paths: Mapping[str, str | None]) -> dict[str, str]:
+    from d3tune.specs.inputs import path_changes
+
+    unknown = set(paths) - {"storage", "cache_dir", "experiment"}
+    if unknown:
+        raise UsageError(f"{sorted(unknown)[0]}: unknown keyword (storage, cache_dir, experiment)")
+    return path_changes(**paths)
+
+
+def leaderboard(spec: str | Path, *, budget: int | None = None, resume: bool = False,
+                address: str | None = None, **paths: str | None) -> LeaderboardOutcome:
+    """``d3tune leaderboard``: every defense the spec names, tuned by its own robust search with
+    the same budget on the same population; default and tuned settings confirmed on the same
+    holdout seeds. Returns the ``LeaderboardOutcome`` (``table``: one row per defense)."""
+    from d3tune.search.leaderboard import run_leaderboard
+    from d3tune.specs.inputs import check_members
+    from d3tune.specs.leaderboard import load_leaderboard
+
+    loaded = load_leaderboard(spec)
+    if budget is not None:
+        if resume:
+            raise UsageError("--budget: a resumed leaderboard keeps the budget it started with")
+        loaded = loaded.with_budget(budget)
+    loaded = loaded.with_paths(**_path_changes(paths))
+    check_members(loaded.searches[0])  # the population is the same for every defense
+    return run_leaderboard(loaded, resume=resume, address=address)
+
+
+def report(run: str, out: str | Path | None = None) -> Path:
+    """``d3tune report``: the report of a finished sweep or ablation (its MLflow parent run id,
+    or its name), written to ``out`` and logged to the parent run; returns the folder."""
+    from d3tune.reports.sweep import make_report
+
+    return make_report(run, out)
 
 
 def list_attacks(pattern: str = "*") -> list[str]:

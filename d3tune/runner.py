@@ -15,39 +15,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.attacks import ATTACKS, ImportedBackdoor
+from d3tune.attacks import ATTACKS
 from d3tune.cache import Entry, ModelCache
 from d3tune.config import TrialConfig, flatten, to_dict
-from d3tune.data import DATASETS, Dataset, load_dataset
-from d3tune.errors import UsageError
-from d3tune.trial import TrialResult, check_import, imported_model, run_trial
+from d3tune.data import Dataset, load_dataset
+from d3tune.search.runstate import now_ms
+from d3tune.specs.inputs import check_paths
+from d3tune.trial import TrialResult, check_import, run_trial
 
 log = logging.getLogger(__name__)
-
-
-def check_paths(cfg: TrialConfig) -> ImportedBackdoor | None:
-    """Fail on a missing data folder, or an imported model that cannot be read or does not fit
-    the trial, before anything is trained (``cfg`` resolved). Returns the imported model, if
-    the attack brings one."""
-    entry = ATTACKS[cfg.attack.name]
-    imported = entry.load_backdoor(cfg.attack.params) if entry.load_backdoor else None
-    if imported is not None:
-        check_import(cfg, imported)
-        imported_model(cfg, imported, torch.device("cpu"))  # the weights fit the architecture
-    if DATASETS[cfg.data.name].needs_data_dir:
-        hint = f" (the imported model was trained on {imported.data_hint})" if imported else ""
-        if not cfg.data.data_dir:
-            raise UsageError(f"data.data_dir: dataset {cfg.data.name!r} needs --data-dir{hint}")
-        if not Path(cfg.data.data_dir).expanduser().is_dir():
-            raise UsageError(f"data.data_dir: {cfg.data.data_dir!r} is not a directory")
-    return imported
 
 
 def prepare(cfg: TrialConfig) -> tuple[Dataset, float]:
@@ -264,7 +252,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
         bars.defense_epoch(row)
         if mlrun is not None:
             mlrun.call(lambda: mlrun.client.log_batch(
-                mlrun.run_id, metrics=tracking.metric_batch([row], timestamp_ms=_now_ms())))
+                mlrun.run_id, metrics=tracking.metric_batch([row], timestamp_ms=now_ms())))
 
     try:
         result = run_trial(cfg, report=report, data=data, on_attack_epoch=bars.attack_epoch,
@@ -290,8 +278,8 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
     if mlrun is not None:
         from mlflow.entities import Metric
 
-        final = [Metric(k, float(v), _now_ms(), 0) for k, v in result.metrics.items()]
-        final += [Metric(f"seconds_{k}", float(v), _now_ms(), 0)
+        final = [Metric(k, float(v), now_ms(), 0) for k, v in result.metrics.items()]
+        final += [Metric(f"seconds_{k}", float(v), now_ms(), 0)
                   for k, v in record["seconds"].items()]
         mlrun.call(lambda: mlrun.client.log_batch(mlrun.run_id, metrics=final, tags=[
             _tag("d3tune.cache_key", result.cache_key),
@@ -317,6 +305,3 @@ def _tag(key: str, value: str):
 
     return RunTag(key, value)
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -18,13 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from d3tune.attacks import ATTACKS, Backdoor, ImportedBackdoor, Trainer, split_state, with_state
+from d3tune.attacks import (
+    ATTACKS,
+    Backdoor,
+    ImportedBackdoor,
+    Trainer,
+    split_state,
+    with_state,
+)
 from d3tune.cache import Entry, ModelCache, cache_key
 from d3tune.config import TrialConfig, to_dict
 from d3tune.data import Dataset, half_indices, load_dataset, split_test, subset_train
+from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.errors import UsageError
 from d3tune.eval_schedule import due_epochs, interval_for
-from d3tune.defenses import DEFENSES, DefenseContext
 from d3tune.metrics import EvalSets, der, evaluate
 from d3tune.models import MODELS, ModelSpec, build_model
 from d3tune.train import Augment, LossFn, cross_entropy, fit, make_sgd, prepare_model

@@ -42,7 +42,8 @@ CHOSEN = {"name": "d3", "lr": 0.02, "epochs": 7, "eps": 0.2, "init": "near"}
 
 
 def test_adopt_writes_every_knob_with_provenance(tmp_path, monkeypatch):
-    from d3tune.adopted import adopt, lookup, read
+    from d3tune.search.adopt import adopt
+    from d3tune.adopted import lookup, read
 
     monkeypatch.setenv("D3TUNE_DEFAULTS_DIR", str(tmp_path / "defaults"))
     run, uri = _robust_run(tmp_path, CHOSEN)
@@ -61,7 +62,7 @@ def test_adopt_writes_every_knob_with_provenance(tmp_path, monkeypatch):
 
 def test_trial_configs_use_adopted_knobs_where_they_are_silent(tmp_path, monkeypatch):
     from d3tune.adopted import describe_for, write
-    from d3tune.robust_spec import Reference, robust_plan
+    from d3tune.specs.robust import Reference, robust_plan
     from d3tune.runner import adopted_params
 
     monkeypatch.setenv("D3TUNE_DEFAULTS_DIR", str(tmp_path))
@@ -90,7 +91,7 @@ def test_trial_configs_use_adopted_knobs_where_they_are_silent(tmp_path, monkeyp
                         "holdout_seeds": [1], "space": {"defense.lr": {"loguniform": [0.001,
                                                                                       0.1]}},
                         "references": ["paper", "profile"]}, "x.yaml")
-    from d3tune.robust_spec import member_config
+    from d3tune.specs.robust import member_config
 
     paper, profile = spec.references
     assert isinstance(paper, Reference) and paper.builtin and not profile.builtin
@@ -113,7 +114,7 @@ def test_a_bad_adopted_file_is_one_line_naming_it(tmp_path, monkeypatch, content
 
 
 def test_adopt_refuses_what_it_cannot_adopt(tmp_path, monkeypatch):
-    from d3tune.adopted import adopt
+    from d3tune.search.adopt import adopt
 
     monkeypatch.setenv("D3TUNE_DEFAULTS_DIR", str(tmp_path / "defaults"))
     sweep, uri = _robust_run(tmp_path / "a", CHOSEN, kind="sweep")

@@ -103,6 +103,40 @@ def test_list_verbs_read_the_registries():
     assert "digits" in d3tune.list_datasets()
 
 
+def test_robust_leaderboard_and_report_stay_verbs_after_their_modules_load():
+    """They were blocked while d3tune.robust etc. were modules: importing the module would have
+    replaced the verb on the package. The packages per role free the names for good."""
+    import d3tune.reports.sweep  # noqa: F401
+    import d3tune.search.leaderboard  # noqa: F401
+    import d3tune.search.robust  # noqa: F401
+
+    for name in ("robust", "leaderboard", "report", "sweep", "ablate"):
+        verb = getattr(d3tune, name)
+        assert callable(verb) and verb.__module__ == "d3tune.api", name
+
+
+def test_robust_and_leaderboard_verbs_refuse_bad_options_before_ray(monkeypatch):
+    """One validation path for the CLI and the API: the same one-line errors, nothing started."""
+    import d3tune.search.tuner
+
+    def boom(*args, **kwargs):
+        raise AssertionError("Ray was about to start")
+
+    monkeypatch.setattr(d3tune.search.tuner, "init_ray", boom)
+    robust = ROOT / "search_spaces" / "robust_d3_digits.yaml"
+    board = ROOT / "search_spaces" / "leaderboard_digits.yaml"
+    with pytest.raises(UsageError, match="^--budget: a resumed search keeps"):
+        d3tune.robust(robust, budget=3, resume=True)
+    with pytest.raises(UsageError, match="^--time-budget-s: expected a number of seconds > 0"):
+        d3tune.robust(robust, time_budget_s=0)
+    with pytest.raises(UsageError, match="^--storage 's3://b': URIs are not supported"):
+        d3tune.leaderboard(board, storage="s3://b")
+    with pytest.raises(UsageError, match="^bogus: unknown keyword"):
+        d3tune.leaderboard(board, bogus="x")
+    with pytest.raises(UsageError, match="^--budget: a resumed leaderboard keeps"):
+        d3tune.leaderboard(board, budget=2, resume=True)
+
+
 def test_readme_example_runs_as_written(capsys):
     page = (ROOT / "docs" / "python.md").read_text()
     code = code_blocks(page, "python")[0]
@@ -198,7 +232,7 @@ def test_run_trial_takes_nested_or_dotted_fields(tiny_digits):
 
 @pytest.fixture
 def registries_restored():
-    from d3tune.registry import builtin_registries
+    from d3tune.plugins import builtin_registries
 
     regs = builtin_registries()
     saved = [dict(r._items) for r in regs]
@@ -218,7 +252,7 @@ def fake_ep(name: str, obj) -> SimpleNamespace:
 def test_a_failing_plugin_is_undone_reported_once_and_skipped(registries_restored, caplog):
     from d3tune.attacks import ATTACKS, register as register_attack
     from d3tune.defenses import DEFENSES, register as register_defense
-    from d3tune.registry import PluginState, load_plugins
+    from d3tune.plugins import PluginState, load_plugins
 
     builtin_badnets = ATTACKS["badnets"]
 

@@ -36,14 +36,14 @@ def _command(name: str) -> str:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any attempt to start Ray or run a plan fails the test (everything must stop earlier)."""
-    import d3tune.engine
-    import d3tune.sweeps
+    import d3tune.search.sweeps
+    import d3tune.search.tuner
 
     def boom(*args, **kwargs):
         raise AssertionError("Ray was about to start for a bad spec")
 
-    monkeypatch.setattr(d3tune.sweeps, "run_plan", boom)
-    monkeypatch.setattr(d3tune.engine, "init_ray", boom)
+    monkeypatch.setattr(d3tune.search.sweeps, "run_plan", boom)
+    monkeypatch.setattr(d3tune.search.tuner, "init_ray", boom)
 
 
 def _assert_one_line_error(err: str, *needles: str) -> None:

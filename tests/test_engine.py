@@ -9,8 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from d3tune.spec import load_plan  # noqa: E402
-from d3tune.sweeps import pareto_front, run_plan  # noqa: E402
+from d3tune.specs.sweep import load_plan  # noqa: E402
+from d3tune.search.sweeps import pareto_front, run_plan  # noqa: E402
 
 TINY_BASE = """
 base:
@@ -121,7 +121,7 @@ def test_asha_stops_weak_trials_early(local_ray, tmp_path, mlflow_db):
 
 
 def test_checkpoints_are_throttled_by_defense_time():
-    from d3tune.engine import checkpoint_due
+    from d3tune.search.engine import checkpoint_due
 
     assert checkpoint_due(None, 5.0, 0.0) and checkpoint_due(100.0, 100.0, 0.0)  # 0: every epoch
     assert not checkpoint_due(None, 5.0, 30.0)  # the defense has not started its clock
@@ -229,7 +229,7 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
 def test_ablation_report_numbers_equal_mlflow_metrics(local_ray, tmp_path, mlflow_db):
     from mlflow.tracking import MlflowClient
 
-    from d3tune.report import make_report
+    from d3tune.reports.sweep import make_report
 
     spec = tmp_path / "abl.yaml"
     spec.write_text(textwrap.dedent(f"""

@@ -17,8 +17,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from d3tune.spec import load_plan  # noqa: E402
-from d3tune.sweeps import run_plan  # noqa: E402
+from d3tune.specs.sweep import load_plan  # noqa: E402
+from d3tune.search.sweeps import run_plan  # noqa: E402
 
 BASE = """
 base:
@@ -67,7 +67,7 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
 
 
 def test_killed_trial_worker_is_retried_from_its_checkpoint(local_ray, tmp_path, monkeypatch):
-    monkeypatch.setattr("d3tune.tracking_tune.FLUSH_EVERY_S", 0.0)  # the killer watches steps
+    monkeypatch.setattr("d3tune.search.mlflow_callback.FLUSH_EVERY_S", 0.0)  # the killer watches steps
     db = tmp_path / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     spec = _spec(tmp_path, "retry", """
@@ -129,7 +129,7 @@ def _free_port() -> int:
 
 def test_mlflow_store_lost_mid_sweep_keeps_results_and_completes(local_ray, tmp_path, monkeypatch,
                                                                  caplog):
-    monkeypatch.setattr("d3tune.tracking_tune.FLUSH_EVERY_S", 0.0)  # the outage waits for steps
+    monkeypatch.setattr("d3tune.search.mlflow_callback.FLUSH_EVERY_S", 0.0)  # the outage waits for steps
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -16,11 +16,11 @@ pytest.importorskip("ray")
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from d3tune import engine  # noqa: E402
 from d3tune.errors import UsageError  # noqa: E402
-from d3tune.optuna_search import ResumableOptunaSearch  # noqa: E402
-from d3tune.spec import load_plan  # noqa: E402
-from d3tune.sweeps import best_rows, optuna_plots  # noqa: E402
+from d3tune.search.optuna_search import ResumableOptunaSearch  # noqa: E402
+from d3tune.search.runstate import TRIAL_KEY  # noqa: E402
+from d3tune.specs.sweep import load_plan  # noqa: E402
+from d3tune.search.sweeps import best_rows, optuna_plots  # noqa: E402
 
 
 def _plan(tmp_path: Path, extra: str = ""):
@@ -122,9 +122,9 @@ def test_a_bad_constraint_names_its_field(tmp_path, bad, field):
 
 def _study_with_trials(plan, n: int = 6) -> None:
     """A finished multi-objective study where the plan's summary looks for it."""
-    engine.state_dir(plan).mkdir(parents=True)
+    plan.paths.state_dir.mkdir(parents=True)
     study = optuna.create_study(study_name=plan.name, directions=["maximize", "minimize"],
-                                storage=f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
+                                storage=plan.paths.optuna_url)
     dists = dict(SPACE)
     for i in range(n):
         lr, eps = 0.001 * (1.8 ** i), 0.5 * ((i * 7) % n) / n
@@ -163,9 +163,9 @@ def test_a_resumed_searcher_continues_trials_its_snapshot_missed(tmp_path):
     resumed.restore(snapshot)
     assert resumed.suggest("b2") == b and resumed.suggest("c2") == c
     fresh = resumed.suggest("d")
-    assert fresh[engine.TRIAL_KEY] == 3
-    assert {k: v for k, v in fresh.items() if k != engine.TRIAL_KEY} not in (
-        {k: v for k, v in x.items() if k != engine.TRIAL_KEY} for x in (b, c))
+    assert fresh[TRIAL_KEY] == 3
+    assert {k: v for k, v in fresh.items() if k != TRIAL_KEY} not in (
+        {k: v for k, v in x.items() if k != TRIAL_KEY} for x in (b, c))
     resumed.on_trial_result("b2", _row(0.1, 0.1, epoch=1))  # a replay's report: ignored
     resumed.on_trial_complete("b2", {**_row(0.8, 0.05, final=False, epoch=5), "replayed": True})
     resumed.on_trial_complete("c2", _row(0.85, 0.02))
@@ -175,7 +175,7 @@ def test_a_resumed_searcher_continues_trials_its_snapshot_missed(tmp_path):
                                                TrialState.COMPLETE, TrialState.COMPLETE]
     assert study.trials[2].values == [0.85, 0.02]  # the in-flight trial, finished once
     assert "run again" in study.trials[2].user_attrs["d3tune.note"]
-    from d3tune.optuna_search import ended_results
+    from d3tune.search.optuna_search import ended_results
 
     assert sorted(ended_results(f"sqlite:///{tmp_path / 's.db'}", "mo")) == [
         "optuna:0", "optuna:1", "optuna:2", "optuna:3"]

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from d3tune import stats
-from d3tune.report import build_report, discretise, heatmaps, plan_layout, tidy
-from d3tune.report_html import fmt
-from d3tune.report_layout import integral_knobs, levels
+from d3tune.reports.html import fixed, fmt, markdown_page
+from d3tune.reports.sweep import build_report, discretise, heatmaps, plan_layout, tidy
+from d3tune.reports.layout import integral_knobs, levels
 
 
 def _frame(der, seeds=(0, 1), noise=0.005, attacks=("badnets",)) -> pd.DataFrame:
@@ -138,6 +138,28 @@ def test_html_report_is_one_self_contained_page(tmp_path):
     assert "&lt;self&gt;" in page and "<table>" in page
     md = (tmp_path / "report.md").read_text()
     assert "![heatmaps](heatmaps.png)" in md and "data:image" not in md
+
+
+def test_markdown_reports_get_the_same_self_contained_page(tmp_path):
+    """Robust and leaderboard reports are Markdown text; their HTML has the tables rendered,
+    local images inline, nothing fetched, and markup in the text escaped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    fig.savefig(tmp_path / "plot.png")
+    plt.close(fig)
+    md = ("# leaderboard <x>\n\n| defense | DER |\n|---|---|\n| d3 | " + fixed(0.90312) + " |\n"
+          "| ft | " + fixed(float("nan")) + " |\n\n![plot](plot.png)\n\n![gone](missing.png)\n")
+    page = markdown_page(md, tmp_path, "leaderboard <x>")
+    assert "<table>" in page and "<td>0.903</td>" in page and "<td>-</td>" in page
+    assert page.count("data:image/png;base64,") == 1  # the file that exists, inlined
+    assert 'src="missing.png"' in page  # a missing file stays a reference, never a crash
+    assert "&lt;x&gt;" in page and "<x>" not in page
+    assert not re.search(r"<(script|link|iframe)|url\(", page)
 
 
 def test_a_sweeps_continuous_knobs_are_binned_in_order(tmp_path):

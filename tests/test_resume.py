@@ -1,4 +1,4 @@
-"""Issue 22: the driver is SIGKILLed at a named moment (``engine.kill_point``, through
+"""Issue 22: the driver is SIGKILLed at a named moment (``runstate.kill_point``, through
 ``$D3TUNE_TEST_KILL_AT``: no sleeping and hoping), then ``--resume`` finishes the run. After each
 kill, for sweeps (Optuna + ASHA) and ablations alike:
 
@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from d3tune.engine import KILL_ENV  # noqa: E402
+from d3tune.search.runstate import KILL_ENV  # noqa: E402
 
 BASE = """
 base:
@@ -109,7 +109,7 @@ def _assert_invariants(tmp_path: Path, kind: str, db: Path, stdout: str, monkeyp
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from d3tune.report import make_report
+    from d3tune.reports.sweep import make_report
 
     planned = PLANNED[kind]
     client = MlflowClient(f"sqlite:///{db}")

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from d3tune.errors import UsageError
-from d3tune.robust_rules import (Finished, choose, finalists, incumbent, member_order,
+from d3tune.search.robust_rules import (Finished, choose, finalists, incumbent, member_order,
                                  tradeoff_extras,
-                                 prune_threshold, pruning_savings, should_prune, worst_and_drop)
-from d3tune.robust_spec import load_robust, member_config, robust_plan
+                                 prune_threshold, pruning_savings, should_prune)
+from d3tune.specs.robust import load_robust, member_config, robust_plan
 
 # ---------------------------------------------------------------------------------------------
 # Exact pruning on hand-made reports
@@ -50,7 +50,7 @@ def _search(settings, top_k, max_drop, prune):
     ``ExactPruning`` scheduler: the finalists and how many member evaluations ran."""
     from ray.tune.schedulers import TrialScheduler
 
-    from d3tune.robust_tune import ExactPruning, complete, summary
+    from d3tune.search.robust_tune import ExactPruning, complete, summary
 
     scheduler = ExactPruning(top_k, max_drop)
     trials, evaluated, rows = [], 0, []
@@ -125,7 +125,7 @@ def test_holdout_confirms_in_search_order_and_never_selects():
 
 
 def test_tradeoff_table_reads_every_confirmed_row():
-    from d3tune.robust_rules import tradeoff
+    from d3tune.search.robust_rules import tradeoff
 
     rows = [{"label": "a", "holdout_worst_der": 0.97, "holdout_mean_der": 0.98,
              "holdout_mean_acc_drop": 0.05},
@@ -139,7 +139,7 @@ def test_tradeoff_table_reads_every_confirmed_row():
 
 
 def test_optuna_constraint_reads_the_stored_acc_drop():
-    from d3tune.robust_tune import acc_constraint
+    from d3tune.search.robust_tune import acc_constraint
 
     class T:
         user_attrs = {"mean_acc_drop": 0.05}
@@ -257,7 +257,7 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
     from mlflow.tracking import MlflowClient
 
     from d3tune.config import trial_config
-    from d3tune.robust import robust_search
+    from d3tune.search.robust import robust_search
     from d3tune.yamlio import load_yaml
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -311,10 +311,12 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
     assert cfg.defense.name == "d3" and cfg.defense.lr == pytest.approx(
         outcome.chosen["setting"]["defense.lr"])
     report = outcome.report_dir
-    for name in ("report.md", "worst_der_over_trials.png", "heatmap_holdout.png"):
+    for name in ("report.md", "report.html", "worst_der_over_trials.png", "heatmap_holdout.png"):
         assert (report / name).stat().st_size > 0
+    page = (report / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and "<table>" in page
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "report")}
-    assert "report/report.md" in artifacts
+    assert {"report/report.md", "report/report.html"} <= artifacts
 
     # a second search of the same name needs --resume; resuming a finished one re-runs nothing
     with pytest.raises(UsageError, match="--resume"):
@@ -331,7 +333,7 @@ def test_compute_budget_ends_a_real_search_early(local_ray, tmp_path, monkeypatc
     reports; the settings it cut are PRUNED in Optuna, never COMPLETE."""
     import optuna
 
-    from d3tune.robust import robust_search
+    from d3tune.search.robust import robust_search
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = load_yaml_text(SPEC)
@@ -443,7 +445,7 @@ def test_pruning_scheduler_stops_only_settings_that_cannot_win(tmp_path):
 
     from ray.tune.schedulers import TrialScheduler
 
-    from d3tune.robust_tune import ExactPruning
+    from d3tune.search.robust_tune import ExactPruning
 
     record = tmp_path / "pruned.json"
     sched = ExactPruning(top_k=1, max_acc_drop=0.03, record=str(record))
@@ -467,9 +469,9 @@ def _robust_searcher(ids, max_acc_drop=0.03):
 
     import optuna
 
-    from d3tune.engine import define_by_run
-    from d3tune.robust_tune import RobustOptunaSearch
-    from d3tune.spec import Dist
+    from d3tune.search.tuner import define_by_run
+    from d3tune.search.robust_tune import RobustOptunaSearch
+    from d3tune.specs.fields import Dist
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return RobustOptunaSearch(space=partial(define_by_run, (Dist("defense.lr", "loguniform",
@@ -480,7 +482,7 @@ def _robust_searcher(ids, max_acc_drop=0.03):
 
 
 def test_searcher_orders_members_and_stores_the_constraint():
-    from d3tune.robust_tune import ORDER_KEY
+    from d3tune.search.robust_tune import ORDER_KEY
 
     ids = ["badnets_s0", "blended_s0", "wanet_s0"]
     search = _robust_searcher(ids)
@@ -502,7 +504,7 @@ def test_pruned_and_cut_settings_reach_optuna_as_pruned_without_a_constraint():
     import optuna
     from optuna.trial import TrialState
 
-    from d3tune.robust_tune import summary
+    from d3tune.search.robust_tune import summary
 
     ids = ["a_s0", "b_s0", "c_s0"]
     search = _robust_searcher(ids)
@@ -541,9 +543,9 @@ def test_compute_budget_counts_member_seconds_across_settings_and_a_resume(tmp_p
     (from the study), and a setting reported again after the resume counts once."""
     import optuna
 
-    from d3tune.optuna_search import RESULT_ATTR
-    from d3tune.robust_spec import robust_plan
-    from d3tune.robust_tune import ComputeBudget
+    from d3tune.search.optuna_search import RESULT_ATTR
+    from d3tune.specs.robust import robust_plan
+    from d3tune.search.robust_tune import ComputeBudget
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -577,7 +579,7 @@ def test_compute_budget_counts_member_seconds_across_settings_and_a_resume(tmp_p
 def test_old_snapshots_constraint_func_gives_pruned_trials_no_verdict():
     from types import SimpleNamespace
 
-    from d3tune.robust_tune import acc_constraint
+    from d3tune.search.robust_tune import acc_constraint
 
     assert acc_constraint(0.03, SimpleNamespace(user_attrs={"pruned": True,
                                                             "mean_acc_drop": 0.2})) == (0.0,)
@@ -618,9 +620,9 @@ def test_start_points_are_enqueued_once_even_when_the_study_is_set_up_again(tmp_
 
     import optuna
 
-    from d3tune.engine import define_by_run
-    from d3tune.robust_tune import RobustOptunaSearch
-    from d3tune.spec import Dist
+    from d3tune.search.tuner import define_by_run
+    from d3tune.search.robust_tune import RobustOptunaSearch
+    from d3tune.specs.fields import Dist
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -645,7 +647,7 @@ def test_start_points_are_enqueued_once_even_when_the_study_is_set_up_again(tmp_
 
 
 def test_a_finalist_equal_to_a_reference_shares_its_holdout_run():
-    from d3tune.robust import _holdout_runs
+    from d3tune.search.robust import _holdout_runs
 
     text = SPEC.replace("references:", "references:\n  - profile\n  - {name: default, setting: {}}")
     spec = robust_plan(load_yaml_text(text), "tiny.yaml")
@@ -664,7 +666,7 @@ def test_der_ceiling_bounds_every_setting_and_names_the_member():
     """No defense can beat (1 + ASR before) / 2 on a member: the report says where the
     population caps the worst case (on digits Input-Aware seed 0, ASR 0.76 -> 0.879)."""
     from d3tune.metrics import der
-    from d3tune.robust_rules import der_ceiling, population_ceiling
+    from d3tune.search.robust_rules import der_ceiling, population_ceiling
 
     for acc_b, asr_b in ((0.99, 0.757), (0.98, 1.0), (0.9, 0.0)):
         best = der(acc_b, asr_b, acc_b, 0.0)  # the best a defense can do
@@ -680,7 +682,7 @@ def test_der_ceiling_bounds_every_setting_and_names_the_member():
 def test_report_states_the_ceiling_per_phase():
     import pandas as pd
 
-    from d3tune.robust_report import ceiling_lines
+    from d3tune.reports.robust import ceiling_lines
 
     pop = pd.DataFrame([
         {"member": "a_s0", "phase": "search", "asr_before": 0.9, "excluded": False},

@@ -8,7 +8,7 @@ Three generators, 200 examples each (fixed seed, so CI sees the same inputs ever
 - the same documents handed to the plan builders as Python objects (no YAML in between);
 - random text and random bytes fed to ``parse_yaml``.
 Everything that parses goes through ``sweep_plan``, ``ablation_plan`` and the pre-Ray data
-folder check (``cli_sweeps.check_inputs``). No Ray is started and no file is written.
+folder check (``inputs.check_inputs``). No Ray is started and no file is written.
 """
 from __future__ import annotations
 
@@ -20,14 +20,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from d3tune.attacks import ATTACKS, AttackConfig
-from d3tune.cli_sweeps import check_inputs
+from d3tune.specs.inputs import check_inputs
 from d3tune.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from d3tune.data import DATASETS
 from d3tune.defenses import DEFENSES, DefenseConfig
 from d3tune.errors import UsageError
 from d3tune.models import MODELS
-from d3tune.spec import (ABLATION_KEYS, DISTRIBUTIONS, REPORTED_METRICS, SWEEP_KEYS,
-                         ablation_plan, sweep_plan)
+from d3tune.specs.fields import DISTRIBUTIONS
+from d3tune.specs.sweep import (ABLATION_KEYS, REPORTED_METRICS, SWEEP_KEYS, ablation_plan,
+                                sweep_plan)
 from d3tune.yamlio import parse_yaml
 
 EXAMPLES = 200

@@ -14,8 +14,9 @@ import pytest
 
 pytest.importorskip("ray")
 
-from d3tune import engine, tracking_tune  # noqa: E402
-from d3tune.spec import load_plan  # noqa: E402
+from d3tune.search import engine  # noqa: E402
+from d3tune.search import mlflow_callback as tracking_tune  # noqa: E402
+from d3tune.specs.sweep import load_plan  # noqa: E402
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _callback(tmp_path: Path, setup: bool = True) -> tracking_tune.MlflowSweepCa
         space: {{defense.lr: {{choice: [0.01]}}}}
         """))
     plan = load_plan(spec, "sweep")
-    cb = tracking_tune.MlflowSweepCallback(plan, engine.experiment_dir(plan), engine.state_dir(plan))
+    cb = tracking_tune.MlflowSweepCallback(plan)
     if setup:
         cb.setup()
     return cb
@@ -111,7 +112,7 @@ def test_a_trial_rerun_after_resume_does_not_end_the_sweep(tmp_path):
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from d3tune.optuna_search import ResumableOptunaSearch
+    from d3tune.search.optuna_search import ResumableOptunaSearch
 
     for cls, survives in ((OptunaSearch, False), (ResumableOptunaSearch, True)):
         def searcher() -> OptunaSearch:
@@ -174,7 +175,7 @@ def test_a_trial_recreated_under_a_new_id_after_resume_reuses_its_child_run(tmp_
     cb.on_trial_complete(0, [], ended)
     assert engine.replay_table(cb.plan) == {"optuna:0": {**_result(4)}}
     # the driver is killed; a new driver (new callback) sees both again under new ids
-    cb2 = tracking_tune.MlflowSweepCallback(cb.plan, cb.exp_dir, cb.state_dir)
+    cb2 = tracking_tune.MlflowSweepCallback(cb.plan)
     cb2.setup()
     again = FakeTrial("new_ended", config={"d3tune.trial": 0}, last_result=_result(4))
     rerun = FakeTrial("new_running", config={"d3tune.trial": 1}, last_result=_result(2))
@@ -204,7 +205,7 @@ def test_mlflow_calls_owed_at_a_kill_are_made_by_the_next_driver(tmp_path, monke
     monkeypatch.setattr(cb, "_close_child", lambda tid, status: None)  # killed right here
     cb.on_trial_complete(0, [], trial)
     assert cb.state["closing"] == {"t1": "FINISHED"}
-    cb2 = tracking_tune.MlflowSweepCallback(cb.plan, cb.exp_dir, cb.state_dir)
+    cb2 = tracking_tune.MlflowSweepCallback(cb.plan)
     cb2.setup()
     assert cb2.state["closing"] == {}
     with sqlite3.connect(db) as con:

@@ -328,4 +328,14 @@ def seed_from(generator: torch.Generator) -> int:
 
 
 from d3tune.attacks import (  # noqa: E402,F401  (importing registers)
-    badnets, blended, bpp, imported, input_aware, lc, lf, sig, trojan, wanet)
+    badnets,
+    blended,
+    bpp,
+    imported,
+    input_aware,
+    lc,
+    lf,
+    sig,
+    trojan,
+    wanet,
+)

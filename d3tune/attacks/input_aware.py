@@ -33,8 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3tune.attacks import (AttackConfig, AttackContext, StatefulTrigger, Trainer, Trigger,
-                            backdoor_labels, register, seed_from, to_uint8)
+from d3tune.attacks import (
+    AttackConfig,
+    AttackContext,
+    StatefulTrigger,
+    Trainer,
+    Trigger,
+    backdoor_labels,
+    register,
+    seed_from,
+    to_uint8,
+)
 from d3tune.train import batches
 
 EPS = 1e-7

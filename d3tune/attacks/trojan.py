@@ -20,8 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from d3tune.attacks import (AttackContext, StatefulTrigger, Trigger, register, scaled,
-                            seed_from, to_uint8)
+from d3tune.attacks import (
+    AttackContext,
+    StatefulTrigger,
+    Trigger,
+    register,
+    scaled,
+    seed_from,
+    to_uint8,
+)
 from d3tune.attacks.surrogate import last_linear, train_surrogate
 from d3tune.models import MODELS
 

@@ -31,7 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import (
+    FINETUNE_SPACE,
+    DefenseConfig,
+    DefenseContext,
+    params_of,
+    register,
+)
 from d3tune.errors import UsageError
 from d3tune.train import fit, make_sgd, predict
 

@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import (
+    FINETUNE_SPACE,
+    DefenseConfig,
+    DefenseContext,
+    params_of,
+    register,
+)
 from d3tune.errors import UsageError
 from d3tune.train import fit, make_sgd
 

@@ -11,7 +11,6 @@ from torch import nn
 from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, register
 from d3tune.train import fit, make_sgd
 
-
 SPACE = {**FINETUNE_SPACE, "defense.weight_decay": {"choice": [0.0, 0.0001, 0.0005, 0.001]}}
 CITATION = "plain fine-tuning on the clean set (the baseline of every paper here)"
 

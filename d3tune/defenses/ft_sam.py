@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from d3tune.defenses import FINETUNE_SPACE, DefenseConfig, DefenseContext, params_of, register
+from d3tune.defenses import (
+    FINETUNE_SPACE,
+    DefenseConfig,
+    DefenseContext,
+    params_of,
+    register,
+)
 from d3tune.train import augment, batches, make_sgd
 
 

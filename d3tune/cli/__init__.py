@@ -98,7 +98,6 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from d3tune import runner
-
     from d3tune.config import resolve, trial_config
 
     cfg = resolve(trial_config(trial_dict_from_args(args)))
@@ -112,7 +111,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from d3tune.data import DATASETS
     from d3tune.defenses import DEFENSES
     from d3tune.models import MODELS
-    from d3tune.registry import ensure_plugins
+    from d3tune.plugins import ensure_plugins
 
     kinds = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS}
     for kind in [args.kind] if args.kind else kinds:
@@ -180,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit*'")
     lst.set_defaults(func=cmd_list)
 
-    from d3tune import cli_leaderboard, cli_robust, cli_sweeps
+    from d3tune.cli import leaderboard as cli_leaderboard
+    from d3tune.cli import robust as cli_robust
+    from d3tune.cli import sweeps as cli_sweeps
 
     cli_sweeps.add_commands(sub)
     cli_robust.add_commands(sub)

@@ -3,12 +3,15 @@ self-contained HTML page (tables and PNGs inline as base64, no scripts, no exter
 the page opens from the MLflow UI's artifact view, which shows one file at a time.
 
 A report is a list of blocks ``(kind, payload)``; each kind has one renderer per format in a
-registry, so a new kind of block is one function per format and one line each.
+registry, so a new kind of block is one function per format and one line each. Reports written
+as Markdown text (robust searches, leaderboards) get the same page through ``markdown_page``:
+CommonMark with tables (markdown-it-py), images inlined, the same style.
 """
 from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,14 @@ def fmt(v: Any) -> str:
         text = f"{float(v):.4g}"
         return text if any(c in text for c in ".enai") else text + ".0"  # 2.0 stays a float
     return str(v)
+
+
+def fixed(v: Any, digits: int = 3) -> str:
+    """A figure with a fixed number of decimals (0.903), missing as '-': the robust and
+    leaderboard reports' tables."""
+    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
+        return "-"
+    return f"{v:.{digits}f}"
 
 
 def _cells(table: pd.DataFrame) -> list[list[str]]:
@@ -112,3 +123,24 @@ def to_html(blocks: Sequence[Block], title: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
             f"<body>\n{body}\n</body></html>\n")
+
+
+def markdown_page(markdown: str, base: Path, title: str) -> str:
+    """A Markdown report as one self-contained page: tables rendered, every local image
+    (relative to ``base``, the folder the Markdown sits in) inlined as base64."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+
+    def inline(match: re.Match[str]) -> str:
+        src = html.unescape(match.group(1))
+        path = base / src
+        if "://" in src or not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+)"', inline, body)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
+            f"<body>\n{body}</body></html>\n")

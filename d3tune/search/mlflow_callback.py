@@ -7,7 +7,7 @@ the experiment folder, so a resumed sweep reuses them: no duplicate runs, no rep
 A failing store costs a warning, never the sweep: Tune's own storage keeps every result.
 
 The run map is also the run's ledger, the record resume trusts (see ``engine``): which trial is
-which (``keys``: ``engine.trial_key`` -> Tune trial id, so a trial Tune re-creates under a new
+which (``keys``: ``runstate.trial_key`` -> Tune trial id, so a trial Tune re-creates under a new
 id after ``--resume`` reuses its child run), and which trials ended with what result
 (``results``, ``done``; a failed trial is listed in ``failed``, not ``done``: Tune retries
 errored trials on ``--resume``, and a retry that finishes is recorded then). A trial's end is
@@ -33,7 +33,17 @@ from ray.tune import Callback
 
 from d3tune import tracking
 from d3tune.config import flatten, to_dict
-from d3tune.spec import RunPlan
+from d3tune.search.runstate import (
+    FINAL,
+    RunPaths,
+    kill_point,
+    now_ms,
+    recorded_result,
+    trial_from_tune,
+    trial_key,
+    write_json,
+)
+from d3tune.specs.sweep import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +51,6 @@ STATE_FILE = "mlflow_state.json"
 RETRY_AFTER_S = 30
 FLUSH_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late while a trial runs
 BATCH_ROWS = 100  # epochs per log_batch (MLflow takes at most 1000 metrics per call)
-FINAL = "final"  # engine.FINAL: True when a result is the trial's last planned epoch
 EPOCH_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
 FINAL_KEYS = {"acc": "acc_after", "asr": "asr_after", "ra": "ra_after", "der": "der",
               "acc_before": "acc_before", "asr_before": "asr_before", "ra_before": "ra_before"}
@@ -49,8 +58,6 @@ FINAL_KEYS = {"acc": "acc_after", "asr": "asr_after", "ra": "ra_after", "der": "
 
 def trial_params(plan: RunPlan, config: dict[str, Any]) -> dict[str, Any]:
     """The resolved trial config as flat MLflow params (what exactly ran)."""
-    from d3tune.engine import trial_from_tune
-
     return flatten(to_dict(trial_from_tune(plan.base, config)))
 
 
@@ -64,25 +71,32 @@ def load_ledger(state_dir: Path) -> dict[str, Any]:
 
 
 def ended_results(state_dir: Path) -> dict[str, dict[str, Any]]:
-    """``engine.trial_key`` -> recorded final result, for every trial the ledger says ended
+    """``runstate.trial_key`` -> recorded final result, for every trial the ledger says ended
     (what a resumed trainable replays instead of training again)."""
     state = load_ledger(state_dir)
     return {key: state["results"][tid] for key, tid in state["keys"].items()
             if tid in state["results"] and tid in state["done"]}
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
+class MlflowTuneCallback(Callback):
+    """MLflow and the run ledger for one Tune run (a parent run, a child per trial). Subclasses
+    say what the parent run records (``parent_params``, ``parent_tags``) and what a child's
+    params are (``child_params``); sweeps and ablations log per-epoch metrics as below, a robust
+    search per member (``robust_tune.RobustMlflowCallback``).
 
-class MlflowSweepCallback(Callback):
-    def __init__(self, plan: RunPlan, exp_dir: Path, state_dir: Path) -> None:
+    Public for the code that finishes a run (reports, summaries): ``call`` (one MLflow call that
+    warns instead of raising), ``log_params``, ``save`` (the ledger), ``parent_id``."""
+
+    def __init__(self, paths: RunPaths, experiment: str, source: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        self.plan = plan
-        self.exp_dir = exp_dir
-        self.state_dir = state_dir
-        self.state_path = state_dir / STATE_FILE
+        self.paths = paths
+        self.experiment = experiment
+        self.source = source
+        self.exp_dir = paths.experiment_dir
+        self.state_dir = paths.state_dir
+        self.state_path = self.state_dir / STATE_FILE
         self.state: dict[str, Any] = {}
         self.uri = tracking.tracking_uri()
         self.client = None
@@ -94,14 +108,24 @@ class MlflowSweepCallback(Callback):
         self.flushed_at: dict[str, float] = {}
         self.seen: set[str] = set()  # trials started by this driver (vs. before a kill)
 
+    # -- what the runs record (subclasses) ---------------------------------------------------
+
+    def parent_params(self) -> dict[str, Any]:
+        return {}
+
+    def parent_tags(self) -> dict[str, str]:
+        return {"d3tune.spec": self.source, "d3tune.tune_dir": str(self.exp_dir)}
+
+    def child_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
     # -- plumbing ----------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state))
-        os.replace(tmp, self.state_path)
+    def save(self) -> None:
+        """Write the run map (the ledger) to disk, atomically."""
+        write_json(self.state_path, self.state)
 
-    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+    def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one MLflow call; on failure warn, and skip calls for a while (a store that is
         down would otherwise cost its full retry/timeout on every epoch of every trial)."""
         if time.monotonic() < self.down_until:
@@ -121,7 +145,7 @@ class MlflowSweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
-        self.exp_id = tracking.experiment_id(client, self.plan.experiment, self.uri)
+        self.exp_id = tracking.experiment_id(client, self.experiment, self.uri)
         self.client = client  # only once the store answered: ``_ready`` retries otherwise
 
     @property
@@ -148,51 +172,34 @@ class MlflowSweepCallback(Callback):
         """Connected, with the parent run made. Tried again at every use while it is not, so
         a store that was down at setup (or answered late) gets the runs once it is back."""
         if self.client is None:
-            self._call("connect", self.connect)
+            self.call("connect", self.connect)
             if self.client is None:
                 return False
         if self.parent_id is None:
-            run = self._call("parent run", lambda: self.client.create_run(
-                self.exp_id, run_name=self.plan.name,
-                tags=self._parent_tags()))
+            run = self.call("parent run", lambda: self.client.create_run(
+                self.exp_id, run_name=self.paths.name, tags=self.parent_tags()))
             if run is None:
                 return False
             self.state["parent"] = run.info.run_id
-            self._save()
-            params = {f"base.{k}": v for k, v in flatten(self.plan.base).items()}
-            params.update({"kind": self.plan.kind, "metric": ",".join(self.plan.metric),
-                           "mode": ",".join(self.plan.mode), "num_samples": self.plan.num_samples,
-                           "cells": len(self.plan.cells)})
-            self._log_params(self.parent_id, params)
-            if Path(self.plan.source).is_file():
-                self._call("spec artifact", lambda: self.client.log_artifact(
-                    self.parent_id, self.plan.source, "spec"))
+            self.save()
+            self.log_params(self.parent_id, self.parent_params())
+            if Path(self.source).is_file():
+                self.call("spec artifact", lambda: self.client.log_artifact(
+                    self.parent_id, self.source, "spec"))
         return True
 
-    def _parent_tags(self) -> dict[str, str]:
-        tags = {"d3tune.kind": self.plan.kind, "d3tune.spec": self.plan.source,
-                "d3tune.tune_dir": str(self.exp_dir)}
-        if self.plan.kind == "sweep":
-            from d3tune.engine import OPTUNA_DB
-
-            tags.update({"d3tune.study": self.plan.name,
-                         "d3tune.optuna_storage": f"sqlite:///{self.state_dir / OPTUNA_DB}"})
-        return tags
-
-    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in tracking.params_for_mlflow(params).items()]
         for i in range(0, len(items), 90):  # MLflow takes at most 100 params per batch
-            self._call("params", lambda chunk=items[i:i + 90]: self.client.log_batch(
+            self.call("params", lambda chunk=items[i:i + 90]: self.client.log_batch(
                 run_id, params=chunk))
 
     def _child(self, trial: Any) -> str | None:
         tid = trial.trial_id
         if tid in self.state["children"]:
             return self.state["children"][tid]
-        from d3tune.engine import trial_key
-
         key = trial_key(trial.config or {})
         first = self.state["keys"].get(key)
         if first is not None and first != tid and first in self.state["children"]:
@@ -201,20 +208,20 @@ class MlflowSweepCallback(Callback):
             self.state["steps"][tid] = self.state["steps"].get(first, 0)
             if not self._ended(first):  # the new id carries the unfinished trial on
                 self.state["keys"][key] = tid
-            self._save()
+            self.save()
             return self.state["children"][tid]
         if not self._ready():
             return None
-        run = self._call("child run", lambda: self.client.create_run(
+        run = self.call("child run", lambda: self.client.create_run(
             self.exp_id, run_name=str(trial),
             tags={"mlflow.parentRunId": self.parent_id, "d3tune.trial_id": tid}))
         if run is None:
             return None
         self.state["children"][tid] = run.info.run_id
         self.state["keys"][key] = tid
-        self._save()
-        params = self._call("trial config", lambda: trial_params(self.plan, trial.config)) or {}
-        self._log_params(run.info.run_id, params)
+        self.save()
+        params = self.call("trial config", lambda: self.child_params(trial.config)) or {}
+        self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def _ended(self, tid: str) -> bool:
@@ -229,15 +236,13 @@ class MlflowSweepCallback(Callback):
             self.setup()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        from d3tune.engine import kill_point, trial_key
-
         self._ensure_setup()
         tid = trial.trial_id
         before = tid in self.state["children"] or (
             self.state["keys"].get(trial_key(trial.config or {})) in self.state["children"])
         run_id = self._child(trial)
         if before and tid not in self.seen and not self._ended(tid) and run_id:
-            self._call("resume tag", lambda: self.client.set_tag(
+            self.call("resume tag", lambda: self.client.set_tag(
                 run_id, "d3tune.resumed", "in flight when the driver was killed; run again "
                 "after --resume (epochs already logged are not logged twice)"))
         self.seen.add(tid)
@@ -253,15 +258,13 @@ class MlflowSweepCallback(Callback):
         if self._child(trial) is None or step <= last:
             return  # a retried trial re-reports epochs already logged or buffered
         row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
-        self.pending.setdefault(tid, []).append((_now_ms(), row))
+        self.pending.setdefault(tid, []).append((now_ms(), row))
         now = time.monotonic()
         # A trial's last result (its planned end, or a scheduler stop: Tune marks it done) is
         # written at once: the searcher records the trial's end right after this call.
         if (now - self.flushed_at.setdefault(tid, now) >= FLUSH_EVERY_S
                 or result.get("done") or result.get(FINAL)):
             self.flush(tid)
-        from d3tune.engine import kill_point
-
         kill_point(f"result:{step}")
 
     def flush(self, tid: str) -> None:
@@ -274,9 +277,9 @@ class MlflowSweepCallback(Callback):
         for i in range(0, len(rows), BATCH_ROWS):
             metrics = [m for ms, row in rows[i:i + BATCH_ROWS]
                        for m in tracking.metric_batch([row], timestamp_ms=ms)]
-            self._call("metrics", lambda m=metrics: self.client.log_batch(run_id, metrics=m))
+            self.call("metrics", lambda m=metrics: self.client.log_batch(run_id, metrics=m))
         self.state["steps"][tid] = rows[-1][1]["epoch"]
-        self._save()
+        self.save()
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
                       **info: Any) -> None:
@@ -291,8 +294,6 @@ class MlflowSweepCallback(Callback):
         """The ledger first (the trial ended, with this result), then MLflow. The ledger is
         written whether or not MLflow answers: it is what keeps --resume from running a
         finished trial again, and an MLflow outage must not cost that."""
-        from d3tune.engine import kill_point, recorded_result, trial_key
-
         self._ensure_setup()
         tid = trial.trial_id
         self._child(trial)  # None while MLflow is down: the ledger is written all the same
@@ -305,7 +306,7 @@ class MlflowSweepCallback(Callback):
         self.state["results"][tid] = recorded_result(trial.last_result)
         self.state["done" if status == "FINISHED" else "failed"].append(tid)
         self.state["closing"][tid] = status
-        self._save()
+        self.save()
         outcome = "failed" if status != "FINISHED" else (
             "finished" if self.state["results"][tid].get(FINAL, True) else "stopped")
         kill_point(f"ledger:{outcome}")
@@ -320,18 +321,18 @@ class MlflowSweepCallback(Callback):
         last = self.state["results"].get(tid, {})
         if run_id is None or self.client is None:
             return
-        metrics = [Metric(name, float(last[k]), _now_ms(), 0) for k, name in FINAL_KEYS.items()
+        metrics = [Metric(name, float(last[k]), now_ms(), 0) for k, name in FINAL_KEYS.items()
                    if isinstance(last.get(k), (int, float)) and not isinstance(last.get(k), bool)]
         stopped = status == "FINISHED" and last.get(FINAL) is False
         tags = [RunTag("d3tune.last_epoch", str(last.get("epoch", ""))),
                 RunTag("d3tune.node_id", str(last.get("node_id", ""))),
                 # users filter on it: tags.`d3tune.stopped_early` = 'false' (ran to its end)
                 RunTag("d3tune.stopped_early", "true" if stopped else "false")]
-        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
+        self.call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
                                                                    tags=tags))
-        self._call("status", lambda: self.client.set_terminated(run_id, status))
+        self.call("status", lambda: self.client.set_terminated(run_id, status))
         self.state["closing"].pop(tid, None)
-        self._save()
+        self.save()
 
     def close_unfinished(self) -> int:
         """After a sweep ends, a child run whose trial never finished (killed with the driver
@@ -341,7 +342,7 @@ class MlflowSweepCallback(Callback):
                  if t in self.state["children"]}
         for run_id in set(self.state.get("children", {}).values()) - ended:
             if self.client is not None:
-                self._call("close run", lambda r=run_id: self.client.set_terminated(r, "KILLED"))
+                self.call("close run", lambda r=run_id: self.client.set_terminated(r, "KILLED"))
                 closed += 1
         return closed
 
@@ -350,3 +351,29 @@ class MlflowSweepCallback(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "FAILED")
+
+
+class MlflowSweepCallback(MlflowTuneCallback):
+    """A sweep's or an ablation's runs: the parent records the plan, a child each trial's
+    resolved config."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        super().__init__(plan.paths, plan.experiment, plan.source)
+        self.plan = plan
+
+    def parent_params(self) -> dict[str, Any]:
+        params = {f"base.{k}": v for k, v in flatten(self.plan.base).items()}
+        params.update({"kind": self.plan.kind, "metric": ",".join(self.plan.metric),
+                       "mode": ",".join(self.plan.mode), "num_samples": self.plan.num_samples,
+                       "cells": len(self.plan.cells)})
+        return params
+
+    def parent_tags(self) -> dict[str, str]:
+        tags = {"d3tune.kind": self.plan.kind, **super().parent_tags()}
+        if self.plan.kind == "sweep":
+            tags.update({"d3tune.study": self.plan.name,
+                         "d3tune.optuna_storage": self.paths.optuna_url})
+        return tags
+
+    def child_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        return trial_params(self.plan, config)

@@ -32,8 +32,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
-from d3tune.engine import FINAL, TRIAL_KEY, kill_point, recorded_result
-from d3tune.spec import constraint_values
+from d3tune.search.runstate import FINAL, TRIAL_KEY, kill_point, recorded_result
+from d3tune.specs.sweep import constraint_values
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ NOTE_ATTR = "d3tune.note"  # why a trial ended the way it did, in words
 
 
 def ended_results(storage: str, study_name: str) -> dict[str, dict[str, Any]]:
-    """``engine.trial_key`` -> recorded final result, for every trial the study says ended."""
+    """``runstate.trial_key`` -> recorded final result, for every trial the study says ended."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:  # killed before the study was created
@@ -190,7 +190,7 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
-        """COMPLETE only for a trial that ran its planned epochs (``engine.FINAL``); one ASHA
+        """COMPLETE only for a trial that ran its planned epochs (``runstate.FINAL``); one ASHA
         stopped is PRUNED, its last values kept as user attrs (and as intermediate values
         for one objective), so it never sits on a front; an error is FAIL. Constraint values
         are set on COMPLETE trials only: a stopped trial's figures are partial, so they say

@@ -6,22 +6,10 @@ import argparse
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from d3tune.cli_robust import check_members
-    from d3tune.cli_sweeps import path_overrides
-    from d3tune.errors import UsageError
-    from d3tune.leaderboard import run_leaderboard
-    from d3tune.leaderboard_spec import load_leaderboard
+    from d3tune.api import leaderboard
 
-    spec = load_leaderboard(args.spec)
-    if args.budget is not None:
-        if args.resume:
-            raise UsageError("--budget: a resumed leaderboard keeps the budget it started with")
-        spec = spec.with_budget(args.budget)
-    paths = path_overrides(args)
-    spec = spec.with_paths(storage=paths.get("storage"), experiment=paths.get("experiment"),
-                           cache_dir=paths.get("cache_dir"))
-    check_members(spec.searches[0])  # the population is the same for every defense
-    run_leaderboard(spec, resume=args.resume, address=args.address)
+    leaderboard(args.spec, budget=args.budget, resume=args.resume, address=args.address,
+                storage=args.storage, cache_dir=args.cache_dir, experiment=args.experiment)
     return 0
 
 

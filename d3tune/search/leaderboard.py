@@ -19,34 +19,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from rich.console import Console
 
-from d3tune import engine, tracking
+from d3tune import tracking
 from d3tune.errors import UsageError
-from d3tune.leaderboard_spec import LeaderboardSpec
-from d3tune.robust import run_plan_of
+from d3tune.reports.leaderboard import LeaderboardOutcome
+from d3tune.search import tuner
+from d3tune.search.runstate import write_json
+from d3tune.specs.leaderboard import LeaderboardSpec
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "leaderboard.json"
-
-
-@dataclass
-class LeaderboardOutcome:
-    spec: LeaderboardSpec
-    table: pd.DataFrame  # one row per defense, read back from MLflow (leaderboard_report)
-    members: pd.DataFrame  # one row per (defense, row, holdout member): the per-member spread
-    parent_run_id: str | None
-    seconds: float  # wall time of this invocation
-    out_dir: Path
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -54,12 +44,6 @@ def _load(path: Path) -> dict[str, Any]:
     if path.exists():
         state.update(json.loads(path.read_text()))
     return state
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
 
 
 def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, Any],
@@ -79,7 +63,7 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
         "d3tune.population_seeds": seeds(first.members),
         "d3tune.holdout_seeds": seeds(first.holdout)})
     state["parent"] = run.info.run_id
-    _save(path, state)
+    write_json(path, state, indent=1)
     params = {"defenses": ",".join(spec.defenses), "budget": first.budget,
               "max_acc_drop": first.max_acc_drop, "top_k": first.top_k,
               "min_asr": first.min_asr, "search_seed": first.search_seed,
@@ -94,7 +78,7 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
 def build_models(spec: LeaderboardSpec, state_dir: Path) -> float:
     """Every member's backdoored model, search and holdout, once, in parallel (Ray tasks), for
     all defenses: the searches then load them from the cache. Returns the seconds spent."""
-    from d3tune.robust import build_population
+    from d3tune.search.robust import build_population
 
     start = time.monotonic()
     first = spec.searches[0]
@@ -112,10 +96,10 @@ def _member_seconds(robust_state: Path) -> dict[str, float]:
 def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Console) -> Any:
     """One defense's robust search, nested under the leaderboard's parent run; resumed when an
     earlier invocation had started it."""
-    from d3tune.robust import robust_search
+    from d3tune.search.robust import robust_search
 
     search = spec.search_of(defense)
-    resume = engine.state_dir(run_plan_of(search)).exists()
+    resume = search.paths.state_dir.exists()
     out = spec.state_dir / "tuned" / f"{defense}.yaml"
     console.rule(f"{spec.name}: {defense} ({'resumed' if resume else 'new'} robust search, "
                  f"budget {search.budget})")
@@ -132,7 +116,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from d3tune.leaderboard_report import finish
+    from d3tune.reports.leaderboard import finish
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     clock = time.monotonic()
@@ -146,16 +130,16 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
                          "--resume to continue it, or change the spec's name/storage")
     state_dir.mkdir(parents=True, exist_ok=True)
     state = _load(path)
-    _save(path, state)
+    write_json(path, state, indent=1)
     uri = tracking.tracking_uri()
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, spec.experiment, uri)
     parent = _parent(client, exp_id, spec, state, path)
-    started = engine.init_ray(address)
+    started = tuner.init_ray(address)
     try:
         if state["population_seconds"] is None:
             state["population_seconds"] = build_models(spec, state_dir)
-            _save(path, state)
+            write_json(path, state, indent=1)
             client.log_metric(parent, "population_seconds", state["population_seconds"])
         for defense in spec.defenses:
             if state["defenses"].get(defense, {}).get("done"):
@@ -163,7 +147,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
                 continue
             t = time.monotonic()
             outcome = run_defense(spec, defense, parent, console)
-            seconds = _member_seconds(engine.state_dir(run_plan_of(outcome.spec)))
+            seconds = _member_seconds(outcome.spec.paths.state_dir)
             chosen = outcome.chosen["label"] if outcome.chosen is not None else "none"
             rid = outcome.parent_run_id
             if rid is not None:
@@ -173,7 +157,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
                 client.log_batch(rid, metrics=metrics, tags=[RunTag("d3tune.chosen", chosen)])
             state["defenses"][defense] = {"done": True, "robust_run": rid, "chosen": chosen,
                                           "yaml": str(outcome.yaml_path or "")}
-            _save(path, state)
+            write_json(path, state, indent=1)
     finally:
         if started:
             ray.shutdown()

@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.robust_rules import admissible, population_ceiling, tradeoff
+from d3tune.reports.html import fixed, markdown_page
+from d3tune.search.robust_rules import admissible, population_ceiling, tradeoff
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,6 @@ def short(setting: dict[str, Any]) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
     return " ".join(f"{k.removeprefix('defense.')}={fmt(v)}" for k, v in sorted(setting.items())
                     if k != "defense.name") or "(profile defaults)"
-
-
-def _f(v: Any, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and v != v) else f"{v:.{digits}f}"
 
 
 def _plots(outcome: Any, out: Path) -> list[Path]:
@@ -149,7 +146,7 @@ def markdown(outcome: Any, images: list[Path]) -> str:
                                               else "")
             drop = r["search_mean_acc_drop"]
             lines.append(f"| {r['label']}{mark} | {short(r['shown'])} | "
-                         f"{_f(r['search_worst_der'])} | "
+                         f"{fixed(r['search_worst_der'])} | "
                          f"{'-' if drop is None or drop != drop else f'{drop * 100:.1f}'} | "
                          f"{r['holdout_worst_der']:.3f} | {r['holdout_mean_der']:.3f} | "
                          f"{r['holdout_mean_acc_drop'] * 100:.1f} | "
@@ -158,7 +155,7 @@ def markdown(outcome: Any, images: list[Path]) -> str:
                   "| ACC budget (points) | best holdout worst-case DER | row |", "|---|---|---|"]
         for budget, row in tradeoff(hold.to_dict("records"), TRADEOFF_BUDGETS):
             lines.append(f"| {budget * 100:.0f} | "
-                         f"{_f(row['holdout_worst_der']) if row else '-'} | "
+                         f"{fixed(row['holdout_worst_der']) if row else '-'} | "
                          f"{row['label'] + ': ' + short(row['shown']) if row else 'none'} |")
         lines.append("")
     if n_done:
@@ -209,7 +206,9 @@ def ceiling_lines(pop: Any) -> list[str]:
 def write_report(outcome: Any, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     images = _plots(outcome, out)
-    (out / "report.md").write_text(markdown(outcome, images))
+    text = markdown(outcome, images)
+    (out / "report.md").write_text(text)
+    (out / "report.html").write_text(markdown_page(text, out, f"robust search {outcome.spec.name}"))
     if not outcome.search.empty:
         outcome.search.to_json(out / "search.json", orient="records", indent=1)
     if not outcome.holdout.empty:
@@ -229,15 +228,15 @@ def finish_parent(callback: Any, outcome: Any) -> None:
         metrics.update({k: outcome.chosen[k] for k in ("holdout_worst_der", "holdout_mean_der",
                                                         "holdout_mean_acc_drop",
                                                         "search_worst_der")})
-    callback._call("parent metrics", lambda: callback.client.log_batch(
+    callback.call("parent metrics", lambda: callback.client.log_batch(
         pid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()]))
     for path in sorted(outcome.report_dir.iterdir()):
-        callback._call("report artifact", lambda p=path: callback.client.log_artifact(
+        callback.call("report artifact", lambda p=path: callback.client.log_artifact(
             pid, str(p), "report"))
     if outcome.yaml_path is not None:
-        callback._call("defaults artifact", lambda: callback.client.log_artifact(
+        callback.call("defaults artifact", lambda: callback.client.log_artifact(
             pid, str(outcome.yaml_path), "defaults"))
-    callback._call("parent status", lambda: callback.client.set_terminated(pid, "FINISHED"))
+    callback.call("parent status", lambda: callback.client.set_terminated(pid, "FINISHED"))
 
 
 def print_summary(outcome: Any, console: Console, callback: Any) -> None:
@@ -248,8 +247,8 @@ def print_summary(outcome: Any, console: Console, callback: Any) -> None:
         for col in ("row", "setting", "search worst", "holdout worst", "holdout ACC drop", "ok"):
             t.add_column(col, justify="right")
         for _, r in hold.iterrows():
-            t.add_row(r["label"], short(r["shown"]), _f(r["search_worst_der"]),
-                      _f(r["holdout_worst_der"]), f"{r['holdout_mean_acc_drop'] * 100:.1f}",
+            t.add_row(r["label"], short(r["shown"]), fixed(r["search_worst_der"]),
+                      fixed(r["holdout_worst_der"]), f"{r['holdout_mean_acc_drop'] * 100:.1f}",
                       "yes" if r["holdout_admissible"] else "no")
         console.print(t)
     c = outcome.chosen

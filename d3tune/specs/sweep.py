@@ -17,9 +17,22 @@ from typing import Any
 
 from d3tune.config import build, flatten, trial_config, unflatten
 from d3tune.errors import UsageError, did_you_mean
+from d3tune.search.runstate import RunPaths
+from d3tune.specs.fields import (
+    PATH_FIELDS,
+    Dist,
+    ResourceSpec,
+    absolute,
+    check_override,
+    expect,
+    finite,
+    flatten_space,
+    integer,
+    parse_dist,
+    per_defense,
+)
 from d3tune.yamlio import load_yaml
 
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 REPORTED_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
 # Sweep constraints: name -> (result, limit) -> value, feasible when <= 0 (Optuna's convention).
 CONSTRAINTS = {
@@ -43,58 +56,12 @@ def constraint_values(constraints: tuple[tuple[str, float], ...],
 
 
 @dataclass(frozen=True)
-class Dist:
-    path: str  # dotted trial field, e.g. defense.lr
-    kind: str
-    args: tuple[Any, ...]
-    only_for: str | None = None  # a defense name: the knob exists only when that defense runs
-
-    @property
-    def param_name(self) -> str:
-        """Optuna's name: per-defense knobs get their own (same field, other meaning)."""
-        return f"{self.path}@{self.only_for}" if self.only_for else self.path
-
-    def suggest(self, trial: Any) -> Any:
-        """Define-by-run sampling (conditional spaces such as per-defense knobs)."""
-        name, a = self.param_name, self.args
-        if self.kind == "uniform":
-            return trial.suggest_float(name, a[0], a[1])
-        if self.kind == "loguniform":
-            return trial.suggest_float(name, a[0], a[1], log=True)
-        if self.kind in ("int", "logint"):
-            return trial.suggest_int(name, a[0], a[1], log=self.kind == "logint")
-        return trial.suggest_categorical(name, list(a))
-
-    def tune_domain(self):
-        from ray import tune
-
-        if self.kind == "uniform":
-            return tune.uniform(*self.args)
-        if self.kind == "loguniform":
-            return tune.loguniform(*self.args)
-        if self.kind == "int":
-            return tune.randint(self.args[0], self.args[1] + 1)  # inclusive upper bound
-        if self.kind == "logint":
-            return tune.lograndint(self.args[0], self.args[1] + 1)
-        return tune.choice(list(self.args))
-
-    def extremes(self) -> list[Any]:
-        return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
-
-
-@dataclass(frozen=True)
 class SchedulerSpec:
     name: str = field(default="asha", metadata={"choices": ("asha", "none")})
     grace_period: int = field(default=5, metadata={"ge": 1})
     reduction_factor: float = field(default=2.0, metadata={"gt": 1.0})
     metric: str = field(default="der", metadata={"choices": REPORTED_METRICS})
     mode: str = field(default="max", metadata={"choices": ("max", "min")})
-
-
-@dataclass(frozen=True)
-class ResourceSpec:
-    cpu: float = field(default=1.0, metadata={"gt": 0.0})
-    gpu: float = field(default=0.0, metadata={"ge": 0.0})  # fractions pack several trials/GPU
 
 
 @dataclass(frozen=True)
@@ -129,6 +96,10 @@ class RunPlan:
     def multi_objective(self) -> bool:
         return len(self.metric) > 1
 
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.name, self.storage)
+
 
 _COMMON = {"name", "base", "resources", "max_concurrent", "max_failures", "checkpoint_every_s",
            "storage", "experiment", "cache_dir", "metric", "mode"}
@@ -137,100 +108,51 @@ SWEEP_KEYS = _COMMON | {"space", "per_defense", "num_samples", "seeds", "search_
 ABLATION_KEYS = _COMMON | {"axes", "attacks", "datasets", "archs", "seeds", "scheduler"}
 
 
-def _expect(cond: bool, where: str, what: str) -> None:
-    if not cond:
-        raise UsageError(f"{where}: {what}")
-
-
-def _int(value: Any, where: str, low: int) -> int:
-    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= low, where,
-            f"expected an integer >= {low}, got {value!r}")
-    return value
-
-
-def _check_override(base: dict[str, Any], overrides: Mapping[str, Any], where: str) -> None:
-    """Build the trial config these overrides would give; errors name the spec field."""
-    merged = unflatten({**flatten(base), **overrides})
-    try:
-        trial_config(merged)
-    except UsageError as exc:
-        raise UsageError(f"{where}: {exc}") from None
-
-
-def _finite(x: int | float) -> bool:
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an integer beyond float range
-        return False
-
-
-def _parse_dist(path: str, raw: Any, where: str) -> Dist:
-    _expect(isinstance(raw, Mapping) and len(raw) == 1, where,
-            f"expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
-    (kind, args), = raw.items()
-    _expect(kind in DISTRIBUTIONS, where, f"unknown distribution {kind!r}"
-            f"{did_you_mean(str(kind), DISTRIBUTIONS)}; use one of {', '.join(DISTRIBUTIONS)}")
-    _expect(isinstance(args, list) and len(args) >= (1 if kind == "choice" else 2), where,
-            f"{kind} expects a list " + ("of values" if kind == "choice" else "[low, high]"))
-    if kind != "choice":
-        _expect(len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool)
-                                       and _finite(a) for a in args), where,
-                f"{kind} expects [low, high] numbers, got {args!r}")
-        _expect(args[0] < args[1], where, f"low must be < high, got {args!r}")
-        if kind in ("loguniform", "logint"):
-            _expect(args[0] > 0, where, f"{kind} needs low > 0, got {args[0]!r}")
-        if kind in ("int", "logint"):
-            _expect(all(float(a).is_integer() for a in args), where,
-                    f"{kind} expects integer bounds, got {args!r}")
-            args = [int(a) for a in args]
-    return Dist(path, kind, tuple(args))
-
-
 def _objectives(data: Mapping[str, Any], source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     metric, mode = data.get("metric", "der"), data.get("mode", "max")
     metrics = tuple(metric) if isinstance(metric, list) else (metric,)
     modes = tuple(mode) if isinstance(mode, list) else (mode,)
-    _expect(len(metrics) == len(modes) and len(metrics) >= 1, f"{source}: metric/mode",
+    expect(len(metrics) == len(modes) and len(metrics) >= 1, f"{source}: metric/mode",
             f"need as many modes as metrics, got {list(metrics)} and {list(modes)}")
     for m in metrics:
-        _expect(m in REPORTED_METRICS, f"{source}: metric", f"{m!r} is not reported by trials"
+        expect(m in REPORTED_METRICS, f"{source}: metric", f"{m!r} is not reported by trials"
                 f"{did_you_mean(str(m), REPORTED_METRICS)}; trials report "
                 f"{', '.join(REPORTED_METRICS)}")
     for m in modes:
-        _expect(m in ("max", "min"), f"{source}: mode", f"expected max or min, got {m!r}")
+        expect(m in ("max", "min"), f"{source}: mode", f"expected max or min, got {m!r}")
     return metrics, modes
 
 
 def _common(data: Mapping[str, Any], source: str, allowed: set[str]) -> dict[str, Any]:
-    _expect(isinstance(data, Mapping), source,
+    expect(isinstance(data, Mapping), source,
             f"expected a mapping at the top of the spec, got {type(data).__name__}")
     for key in data:
-        _expect(key in allowed, f"{source}: {key}",
+        expect(key in allowed, f"{source}: {key}",
                 f"unknown field{did_you_mean(str(key), allowed)}; known: {', '.join(sorted(allowed))}")
     base = data.get("base") or {}
-    _expect(isinstance(base, Mapping), f"{source}: base", "expected a mapping of trial fields")
+    expect(isinstance(base, Mapping), f"{source}: base", "expected a mapping of trial fields")
     try:
         trial_config(base)
     except UsageError as exc:
         raise UsageError(f"{source}: base.{exc}") from None
     metric, mode = _objectives(data, source)
     name = data.get("name", Path(source).stem)
-    _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
+    expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
             f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
     for key in ("storage", "experiment", "cache_dir"):
-        _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
+        expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
                 f"expected a string, got {data.get(key)!r}")
     if isinstance(data.get("storage"), str) and "://" in data["storage"]:
         raise UsageError(f"{source}: storage: {data['storage']!r}: URIs are not supported yet "
                          "(the Optuna study and the MLflow run map live beside Tune's state); "
                          "use a folder, shared by all nodes on a cluster (e.g. NFS)")
     res = build(ResourceSpec, data.get("resources"), f"{source}: resources")
-    _expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
+    expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
             f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
     return dict(
         name=name, source=source, base=dict(base), metric=metric, mode=mode, resources=res,
-        max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
-        max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),
+        max_concurrent=integer(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
+        max_failures=integer(data.get("max_failures", 1), f"{source}: max_failures", 0),
         checkpoint_every_s=_seconds(data.get("checkpoint_every_s", RunPlan.checkpoint_every_s),
                                     f"{source}: checkpoint_every_s"),
         storage=data.get("storage") or RunPlan.storage,
@@ -243,36 +165,36 @@ def _common(data: Mapping[str, Any], source: str, allowed: set[str]) -> dict[str
 def _seconds(value: Any, where: str) -> float:
     ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
           and math.isfinite(value) and value >= 0)
-    _expect(ok, where, f"expected a number of seconds >= 0, got {value!r}")
+    expect(ok, where, f"expected a number of seconds >= 0, got {value!r}")
     return float(value)
 
 
 def _seeds(data: Mapping[str, Any], where: str) -> list[int]:
     seeds = data.get("seeds", [0])
-    _expect(isinstance(seeds, list) and seeds, where, f"expected a non-empty list, got {seeds!r}")
-    return [_int(s, where, 0) for s in seeds]
+    expect(isinstance(seeds, list) and seeds, where, f"expected a non-empty list, got {seeds!r}")
+    return [integer(s, where, 0) for s in seeds]
 
 
 def sweep_plan(data: Any, source: str, num_samples: int | None = None) -> RunPlan:
     common = _common(data, source, SWEEP_KEYS)
     space_raw = data.get("space") or {}
-    _expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
+    expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
             "expected a mapping of trial fields to distributions")
     space = []
     for path, raw in flatten_space(space_raw).items():
-        dist = _parse_dist(path, raw, f"{source}: space.{path}")
+        dist = parse_dist(path, raw, f"{source}: space.{path}")
         for value in dist.extremes():
-            _check_override(common["base"], {path: value}, f"{source}: space.{path}")
+            check_override(common["base"], {path: value}, f"{source}: space.{path}")
         space.append(dist)
-    space += _per_defense(data, common["base"], source, space)
+    space += per_defense(data, common["base"], source, space)
     seeds = _seeds(data, f"{source}: seeds")
     if len(seeds) > 1:  # Optuna then sees the seed as a parameter (importance shows its weight)
         space.append(Dist("seed", "choice", tuple(seeds)))
     else:
         common["base"] = unflatten({**flatten(common["base"]), "seed": seeds[0]})
     n = num_samples if num_samples is not None else data.get("num_samples", 8)
-    return RunPlan(kind="sweep", space=tuple(space), num_samples=_int(n, f"{source}: num_samples", 1),
-                   search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
+    return RunPlan(kind="sweep", space=tuple(space), num_samples=integer(n, f"{source}: num_samples", 1),
+                   search_seed=integer(data.get("search_seed", 0), f"{source}: search_seed", 0),
                    constraints=_constraints(data.get("constraints"), f"{source}: constraints"),
                    **common)
 
@@ -281,68 +203,29 @@ def _constraints(raw: Any, where: str) -> tuple[tuple[str, float], ...]:
     """`constraints: {max_acc_drop: 0.05}`: limits on a trial's final metrics (fractions)."""
     if raw is None:
         return ()
-    _expect(isinstance(raw, Mapping) and raw, where,
+    expect(isinstance(raw, Mapping) and raw, where,
             f"expected a mapping such as {{max_acc_drop: 0.05}}, got {raw!r}")
     out = []
     for name, limit in raw.items():
-        _expect(name in CONSTRAINTS, f"{where}.{name}", f"unknown constraint"
+        expect(name in CONSTRAINTS, f"{where}.{name}", f"unknown constraint"
                 f"{did_you_mean(str(name), CONSTRAINTS)}; known: {', '.join(CONSTRAINTS)}")
-        _expect(isinstance(limit, (int, float)) and not isinstance(limit, bool)
-                and _finite(limit) and 0 <= limit <= 1, f"{where}.{name}",
+        expect(isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                and finite(limit) and 0 <= limit <= 1, f"{where}.{name}",
                 f"expected a fraction between 0 and 1, got {limit!r}")
         out.append((str(name), float(limit)))
     return tuple(out)
 
 
-def _per_defense(data: Mapping[str, Any], base: dict[str, Any], source: str,
-                 space: list[Dist]) -> list[Dist]:
-    """`per_defense: {NAME: {field: dist}}`: knobs sampled only when defense NAME is chosen;
-    `defense.name` must be a choice in `space` covering every NAME."""
-    raw = data.get("per_defense")
-    if raw is None:
-        return []
-    where = f"{source}: per_defense"
-    _expect(isinstance(raw, Mapping), where, "expected a mapping defense -> {field: dist}")
-    names = next((d.args for d in space if d.path == "defense.name" and d.kind == "choice"), ())
-    out = []
-    for defense, knobs in raw.items():
-        _expect(defense in names, f"{where}.{defense}",
-                f"not among space.defense.name's choices {list(names)}")
-        _expect(isinstance(knobs, Mapping), f"{where}.{defense}", "expected {field: dist}")
-        for path, dist_raw in flatten_space(knobs).items():
-            d = _parse_dist(path, dist_raw, f"{where}.{defense}.{path}")
-            for value in d.extremes():
-                _check_override(base, {"defense.name": defense, path: value},
-                                f"{where}.{defense}.{path}")
-            out.append(Dist(d.path, d.kind, d.args, only_for=str(defense)))
-    return out
-
-
-def flatten_space(space: Mapping[str, Any]) -> dict[str, Any]:
-    """Allow both `defense.lr: {...}` and nested `defense: {lr: {...}}` spellings."""
-    out: dict[str, Any] = {}
-    for key, value in space.items():
-        # {kind: [args]} is a distribution (an unknown kind is reported as such); other
-        # mappings are sections of nested field names.
-        is_dist = isinstance(value, Mapping) and len(value) == 1 and (
-            next(iter(value)) in DISTRIBUTIONS or isinstance(next(iter(value.values())), list))
-        if isinstance(value, Mapping) and not is_dist:
-            out.update({f"{key}.{k}": v for k, v in flatten_space(value).items()})
-        else:
-            out[str(key)] = value
-    return out
-
-
 def ablation_plan(data: Any, source: str) -> RunPlan:
     common = _common(data, source, ABLATION_KEYS)
     axes_raw = data.get("axes") or {}
-    _expect(isinstance(axes_raw, Mapping), f"{source}: axes", "expected a mapping field -> values")
+    expect(isinstance(axes_raw, Mapping), f"{source}: axes", "expected a mapping field -> values")
     axes: list[list[dict[str, Any]]] = []
     for path, values in axes_raw.items():
         where = f"{source}: axes.{path}"
-        _expect(isinstance(values, list) and values, where, f"expected a non-empty list, got {values!r}")
+        expect(isinstance(values, list) and values, where, f"expected a non-empty list, got {values!r}")
         if path == "zip":  # values are dicts of fields that move together (e.g. arch + layer)
-            _expect(all(isinstance(v, Mapping) and v for v in values), where,
+            expect(all(isinstance(v, Mapping) and v for v in values), where,
                     "zip expects a list of mappings")
             axes.append([dict(flatten(v)) for v in values])
         else:
@@ -350,7 +233,7 @@ def ablation_plan(data: Any, source: str) -> RunPlan:
     for key, path in (("attacks", "attack.name"), ("datasets", "data.name"), ("archs", "model.arch")):
         if key in data:
             values = data[key]
-            _expect(isinstance(values, list) and values, f"{source}: {key}",
+            expect(isinstance(values, list) and values, f"{source}: {key}",
                     f"expected a non-empty list, got {values!r}")
             axes.append([{path: v} for v in values])
     axes.append([{"seed": s} for s in _seeds(data, f"{source}: seeds")])
@@ -365,17 +248,10 @@ def ablation_plan(data: Any, source: str) -> RunPlan:
         sig = repr(sorted(cell.items(), key=lambda kv: kv[0]))
         if sig not in checked:
             checked.add(sig)
-            _check_override(common["base"], cell, f"{source}: axes")
+            check_override(common["base"], cell, f"{source}: axes")
     if "scheduler" not in data:  # a grid wants every cell to finish
         common["scheduler"] = SchedulerSpec(name="none")
     return RunPlan(kind="ablation", cells=tuple(cells), num_samples=1, **common)
-
-
-PATH_FIELDS = ("data.data_dir", "attack.result")  # trial fields naming local files or folders
-
-
-def absolute(value: Any) -> Any:
-    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value
 
 
 def with_absolute_paths(plan: RunPlan) -> RunPlan:
@@ -394,7 +270,7 @@ def with_absolute_paths(plan: RunPlan) -> RunPlan:
 
 def load_plan(path: str | Path, kind: str, num_samples: int | None = None) -> RunPlan:
     data = load_yaml(path)
-    _expect(data is not None, str(path), "empty spec")
+    expect(data is not None, str(path), "empty spec")
     plan = sweep_plan(data, str(path), num_samples) if kind == "sweep" \
         else ablation_plan(data, str(path))
     return with_absolute_paths(plan)

@@ -5,8 +5,9 @@ import argparse
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from d3tune.spec import load_plan
-    from d3tune.sweeps import run_plan
+    from d3tune.search.sweeps import run_plan
+    from d3tune.specs.inputs import check_inputs
+    from d3tune.specs.sweep import load_plan
 
     plan = load_plan(args.spec, "sweep", num_samples=args.num_samples)
     plan = _with_overrides(plan, args)
@@ -16,8 +17,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from d3tune.spec import load_plan
-    from d3tune.sweeps import run_plan
+    from d3tune.search.sweeps import run_plan
+    from d3tune.specs.inputs import check_inputs
+    from d3tune.specs.sweep import load_plan
 
     plan = _with_overrides(load_plan(args.spec, "ablation"), args)
     check_inputs(plan)
@@ -26,7 +28,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from d3tune.report import make_report
+    from d3tune.reports.sweep import make_report
 
     out = make_report(args.run, args.out)
     print(f"report written to {out / 'report.md'} and {out / 'report.html'} (self-contained; "
@@ -36,7 +38,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_defaults(args: argparse.Namespace) -> int:
-    from d3tune.report import find_defaults
+    from d3tune.reports.sweep import find_defaults
 
     res, importance = find_defaults(args.runs, args.max_acc_drop, args.out)
     b = res.best
@@ -56,44 +58,13 @@ def cmd_defaults(args: argparse.Namespace) -> int:
     return 0
 
 
-INPUT_FIELDS = ("data.name", "data.data_dir", "attack.name", "attack.result", "model.arch")
-
-
-def check_inputs(plan) -> None:
-    """Every dataset folder and imported model a trial of the plan can use (base, grid cells,
-    `choice` values) exists and fits: a problem fails here, in one line, before Ray starts."""
-    import itertools
-
-    from d3tune.config import flatten, resolve, trial_config, unflatten
-    from d3tune.errors import UsageError
-    from d3tune.runner import check_paths
-
-    overrides = list(plan.cells)
-    if plan.kind == "sweep":
-        dists = [d for d in plan.space if d.path in INPUT_FIELDS or d.path in ("data", "attack")]
-        overrides = [{d.path: v for d, v in zip(dists, combo)}
-                     for combo in itertools.product(*(d.extremes() for d in dists))]
-    seen: set[str] = set()
-    for cell in overrides or [{}]:
-        flat = {**flatten(plan.base), **cell}
-        inputs = {k: v for k, v in flat.items() if k in INPUT_FIELDS or k.startswith("data.")}
-        sig = repr(sorted(inputs.items()))
-        if sig in seen:
-            continue
-        seen.add(sig)
-        try:
-            check_paths(resolve(trial_config(unflatten(flat))))
-        except UsageError as exc:
-            raise UsageError(f"{plan.source}: {exc}") from None
-
-
 def _with_overrides(plan, args: argparse.Namespace):
     """--data-dir/--dataset/--storage/--cache-dir apply to every trial of a spec."""
     from dataclasses import replace
 
     from d3tune.config import flatten, trial_config, unflatten
     from d3tune.errors import UsageError
-    from d3tune.spec import absolute
+    from d3tune.specs.sweep import absolute
 
     base = flatten(plan.base)
     if args.dataset:
@@ -108,22 +79,9 @@ def _with_overrides(plan, args: argparse.Namespace):
 
 
 def path_overrides(args: argparse.Namespace) -> dict[str, str]:
-    """--storage / --cache-dir / --experiment as changes to a plan or spec. Storage must be a
-    folder: the Optuna study and the run ledger live beside Tune's state."""
-    from d3tune.errors import UsageError
-    from d3tune.spec import absolute
+    from d3tune.specs.inputs import path_changes
 
-    changes = {}
-    if args.storage:
-        if "://" in args.storage:
-            raise UsageError(f"--storage {args.storage!r}: URIs are not supported yet; use a "
-                             "folder, shared by all nodes on a cluster (e.g. NFS)")
-        changes["storage"] = args.storage
-    if args.cache_dir:
-        changes["cache_dir"] = absolute(args.cache_dir)
-    if args.experiment:
-        changes["experiment"] = args.experiment
-    return changes
+    return path_changes(args.storage, args.cache_dir, args.experiment)
 
 
 def _shared(p: argparse.ArgumentParser) -> None:

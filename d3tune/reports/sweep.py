@@ -24,11 +24,20 @@ import pandas as pd
 
 from d3tune import stats, tracking
 from d3tune.errors import UsageError
+
 # The report API in one place (callers: sweeps, ablations, robust search, leaderboard)
-from d3tune.report_figures import heatmaps, scatter  # noqa: F401
-from d3tune.report_layout import (METRICS, POPULATION_LABELS, SEEDS, Layout,  # noqa: F401
-                                  discretise, integral_knobs, plan_layout, record_name,
-                                  tidy)
+from d3tune.reports.figures import heatmaps, scatter  # noqa: F401
+from d3tune.reports.layout import (  # noqa: F401
+    METRICS,
+    POPULATION_LABELS,
+    SEEDS,
+    Layout,
+    discretise,
+    integral_knobs,
+    plan_layout,
+    record_name,
+    tidy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +194,7 @@ def build_report(df: pd.DataFrame, out: str | Path, *, title: str, settings: lis
     ``population`` (members a setting is judged over, e.g. attack; one panel each), ``seeds``
     (replicates) and the metric columns. Sweeps, ablations, the robust search and the
     leaderboard all call this; only how they gather the rows differs."""
-    from d3tune.report_html import to_html, to_markdown
+    from d3tune.reports.html import to_html, to_markdown
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from d3tune.robust_spec import RobustSpec, robust_plan
-from d3tune.spec import _expect
+from d3tune.specs.fields import expect
+from d3tune.specs.robust import RobustSpec, robust_plan
 from d3tune.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ def leave_one_attack_out(data: Mapping[str, Any], source: str) -> list[tuple[str
     clean ratios unchanged) and confirms on the held-out one on ``holdout_seeds``; its name is
     ``NAME-without-FAMILY`` so every search keeps its own folders, MLflow run and resume."""
     robust_plan(data, source)  # the spec as given is valid first (errors name its fields)
-    _expect("holdout_attacks" not in data, f"{source}: holdout_attacks",
+    expect("holdout_attacks" not in data, f"{source}: holdout_attacks",
             "leave-one-attack-out chooses the held-out attacks itself: remove holdout_attacks")
     attacks = list(data["population"].get("attacks") or [])
     families = list(dict.fromkeys(_family(a) for a in attacks))
-    _expect(len(families) >= 2, f"{source}: population.attacks",
+    expect(len(families) >= 2, f"{source}: population.attacks",
             f"leave-one-attack-out needs at least two attack families, got {families}")
     out = []
     for family in families:
@@ -57,7 +57,7 @@ def leave_one_attack_out(data: Mapping[str, Any], source: str) -> list[tuple[str
 
 def load_leave_one_attack_out(path: str | Path) -> list[tuple[str, RobustSpec]]:
     data = load_yaml(path)
-    _expect(data is not None, str(path), "empty spec")
+    expect(data is not None, str(path), "empty spec")
     return leave_one_attack_out(data, str(path))
 
 
@@ -88,13 +88,12 @@ def run_leave_one_attack_out(specs: list[tuple[str, RobustSpec]], *, resume: boo
     """Run the searches in turn (each resumable on its own: a finished one is read back, not
     re-run) and write the summary table beside them. ``search`` is ``robust.robust_search``
     (a parameter so tests can count calls)."""
-    from d3tune import engine
-    from d3tune.robust import robust_search, run_plan_of
+    from d3tune.search.robust import robust_search
 
     search = search or robust_search
     rows = []
     for family, spec in specs:
-        state = engine.state_dir(run_plan_of(spec))
+        state = spec.paths.state_dir
         again = resume and state.exists()
         log.info("leave-one-attack-out: %s held out (%s)", family,
                  "resuming" if again else "new search")

@@ -21,12 +21,25 @@ from typing import Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.stopper import Stopper
 
-from d3tune.engine import FINAL
-from d3tune.optuna_search import ResumableOptunaSearch
-from d3tune.robust_rules import (Finished, incumbent, member_order, prune_threshold,
-                                 should_prune, worst_and_drop)
-from d3tune.robust_spec import Member, Reference, RobustSpec, datasets_of, member_config
-from d3tune.tracking_tune import MlflowSweepCallback
+from d3tune.config import flatten
+from d3tune.search.mlflow_callback import MlflowTuneCallback
+from d3tune.search.optuna_search import ResumableOptunaSearch
+from d3tune.search.robust_rules import (
+    Finished,
+    incumbent,
+    member_order,
+    prune_threshold,
+    should_prune,
+    worst_and_drop,
+)
+from d3tune.search.runstate import FINAL, TRIAL_KEY, now_ms, trial_overrides
+from d3tune.specs.robust import (
+    Member,
+    Reference,
+    RobustSpec,
+    datasets_of,
+    member_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +112,6 @@ def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[st
 def setting_of(config: Mapping[str, Any]) -> dict[str, Any]:
     """Tune's config -> flat defense overrides: the sweep engine's reading ('field@defense'
     unfolded, its own 'd3tune.*' bookkeeping dropped), less the member order."""
-    from d3tune.engine import trial_overrides
-
     return {k: v for k, v in trial_overrides(dict(config)).items() if not k.startswith("__")}
 
 
@@ -270,7 +281,7 @@ class ComputeBudget(Stopper):
 
     def _ended_before(self) -> dict[str, float]:
         if self._before is None:
-            from d3tune.optuna_search import ended_results
+            from d3tune.search.optuna_search import ended_results
 
             self._before = {} if self.storage is None else {
                 key: self.cost(r) for key, r in ended_results(self.storage,
@@ -278,8 +289,6 @@ class ComputeBudget(Stopper):
         return self._before
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        from d3tune.engine import TRIAL_KEY
-
         number = (result.get("config") or {}).get(TRIAL_KEY)
         self._spent[f"optuna:{number}" if number is not None else trial_id] = self.cost(result)
         return False
@@ -295,29 +304,28 @@ class ComputeBudget(Stopper):
         return spent >= self.limit_s
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
-
-class RobustMlflowCallback(MlflowSweepCallback):
+class RobustMlflowCallback(MlflowTuneCallback):
     """The parent run is the robust search; a child per setting searched (phase=search), per
     member a metric named by it (``der.<member>``, ``acc_drop.<member>``, ...), the running
     worst case with step = members done; holdout rows are children too (phase=holdout)."""
 
-    def __init__(self, plan: Any, exp_dir: Path, state_dir: Path, spec: RobustSpec,
-                 extra_tags: Mapping[str, str] | None = None) -> None:
-        super().__init__(plan, exp_dir, state_dir)
+    def __init__(self, spec: RobustSpec, extra_tags: Mapping[str, str] | None = None) -> None:
+        super().__init__(spec.paths, spec.experiment, spec.source)
         self.spec = spec
         self.extra_tags = dict(extra_tags or {})  # e.g. a leaderboard's mlflow.parentRunId
 
-    def _parent_tags(self) -> dict[str, str]:
-        from d3tune.engine import OPTUNA_DB
+    def parent_params(self) -> dict[str, Any]:
+        params = {f"base.{k}": v for k, v in flatten(self.spec.base).items()}
+        params.update({"kind": "robust", "metric": "worst_der", "mode": "max",
+                       "num_samples": self.spec.budget, "cells": 0})
+        return params
 
-        return {"d3tune.kind": "robust", "d3tune.spec": self.spec.source,
-                "d3tune.tune_dir": str(self.exp_dir), "d3tune.defense": self.spec.defense,
-                "d3tune.study": self.spec.name,
+    def parent_tags(self) -> dict[str, str]:
+        return {"d3tune.kind": "robust", **super().parent_tags(),
+                "d3tune.defense": self.spec.defense, "d3tune.study": self.spec.name,
                 "d3tune.datasets": ",".join(datasets_of(self.spec)),
-                "d3tune.optuna_storage": f"sqlite:///{self.state_dir / OPTUNA_DB}",
+                "d3tune.optuna_storage": self.paths.optuna_url,
                 "d3tune.population_seeds": ",".join(str(s) for s in sorted(
                     {m.seed for m in self.spec.members})),
                 "d3tune.holdout_seeds": ",".join(str(s) for s in sorted(
@@ -331,13 +339,13 @@ class RobustMlflowCallback(MlflowSweepCallback):
             return self.state["children"][key]
         if not self._ready():
             return None
-        run = self._call("child run", lambda: self.client.create_run(
+        run = self.call("child run", lambda: self.client.create_run(
             self.exp_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, **tags}))
         if run is None:
             return None
         self.state["children"][key] = run.info.run_id
-        self._save()
-        self._log_params(run.info.run_id, params)
+        self.save()
+        self.log_params(run.info.run_id, params)
         return run.info.run_id
 
     def _child(self, trial: Any) -> str | None:
@@ -352,13 +360,13 @@ class RobustMlflowCallback(MlflowSweepCallback):
     def log_member(self, run_id: str, step: int, result: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        ms = _now_ms()
+        ms = now_ms()
         member = result["member"]
         metrics = [Metric(k, float(result[k]), ms, step)
                    for k in ("worst_der", "mean_acc_drop", "mean_der")]
         metrics += [Metric(f"{k}.{member}", float(result[f"{k}.{member}"]), ms, 0)
                     for k in MEMBER_METRICS if f"{k}.{member}" in result]
-        self._call("member metrics", lambda: self.client.log_batch(run_id, metrics=metrics))
+        self.call("member metrics", lambda: self.client.log_batch(run_id, metrics=metrics))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -370,7 +378,7 @@ class RobustMlflowCallback(MlflowSweepCallback):
             return  # a retried trial re-reports members already logged
         self.log_member(run_id, step, result)
         self.state["steps"][tid] = step
-        self._save()
+        self.save()
 
     def _finish(self, trial: Any, status: str) -> None:
         from mlflow.entities import Metric, RunTag
@@ -380,7 +388,7 @@ class RobustMlflowCallback(MlflowSweepCallback):
         if run_id is None or trial.trial_id in self.state["done"]:
             return
         last = trial.last_result or {}
-        ms = _now_ms()
+        ms = now_ms()
         metrics = [Metric(k, float(last[k]), ms, 0) for k in
                    ("worst_der", "mean_der", "mean_acc_drop", "members_done", "members_total")
                    if isinstance(last.get(k), (int, float))]
@@ -388,11 +396,11 @@ class RobustMlflowCallback(MlflowSweepCallback):
         tags = [RunTag("d3tune.pruned", str(pruned).lower()),
                 RunTag("d3tune.admissible", str(complete(last) and last["mean_acc_drop"]
                                                  <= self.spec.max_acc_drop + 1e-12).lower())]
-        self._call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
+        self.call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
                                                                   tags=tags))
-        self._call("status", lambda: self.client.set_terminated(run_id, status))
+        self.call("status", lambda: self.client.set_terminated(run_id, status))
         self.state["done"].append(trial.trial_id)
-        self._save()
+        self.save()
 
     def log_holdout(self, label: str, setting: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
                     figures: Mapping[str, float], shared_with: str | None = None,
@@ -418,17 +426,17 @@ class RobustMlflowCallback(MlflowSweepCallback):
         run_id = self.child_run(key, f"holdout {label}", tags, params)
         if run_id is None:
             return
-        ms = _now_ms()
+        ms = now_ms()
         metrics = [Metric(k, float(v), ms, 0) for k, v in figures.items()]
         for r in rows:
             metrics += [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for k in MEMBER_METRICS
                         if k in r]
         for i in range(0, len(metrics), 900):
-            self._call("holdout metrics", lambda m=metrics[i:i + 900]: self.client.log_batch(
+            self.call("holdout metrics", lambda m=metrics[i:i + 900]: self.client.log_batch(
                 run_id, metrics=m))
-        self._call("status", lambda: self.client.set_terminated(run_id, "FINISHED"))
+        self.call("status", lambda: self.client.set_terminated(run_id, "FINISHED"))
         self.state["done"].append(key)
-        self._save()
+        self.save()
 
 
 __all__ = ["ExactPruning", "RobustOptunaSearch", "RobustMlflowCallback",

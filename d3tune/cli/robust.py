@@ -6,32 +6,14 @@ import argparse
 
 
 def cmd_robust(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+    from d3tune.api import adjusted_robust, robust
 
-    from d3tune.cli_sweeps import path_overrides
-    from d3tune.errors import UsageError
-    from d3tune.robust import robust_search
-    from d3tune.robust_spec import load_robust
-
-    if args.budget is not None and args.resume:
-        raise UsageError("--budget: a resumed search keeps the budget it started with")
-    changes = {}
-    if args.time_budget_s is not None:
-        if not args.time_budget_s > 0:
-            raise UsageError(f"--time-budget-s: expected a number of seconds > 0, got "
-                             f"{args.time_budget_s}")
-        changes["time_budget_s"] = args.time_budget_s
-
-    def adjusted(spec):
-        if args.budget is not None:
-            spec = spec.with_budget(args.budget)
-        return replace(spec, **changes, **path_overrides(args))
-
+    paths = {"storage": args.storage, "cache_dir": args.cache_dir, "experiment": args.experiment}
     if args.leave_one_attack_out:
-        return _leave_one_attack_out(args, adjusted)
-    spec = adjusted(load_robust(args.spec))
-    check_members(spec)
-    robust_search(spec, resume=args.resume, address=args.address, out=args.out)
+        return _leave_one_attack_out(args, lambda spec: adjusted_robust(
+            spec, args.budget, args.time_budget_s, args.resume, paths))
+    robust(args.spec, budget=args.budget, time_budget_s=args.time_budget_s, resume=args.resume,
+           address=args.address, out=args.out, **paths)
     return 0
 
 
@@ -40,7 +22,11 @@ def _leave_one_attack_out(args: argparse.Namespace, adjusted) -> int:
     from rich.table import Table
 
     from d3tune.errors import UsageError
-    from d3tune.robust_loo import load_leave_one_attack_out, run_leave_one_attack_out
+    from d3tune.search.robust_loo import (
+        load_leave_one_attack_out,
+        run_leave_one_attack_out,
+    )
+    from d3tune.specs.inputs import check_members
 
     if args.out:
         raise UsageError("--out: with --leave-one-attack-out each search writes "
@@ -62,7 +48,7 @@ def _leave_one_attack_out(args: argparse.Namespace, adjusted) -> int:
 def cmd_adopt(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from d3tune.adopted import adopt
+    from d3tune.search.adopt import adopt
 
     entry = adopt(args.run, dataset=args.dataset, path=Path(args.file) if args.file else None)
     print(f"adopted for {entry.dataset}: {entry.defense} "
@@ -70,24 +56,6 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     print(f"wrote {entry.path}; `d3tune run --dataset {entry.dataset} --defense "
           f"{entry.defense}` now uses these knobs wherever a config leaves them unset")
     return 0
-
-
-def check_members(spec) -> None:
-    """Every member's data folder and imported model exists and fits, before Ray starts."""
-    from d3tune.errors import UsageError
-    from d3tune.robust_spec import member_config
-    from d3tune.runner import check_paths
-
-    seen: set[str] = set()
-    for m in spec.members + spec.holdout:
-        inputs = repr(sorted((k, v) for k, v in m.overrides if k != "seed"))
-        if inputs in seen:
-            continue
-        seen.add(inputs)
-        try:
-            check_paths(member_config(spec, m, {}))
-        except UsageError as exc:
-            raise UsageError(f"{spec.source}: population ({m.id}): {exc}") from None
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -147,7 +147,9 @@ def der_ceiling(asr_before: float) -> float:
     """The most DER any defense can score on a member: all of its ASR removed, no accuracy
     lost. DER = (ASR removed - ACC lost + 1) / 2, so a backdoor that planted to ASR 0.76 caps
     every setting's DER on that member at 0.88."""
-    from d3tune.metrics import der  # here: the rules above stay importable without torch
+    from d3tune.metrics import (
+        der,  # here: the rules above stay importable without torch
+    )
 
     return der(1.0, asr_before, 1.0, 0.0)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from d3tune.errors import did_you_mean
-from d3tune.robust_spec import RobustSpec, check_top_keys, robust_plan
-from d3tune.spec import _expect, _int
+from d3tune.specs.fields import expect, integer
+from d3tune.specs.robust import RobustSpec, check_top_keys, robust_plan
 from d3tune.yamlio import load_yaml
 
 LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "defenses",
@@ -74,13 +74,13 @@ def _defenses(data: Mapping[str, Any], source: str) -> tuple[str, ...]:
     where = f"{source}: defenses"
     raw = data.get("defenses") if "defenses" in data else list(leaderboard_order(
         [n for n in DEFENSES.names() if DEFENSES[n].space is not None]))
-    _expect(isinstance(raw, list) and raw, where, f"expected a non-empty list of defense names, "
+    expect(isinstance(raw, list) and raw, where, f"expected a non-empty list of defense names, "
             f"got {raw!r}")
     known = DEFENSES.names()
     for i, d in enumerate(raw):
-        _expect(isinstance(d, str) and d in known, f"{where}[{i}]",
+        expect(isinstance(d, str) and d in known, f"{where}[{i}]",
                 f"unknown defense {d!r}{did_you_mean(str(d), known)}; known: {', '.join(known)}")
-    _expect(len(set(raw)) == len(raw), where, f"a defense is listed twice: {raw}")
+    expect(len(set(raw)) == len(raw), where, f"a defense is listed twice: {raw}")
     return tuple(raw)
 
 
@@ -96,27 +96,27 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
     """Validate a leaderboard spec given as plain data; one RobustSpec per defense."""
     check_top_keys(data, source, LEADERBOARD_KEYS)
     name = data.get("name", Path(source).stem.split(".")[0])
-    _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
+    expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
             f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
     defenses = _defenses(data, source)
     spaces = data.get("spaces", {})
-    _expect(isinstance(spaces, Mapping), f"{source}: spaces",
+    expect(isinstance(spaces, Mapping), f"{source}: spaces",
             "expected a mapping of defense name to its space ({defense.field: distribution})")
     for d in spaces:
-        _expect(d in defenses, f"{source}: spaces.{d}",
+        expect(d in defenses, f"{source}: spaces.{d}",
                 f"not a defense of this leaderboard{did_you_mean(str(d), defenses)}; "
                 f"defenses: {', '.join(defenses)}")
     from d3tune.defenses import DEFENSES
 
     for d in defenses:
-        _expect(d in spaces or DEFENSES[d].space is not None, f"{source}: spaces.{d}",
+        expect(d in spaces or DEFENSES[d].space is not None, f"{source}: spaces.{d}",
                 f"defense {d!r} registers no search space; give one here "
                 "({defense.<knob>: distribution, ...})")
     for key in ("storage", "experiment"):
-        _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
+        expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
                 f"expected a string, got {data.get(key)!r}")
     start = data.get("start_with_default", True)
-    _expect(isinstance(start, bool), f"{source}: start_with_default",
+    expect(isinstance(start, bool), f"{source}: start_with_default",
             f"expected true or false, got {start!r}")
     storage = data.get("storage") or STORAGE
     experiment = data.get("experiment") or EXPERIMENT
@@ -128,10 +128,10 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
                       start_with=[DEFAULT_REFERENCE] if start else [],
                       storage=storage, experiment=experiment)
         if isinstance(robust.get("base"), Mapping):
-            _expect("name" not in (robust["base"].get("defense") or {}),
+            expect("name" not in (robust["base"].get("defense") or {}),
                     f"{source}: base.defense.name", "the defense comes from `defenses`")
         searches.append(robust_plan(robust, f"{source} [{d}]"))
-    budget = _int(data.get("budget", RobustSpec.budget), f"{source}: budget", 1)
+    budget = integer(data.get("budget", RobustSpec.budget), f"{source}: budget", 1)
     assert all(s.budget == budget for s in searches)  # equal budget, by construction
     return LeaderboardSpec(name=name, source=source, defenses=defenses,
                            searches=tuple(searches), storage=storage, experiment=experiment)
@@ -139,7 +139,7 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
 
 def load_leaderboard(path: str | Path) -> LeaderboardSpec:
     data = load_yaml(path)
-    _expect(data is not None, str(path), "empty spec")
+    expect(data is not None, str(path), "empty spec")
     return leaderboard_plan(data, str(path))
 
 

@@ -20,9 +20,11 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from d3tune import engine, tracking
-from d3tune.spec import RunPlan
-from d3tune.tracking_tune import MlflowSweepCallback
+from d3tune import tracking
+from d3tune.search import engine, tuner
+from d3tune.search.mlflow_callback import MlflowSweepCallback
+from d3tune.search.runstate import FINAL, kill_point, trial_overrides
+from d3tune.specs.sweep import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +49,18 @@ def results_frame(results: Any) -> pd.DataFrame:
     for r in results:
         if r.metrics is None or "acc" not in r.metrics:
             continue
-        overrides = engine.trial_overrides(r.config or {})
+        overrides = trial_overrides(r.config or {})
         rows.append({"trial_id": r.metrics.get("trial_id"), **overrides,
                      **{k: r.metrics.get(k) for k in SUMMARY_COLUMNS},
                      "node_id": r.metrics.get("node_id"),
                      "cache_builds": r.metrics.get("cache_builds", 0), "error": bool(r.error),
-                     "stopped_early": r.metrics.get(engine.FINAL) is False})
+                     "stopped_early": r.metrics.get(FINAL) is False})
     return pd.DataFrame(rows)
 
 
 def feasible(plan: RunPlan, df: pd.DataFrame) -> pd.Series:
     """Rows within every constraint of the spec (all rows when it has none)."""
-    from d3tune.spec import constraint_values
+    from d3tune.specs.sweep import constraint_values
 
     if not plan.constraints or df.empty:
         return pd.Series(True, index=df.index)
@@ -117,7 +119,7 @@ def _optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=plan.name,
-                              storage=f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
+                              storage=plan.paths.optuna_url)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(done) < 2:
         return []
@@ -160,13 +162,13 @@ def finish_parent(cb: MlflowSweepCallback, plan: RunPlan, df: pd.DataFrame,
         (out / "best_config.json").write_text(json.dumps(
             {k: v for k, v in top.items() if k not in SUMMARY_COLUMNS + HIDDEN_COLUMNS},
             indent=1, default=str))
-        cb._call("parent metrics", lambda: cb.client.log_batch(cb.parent_id, metrics=[
+        cb.call("parent metrics", lambda: cb.client.log_batch(cb.parent_id, metrics=[
             Metric(f"best_{m}", float(top[m]), 0, 0) for m in plan.metric]))
     for path in sorted(out.iterdir()):
-        cb._call("parent artifact", lambda p=path: cb.client.log_artifact(cb.parent_id, str(p)))
-    engine.kill_point("report:artifacts")
+        cb.call("parent artifact", lambda p=path: cb.client.log_artifact(cb.parent_id, str(p)))
+    kill_point("report:artifacts")
     status = "FINISHED" if not df.empty and not df["error"].any() else "FAILED"
-    cb._call("parent status", lambda: cb.client.set_terminated(cb.parent_id, status))
+    cb.call("parent status", lambda: cb.client.set_terminated(cb.parent_id, status))
 
 
 def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
@@ -174,23 +176,22 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
     import ray
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
-    exp_dir = engine.experiment_dir(plan)
+    exp_dir = plan.paths.experiment_dir
 
-    started = engine.init_ray(address)
+    started = tuner.init_ray(address)
     try:
-        tuner = engine.build_tuner(plan, resume=resume,
-                                   callbacks=[MlflowSweepCallback(plan, exp_dir, engine.state_dir(plan))])
-        results = tuner.fit()
+        run = engine.plan_tuner(plan, resume=resume, callbacks=[MlflowSweepCallback(plan)])
+        results = run.fit()
     finally:
         if started:
             ray.shutdown()
-    engine.kill_point("report")
-    callback = MlflowSweepCallback(plan, exp_dir, engine.state_dir(plan))  # for the summary
+    kill_point("report")
+    callback = MlflowSweepCallback(plan)  # for the summary
     callback.setup()
     if plan.kind == "sweep":
-        from d3tune.optuna_search import fail_running
+        from d3tune.search.optuna_search import fail_running
 
-        failed = fail_running(f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}", plan.name)
+        failed = fail_running(plan.paths.optuna_url, plan.name)
         if failed:
             log.warning("%d Optuna trials were still running after the sweep; marked failed",
                         failed)

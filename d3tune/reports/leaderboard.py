@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.leaderboard_spec import DEFAULT_REFERENCE, LeaderboardSpec
+from d3tune.reports.html import fixed, markdown_page
+from d3tune.specs.leaderboard import DEFAULT_REFERENCE, LeaderboardSpec
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,17 @@ DEFAULT_LABEL = f"ref-{DEFAULT_REFERENCE}"
 COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tuned_worst_der",
            "tuned_acc_drop", "tuned_ok", "gain", "default_s_per_member", "tuned_s_per_member",
            "trials", "knobs", "compute_s", "tuned_label", "chosen")
+
+
+
+@dataclass
+class LeaderboardOutcome:
+    spec: LeaderboardSpec
+    table: pd.DataFrame  # one row per defense, read back from MLflow (leaderboard_report)
+    members: pd.DataFrame  # one row per (defense, row, holdout member): the per-member spread
+    parent_run_id: str | None
+    seconds: float  # wall time of this invocation
+    out_dir: Path
 
 
 def _per_member(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -187,10 +200,6 @@ def per_threat_model(table: pd.DataFrame, members: pd.DataFrame) -> pd.DataFrame
     return wide
 
 
-def _f(v: Any, digits: int = 3) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-
 def _pts(v: Any, ok: bool = True) -> str:
     """Points of ACC drop; '!' marks a drop over the ACC budget."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -207,7 +216,7 @@ def _threat_model_lines(table: pd.DataFrame, per_model: pd.DataFrame) -> list[st
              "| defense | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
     for defense in table["defense"]:
         sides = [s for s in ("default", "tuned") if (defense, s) in by_row.index]
-        cells = [" / ".join(_f(by_row.loc[(defense, s), tm]) for s in sides) or "-"
+        cells = [" / ".join(fixed(by_row.loc[(defense, s), tm]) for s in sides) or "-"
                  for tm in models]
         lines.append(f"| {defense} | " + " | ".join(cells) + " |")
     return lines
@@ -226,7 +235,7 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
                 if first.compute_budget_s else "") + "; ACC budget "
              f"{first.max_acc_drop * 100:.1f} points (mean ACC drop); top_k {first.top_k}.",
              f"Backdoored models built once for all defenses: "
-             f"{_f(population_s, 0)} s.", "",
+             f"{fixed(population_s, 0)} s.", "",
              "All figures are on the holdout seeds, read back from MLflow. *Tuned* is the robust "
              "search's confirmed choice (its best finalist, confirmed on the holdout; when "
              "no finalist kept the ACC budget there, the search's best, marked '!'). "
@@ -239,12 +248,12 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
              "tuned ACC drop (pts) | tuning gain | s/member default | s/member tuned | trials | "
              "knobs | compute (s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in table.iterrows():
-        lines.append(f"| {i + 1} | {r['defense']} | {_f(r['default_worst_der'])} | "
+        lines.append(f"| {i + 1} | {r['defense']} | {fixed(r['default_worst_der'])} | "
                      f"{_pts(r['default_acc_drop'], r['default_ok'])} | "
-                     f"{_f(r['tuned_worst_der'])} | "
-                     f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {_f(r['gain'])} | "
-                     f"{_f(r['default_s_per_member'], 1)} | {_f(r['tuned_s_per_member'], 1)} | "
-                     f"{r['trials']} | {_f(r['knobs'], 0)} | {_f(r['compute_s'], 0)} |")
+                     f"{fixed(r['tuned_worst_der'])} | "
+                     f"{_pts(r['tuned_acc_drop'], r['tuned_ok'])} | {fixed(r['gain'])} | "
+                     f"{fixed(r['default_s_per_member'], 1)} | {fixed(r['tuned_s_per_member'], 1)} | "
+                     f"{r['trials']} | {fixed(r['knobs'], 0)} | {fixed(r['compute_s'], 0)} |")
     if per_model is not None:
         lines += _threat_model_lines(table, per_model)
     return ("\n".join(lines) + "\n\n![leaderboard](leaderboard.png)\n\n"
@@ -287,15 +296,14 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     """Table from MLflow, plot, files and artifacts, parent metrics, console output."""
     from mlflow.entities import Metric
 
-    from d3tune.leaderboard import LeaderboardOutcome
 
     done = [d for d in spec.defenses if state["defenses"].get(d, {}).get("done")]
     table, members = read_back(client, parent, done)
     out = spec.state_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     per_model = per_threat_model(table, members)
-    (out / "leaderboard.md").write_text(markdown(spec, table, state.get("population_seconds"),
-                                                 per_model))
+    text = markdown(spec, table, state.get("population_seconds"), per_model)
+    (out / "leaderboard.md").write_text(text)
     table.to_csv(out / "leaderboard.csv", index=False)
     members.to_csv(out / "members.csv", index=False)
     per_model.to_csv(out / "per_threat_model.csv", index=False)
@@ -304,6 +312,7 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     prog.to_csv(out / "progress.csv", index=False)
     if not prog.empty:
         plot_progress(prog, out)
+    (out / "leaderboard.html").write_text(markdown_page(text, out, f"leaderboard {spec.name}"))
     for path in sorted(out.iterdir()):
         client.log_artifact(parent, str(path), "report")
     tuned = spec.state_dir / "tuned"
@@ -334,17 +343,17 @@ def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) ->
                 "s/member", "compute s"):
         t.add_column(col, justify="right")
     for _, r in table.iterrows():
-        t.add_row(r["defense"], _f(r["default_worst_der"]),
-                  _pts(r["default_acc_drop"], r["default_ok"]), _f(r["tuned_worst_der"]),
-                  _pts(r["tuned_acc_drop"], r["tuned_ok"]), _f(r["gain"]),
-                  f"{_f(r['default_s_per_member'], 1)} / {_f(r['tuned_s_per_member'], 1)}",
-                  _f(r["compute_s"], 0))
+        t.add_row(r["defense"], fixed(r["default_worst_der"]),
+                  _pts(r["default_acc_drop"], r["default_ok"]), fixed(r["tuned_worst_der"]),
+                  _pts(r["tuned_acc_drop"], r["tuned_ok"]), fixed(r["gain"]),
+                  f"{fixed(r['default_s_per_member'], 1)} / {fixed(r['tuned_s_per_member'], 1)}",
+                  fixed(r["compute_s"], 0))
     console.print(t)
     console.print("'!': mean ACC drop over the budget "
                   f"({first.max_acc_drop * 100:.1f} points); a '!' tuned row means no finalist "
                   "kept the budget on the holdout seeds (its best finalist is shown)")
     for _, r in table.iterrows():  # each defense's total compute, so a cheap one's edge shows
-        console.print(f"{r['defense']}: total compute {_f(r['compute_s'], 0)} s "
+        console.print(f"{r['defense']}: total compute {fixed(r['compute_s'], 0)} s "
                       f"({r['trials']} settings searched + holdout rows)")
 
 

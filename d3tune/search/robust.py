@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -36,12 +35,25 @@ from typing import Any
 import pandas as pd
 from rich.console import Console
 
-from d3tune import engine
 from d3tune.errors import UsageError
-from d3tune.robust_rules import admissible, choose, finalists, pruning_savings, tradeoff_extras
-from d3tune.robust_spec import (Member, Reference, RobustSpec, defaults_yaml, member_config,
-                                setting_fields)
-from d3tune.spec import RunPlan
+from d3tune.search import tuner
+from d3tune.search.robust_rules import (
+    admissible,
+    choose,
+    finalists,
+    pruning_savings,
+    tradeoff_extras,
+)
+from d3tune.search.runstate import OPTUNA_DB, write_json
+from d3tune.search.tuner import build_tuner, can_resume, define_by_run
+from d3tune.specs.robust import (
+    Member,
+    Reference,
+    RobustSpec,
+    defaults_yaml,
+    member_config,
+    setting_fields,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +77,6 @@ class RobustOutcome:
     parent_run_id: str | None = None
 
 
-def run_plan_of(spec: RobustSpec) -> RunPlan:
-    """The engine's view of a robust search (folders, parent-run plumbing)."""
-    return RunPlan(kind="robust", name=spec.name, source=spec.source, base=spec.base,
-                   metric=("worst_der",), mode=("max",), num_samples=spec.budget,
-                   resources=spec.resources, max_concurrent=spec.max_concurrent,
-                   max_failures=spec.max_failures, storage=spec.storage,
-                   experiment=spec.experiment, cache_dir=spec.cache_dir)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def _remote(fn: Any, spec: RobustSpec) -> Any:
     import ray
 
@@ -101,7 +98,7 @@ def build_population(spec: RobustSpec, state: Path) -> pd.DataFrame:
     (through the same cache), so the search starts as soon as its own members are ready."""
     import ray
 
-    from d3tune.robust_tune import member_before
+    from d3tune.search.robust_tune import member_before
 
     path = state / POPULATION_FILE
     rows: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
@@ -112,7 +109,7 @@ def build_population(spec: RobustSpec, state: Path) -> pd.DataFrame:
         ready, _ = ray.wait(list(pending), num_returns=1)
         m = pending.pop(ready[0])
         rows[m.id] = ray.get(ready[0])
-        _write_json(path, rows)
+        write_json(path, rows, indent=1, default=str)
         log.info("population: %s ready (%s, %.1f s)", m.id, rows[m.id]["origin"],
                  rows[m.id]["seconds"])
     df = pd.DataFrame([{**rows[m.id], "phase": "search"} for m in spec.members])
@@ -136,62 +133,55 @@ def kept(members: tuple[Member, ...], population: pd.DataFrame) -> tuple[Member,
 # Phase 2: search
 
 
-def build_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool, callbacks: list):
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
+                 callbacks: list):
+    """The search phase's Tuner: one trial per setting, evaluated member by member, behind
+    exact pruning; resumed where Tune left a snapshot (a search stopped before its first one
+    starts afresh, the study keeping what it already told)."""
     import optuna
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    from d3tune.robust_tune import ExactPruning, RobustOptunaSearch, population_trainable
+    from d3tune.search.robust_tune import (
+        ExactPruning,
+        RobustOptunaSearch,
+        population_trainable,
+    )
 
-    plan = run_plan_of(spec)
-    exp_dir = engine.experiment_dir(plan)
+    paths = spec.paths
     fn = tune.with_parameters(population_trainable, spec=spec, members=members,
                               threads=_threads(spec))
     trainable = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    if resume and tune.Tuner.can_restore(str(exp_dir)):
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, param_space={})
-        internal = getattr(tuner, "_local_tuner", None)  # see engine.build_tuner
-        if internal is not None and getattr(internal, "_run_config", None) is not None:
-            internal._run_config.callbacks = callbacks
-        return tuner
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(
-        f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}")
+    if resume and can_resume(paths):
+        return build_tuner(paths, trainable, callbacks=callbacks, resume=True)
+    storage = optuna.storages.RDBStorage(paths.optuna_url)
     # The ACC budget is set as a constraint on complete trials by the searcher (Trial.
     # set_constraint), which TPE reads from the study: no constraints_func.
     sampler = optuna.samplers.TPESampler(
         seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)))
-    searcher = RobustOptunaSearch(space=partial(engine.define_by_run, spec.space),
+    searcher = RobustOptunaSearch(space=partial(define_by_run, spec.space),
                                   metric="worst_der", mode="max", sampler=sampler,
                                   storage=storage, study_name=spec.name,
                                   points_to_evaluate=[dict(p) for p in spec.start_points] or None,
                                   member_ids=[m.id for m in members],
                                   max_acc_drop=spec.max_acc_drop)
-    tune_config = tune.TuneConfig(
-        search_alg=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
-        scheduler=ExactPruning(spec.top_k, spec.max_acc_drop,
-                               str(engine.state_dir(plan) / PRUNED_FILE)),
-        num_samples=spec.budget, time_budget_s=spec.time_budget_s,
-        reuse_actors=True, trial_name_creator=lambda t: f"{spec.name}_{t.trial_id}",
-        trial_dirname_creator=lambda t: t.trial_id)
     stop = None
     if spec.compute_budget_s is not None:
-        from d3tune.robust_tune import ComputeBudget
+        from d3tune.search.robust_tune import ComputeBudget
 
-        stop = ComputeBudget(spec.compute_budget_s,
-                             f"sqlite:///{engine.state_dir(plan) / engine.OPTUNA_DB}", spec.name)
-    run_config = tune.RunConfig(
-        name=spec.name, storage_path=str(exp_dir.parent), callbacks=callbacks, stop=stop,
-        failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
-    return tune.Tuner(trainable, param_space={}, tune_config=tune_config, run_config=run_config)
+        stop = ComputeBudget(spec.compute_budget_s, paths.optuna_url, spec.name)
+    return build_tuner(
+        paths, trainable, callbacks=callbacks,
+        searcher=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+        scheduler=ExactPruning(spec.top_k, spec.max_acc_drop,
+                               str(paths.state_dir / PRUNED_FILE)),
+        num_samples=spec.budget, time_budget_s=spec.time_budget_s, stop=stop,
+        max_failures=spec.max_failures)
 
 
 def _close_cut(spec: RobustSpec, results: Any) -> None:
     """Settings the time or compute budget cut are PRUNED in the study (not left RUNNING)."""
-    from d3tune.optuna_search import prune_cut
+    from d3tune.search.optuna_search import prune_cut
 
     def attrs_of(result: dict[str, Any]) -> dict[str, Any]:  # as RobustOptunaSearch stores them
         return {**{k: result[k] for k in ("worst_der", "mean_der", "mean_acc_drop",
@@ -199,7 +189,7 @@ def _close_cut(spec: RobustSpec, results: Any) -> None:
                     if isinstance(result.get(k), (int, float))}, "pruned": True}
 
     last = {(r.metrics or {}).get("trial_id"): r.metrics or {} for r in results}
-    closed = prune_cut(f"sqlite:///{engine.state_dir(run_plan_of(spec)) / engine.OPTUNA_DB}",
+    closed = prune_cut(spec.paths.optuna_url,
                        spec.name, last, "worst_der", "members_done",
                        "cut by the search's time or compute budget before its last member",
                        attrs_of)
@@ -210,7 +200,7 @@ def _close_cut(spec: RobustSpec, results: Any) -> None:
 def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.DataFrame:
     """One row per setting tried: the setting, its figures, complete / pruned / cut (stopped by
     the time budget), per-member DER."""
-    from d3tune.robust_tune import complete, setting_of
+    from d3tune.search.robust_tune import complete, setting_of
 
     path = state / PRUNED_FILE
     pruned = json.loads(path.read_text()) if path.exists() else {}
@@ -239,7 +229,7 @@ def trial_numbers(state: Path) -> dict[str, int]:
     """Tune trial id -> Optuna trial number (the order TPE proposed the settings in)."""
     import optuna
 
-    db = state / engine.OPTUNA_DB
+    db = state / OPTUNA_DB
     if not db.exists():
         return {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -259,7 +249,7 @@ def trial_numbers(state: Path) -> dict[str, int]:
 
 def holdout_task(spec: RobustSpec, members: tuple[Member, ...], setting: dict[str, Any],
                  reference: Reference | None, threads: int) -> list[dict[str, Any]]:
-    from d3tune.robust_tune import run_members
+    from d3tune.search.robust_tune import run_members
 
     return run_members(spec, members, setting, reference, threads=threads)
 
@@ -308,13 +298,13 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
         k = i % len(members)
         pending[task.remote(spec, members[k:] + members[:k], lead["setting"], ref,
                             _threads(spec))] = group
-    _write_json(path, done)
+    write_json(path, done, indent=1, default=str)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         rows = ray.get(ready[0])
         for c in pending.pop(ready[0]):
             done[c["label"]] = rows
-        _write_json(path, done)
+        write_json(path, done, indent=1, default=str)
     before: dict[str, dict[str, Any]] = {}
     for member_rows in done.values():
         for r in member_rows:
@@ -380,13 +370,12 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
     under its own run with ``mlflow.parentRunId``)."""
     import ray
 
-    from d3tune.robust_tune import RobustMlflowCallback
+    from d3tune.search.robust_tune import RobustMlflowCallback
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     clock = time.monotonic()
     seconds: dict[str, float] = {}
-    plan = run_plan_of(spec)
-    exp_dir, state = engine.experiment_dir(plan), engine.state_dir(plan)
+    exp_dir, state = spec.paths.experiment_dir, spec.paths.state_dir
     if resume and not state.exists():
         raise UsageError(f"--resume: no interrupted robust search at {state} "
                          f"(spec name {spec.name!r})")
@@ -394,9 +383,9 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         raise UsageError(f"{exp_dir} already holds a robust search named {spec.name!r}: pass "
                          "--resume to continue it, or change the spec's name/storage")
     state.mkdir(parents=True, exist_ok=True)
-    started = engine.init_ray(address)
+    started = tuner.init_ray(address)
     try:
-        callback = RobustMlflowCallback(plan, exp_dir, state, spec, parent_tags)
+        callback = RobustMlflowCallback(spec, parent_tags)
         callback.setup()
         population = build_population(spec, state)
         members = kept(spec.members, population)
@@ -406,8 +395,8 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
             raise UsageError(f"{spec.source}: population: no member left to search on: every "
                              f"backdoor scored ASR before < min_asr {spec.min_asr}")
         t = time.monotonic()
-        tuner = build_tuner(spec, members, resume=resume, callbacks=[callback])
-        results = tuner.fit()
+        runner = search_tuner(spec, members, resume=resume, callbacks=[callback])
+        results = runner.fit()
         _close_cut(spec, results)
         seconds["search"] = time.monotonic() - t
         callback.load_state()  # Tune may have logged through a copy of the callback
@@ -434,7 +423,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         yaml_path.parent.mkdir(parents=True, exist_ok=True)
         dump_yaml(defaults_yaml(spec, chosen["setting"]), yaml_path)
         outcome.yaml_path = yaml_path
-    from d3tune.robust_report import finish_parent, print_summary, write_report
+    from d3tune.reports.robust import finish_parent, print_summary, write_report
 
     outcome.report_dir = write_report(outcome, state / "report")
     finish_parent(callback, outcome)
@@ -460,7 +449,7 @@ def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -
                for k in ("acc_before", "asr_before")]
     excluded = ",".join(population.loc[population["excluded"], "member"])
     tags = [RunTag("d3tune.excluded", excluded or "none")]
-    callback._call("population", lambda: callback.client.log_batch(
+    callback.call("population", lambda: callback.client.log_batch(
         callback.parent_id, metrics=metrics, tags=tags))
     params = {"budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
               "space_dims": space_dims(spec),
@@ -468,8 +457,8 @@ def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -
               "population": ",".join(m.id for m in spec.members),
               "holdout": ",".join(m.id for m in spec.holdout)}
     if "budget" not in callback.state.get("parent_params", []):
-        callback._log_params(callback.parent_id, params)
+        callback.log_params(callback.parent_id, params)
         callback.state["parent_params"] = list(params)
-        callback._save()
+        callback.save()
 
 

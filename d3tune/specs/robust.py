@@ -19,8 +19,18 @@ from typing import Any
 
 from d3tune.config import build, flatten, unflatten
 from d3tune.errors import UsageError, did_you_mean
-from d3tune.spec import (Dist, ResourceSpec, _check_override, _expect, _int, _parse_dist,
-                         _per_defense, absolute, flatten_space)
+from d3tune.search.runstate import RunPaths
+from d3tune.specs.fields import (
+    Dist,
+    ResourceSpec,
+    absolute,
+    check_override,
+    expect,
+    flatten_space,
+    integer,
+    parse_dist,
+    per_defense,
+)
 from d3tune.yamlio import load_yaml
 
 ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "holdout_attacks",
@@ -103,29 +113,34 @@ class RobustSpec:
     split_test: bool = True
 
     @property
+    def paths(self) -> RunPaths:
+        """Where the search keeps Tune's experiment and its own state (study, ledger, rows)."""
+        return RunPaths(self.name, self.storage)
+
+    @property
     def defense(self) -> str:
         return str(self.base["defense"]["name"])
 
     def with_budget(self, budget: int) -> "RobustSpec":
-        return replace(self, budget=_int(budget, "--budget", 1))
+        return replace(self, budget=integer(budget, "--budget", 1))
 
 
 def _fraction(value: Any, where: str, low: float = 0.0) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    _expect(ok and low <= value <= 1.0, where, f"expected a fraction in [{low}, 1], got {value!r}")
+    expect(ok and low <= value <= 1.0, where, f"expected a fraction in [{low}, 1], got {value!r}")
     return float(value)
 
 
 def _list(data: Mapping[str, Any], key: str, where: str, default: Any = None) -> list[Any]:
     values = data.get(key, default)
-    _expect(isinstance(values, list) and values, where,
+    expect(isinstance(values, list) and values, where,
             f"expected a non-empty list, got {values!r}")
     return values
 
 
 def _seed_list(values: list[Any], where: str) -> list[int]:
-    seeds = [_int(s, where, 0) for s in values]
-    _expect(len(set(seeds)) == len(seeds), where, f"a seed is listed twice: {seeds}")
+    seeds = [integer(s, where, 0) for s in values]
+    expect(len(set(seeds)) == len(seeds), where, f"a seed is listed twice: {seeds}")
     return seeds
 
 
@@ -141,14 +156,14 @@ def _attacks(pop: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, An
         if isinstance(a, str):
             out.append((a, {"attack.name": a}))
         else:
-            _expect(isinstance(a, Mapping) and isinstance(a.get("name"), str), w,
+            expect(isinstance(a, Mapping) and isinstance(a.get("name"), str), w,
                     f"expected an attack name or {{name: ..., knob: value}}, got {a!r}")
             flat = {f"attack.{k}": v for k, v in a.items()}
             extra = "-".join(f"{_slug(k)}{_slug(v)}" for k, v in a.items() if k != "name")
             out.append((f"{a['name']}-{extra}" if extra else a["name"], flat))
     for i, r in enumerate(pop.get("records") or []):
         w = f"{where}.records[{i}]"
-        _expect(isinstance(r, str) and r, w, f"expected the path of an attack_result.pt, got {r!r}")
+        expect(isinstance(r, str) and r, w, f"expected the path of an attack_result.pt, got {r!r}")
         full = absolute(r)
         out.append((f"bb-{_slug(Path(full).parent.name)}",
                     {"attack.name": "backdoorbench", "attack.result": full}))
@@ -162,26 +177,26 @@ def _population(data: Mapping[str, Any], source: str
     repeats the population's threat models on its own seeds)."""
     where = f"{source}: population"
     pop = data.get("population")
-    _expect(isinstance(pop, Mapping), where, "expected a mapping with attacks and/or records, "
+    expect(isinstance(pop, Mapping), where, "expected a mapping with attacks and/or records, "
             "seeds, and optionally datasets, archs, clean_ratios")
     for key in pop:
-        _expect(key in POPULATION_KEYS, f"{where}.{key}", f"unknown field"
+        expect(key in POPULATION_KEYS, f"{where}.{key}", f"unknown field"
                 f"{did_you_mean(str(key), POPULATION_KEYS)}; "
                 f"known: {', '.join(sorted(POPULATION_KEYS))}")
     for key in ("attacks", "records"):
-        _expect(pop.get(key) is None or isinstance(pop.get(key), list), f"{where}.{key}",
+        expect(pop.get(key) is None or isinstance(pop.get(key), list), f"{where}.{key}",
                 f"expected a list, got {pop.get(key)!r}")
-    _expect(bool(pop.get("attacks") or pop.get("records")), f"{where}.attacks",
+    expect(bool(pop.get("attacks") or pop.get("records")), f"{where}.attacks",
             "the population needs at least one attack or record")
     attacks = _attacks(pop, where)
     labels = [label for label, _ in attacks]
-    _expect(len(set(labels)) == len(labels), f"{where}.attacks", f"listed twice: {labels}")
+    expect(len(set(labels)) == len(labels), f"{where}.attacks", f"listed twice: {labels}")
     axes: list[list[tuple[str, dict[str, Any]]]] = [attacks]
     for key, path, tag in (("datasets", "data.name", ""), ("archs", "model.arch", ""),
                            ("clean_ratios", "data.clean_ratio", "c")):
         if key in pop:
             values = _list(pop, key, f"{where}.{key}")
-            _expect(len(set(map(str, values))) == len(values), f"{where}.{key}",
+            expect(len(set(map(str, values))) == len(values), f"{where}.{key}",
                     f"a value is listed twice: {values}")
             # only an axis with several values goes into the member id (ids stay short)
             axes.append([(f"{tag}{_slug(v)}" if len(values) > 1 else "", {path: v})
@@ -194,11 +209,11 @@ def _population(data: Mapping[str, Any], source: str
         unseen = _attacks({"attacks": data["holdout_attacks"]}, hw)
         seen = {label for label, _ in attacks} | {f["attack.name"] for _, f in attacks}
         for (label, flat), raw in zip(unseen, data["holdout_attacks"]):
-            _expect(label not in seen and flat["attack.name"] not in seen, hw,
+            expect(label not in seen and flat["attack.name"] not in seen, hw,
                     f"{label!r} is also a population attack: held-out attacks must be threat "
                     "models the search never sees")
         labels = [label for label, _ in unseen]
-        _expect(len(set(labels)) == len(labels), hw, f"listed twice: {labels}")
+        expect(len(set(labels)) == len(labels), hw, f"listed twice: {labels}")
         held = _combine([unseen, *axes[1:]])
     return _combine(axes), seeds, held
 
@@ -230,30 +245,30 @@ def _references(data: Mapping[str, Any], base: dict[str, Any],
                 source: str) -> tuple[Reference, ...]:
     where = f"{source}: references"
     raw = data.get("references", [])
-    _expect(isinstance(raw, list), where, "expected a list of paper, profile or "
+    expect(isinstance(raw, list), where, "expected a list of paper, profile or "
             "{name: NAME, setting: {defense.field: value}}")
     out: list[Reference] = []
     for i, item in enumerate(raw):
         w = f"{where}[{i}]"
         if isinstance(item, str):
-            _expect(item in BUILTIN_REFERENCES, w, f"unknown built-in reference {item!r}"
+            expect(item in BUILTIN_REFERENCES, w, f"unknown built-in reference {item!r}"
                     f"{did_you_mean(item, BUILTIN_REFERENCES)}; built-ins: paper, profile "
                     "(or give {name: NAME, setting: {...}})")
             setting = PAPER_SCHEDULE if item == "paper" else {}
             out.append(Reference(item, tuple(sorted(setting.items())), builtin=item == "paper"))
             continue
-        _expect(isinstance(item, Mapping) and set(item) <= {"name", "setting"}
+        expect(isinstance(item, Mapping) and set(item) <= {"name", "setting"}
                 and isinstance(item.get("name"), str) and isinstance(item.get("setting"), Mapping),
                 w, f"expected {{name: NAME, setting: {{defense.field: value}}}}, got {item!r}")
         flat = flatten(item["setting"])
         for path in flat:
-            _expect(path.startswith("defense."), f"{w}.setting.{path}",
+            expect(path.startswith("defense."), f"{w}.setting.{path}",
                     "a reference sets defense.* fields only (the population is fixed)")
         out.append(Reference(item["name"], tuple(sorted(flat.items())), replace_base=False))
     names = [r.name for r in out]
-    _expect(len(set(names)) == len(names), where, f"a reference name is used twice: {names}")
+    expect(len(set(names)) == len(names), where, f"a reference name is used twice: {names}")
     for ref in out:
-        _check_override(_defense_only(base, ref), dict(ref.setting),
+        check_override(_defense_only(base, ref), dict(ref.setting),
                         f"{where}.{ref.name}")
     return tuple(out)
 
@@ -270,10 +285,10 @@ def _defense_only(base: dict[str, Any], ref: Reference) -> dict[str, Any]:
 
 def check_top_keys(data: Any, source: str, allowed: set[str]) -> None:
     """A spec is a mapping of known top-level fields (robust and leaderboard specs alike)."""
-    _expect(isinstance(data, Mapping), source,
+    expect(isinstance(data, Mapping), source,
             f"expected a mapping at the top of the spec, got {type(data).__name__}")
     for key in data:
-        _expect(key in allowed, f"{source}: {key}", f"unknown field"
+        expect(key in allowed, f"{source}: {key}", f"unknown field"
                 f"{did_you_mean(str(key), allowed)}; known: {', '.join(sorted(allowed))}")
 
 
@@ -281,83 +296,83 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
     """Validate a robust spec given as plain data (YAML, or a dict built by a leaderboard)."""
     check_top_keys(data, source, ROBUST_KEYS)
     name = data.get("name", Path(source).stem.split(".")[0])
-    _expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
+    expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
             f"{source}: name", f"expected letters, digits, '-' or '_', got {name!r}")
     base_raw = data.get("base") or {}
-    _expect(isinstance(base_raw, Mapping), f"{source}: base", "expected a mapping of trial fields")
+    expect(isinstance(base_raw, Mapping), f"{source}: base", "expected a mapping of trial fields")
     base_flat = flatten(base_raw)
     for path in base_flat:
-        _expect(not _is_population_field(path), f"{source}: base.{path}",
+        expect(not _is_population_field(path), f"{source}: base.{path}",
                 "a population field: set it under population (attacks, records, datasets, "
                 "archs, clean_ratios, seeds)")
     defense = data.get("defense", base_flat.get("defense.name", "d3"))
-    _expect(isinstance(defense, str), f"{source}: defense",
+    expect(isinstance(defense, str), f"{source}: defense",
             f"expected a defense name, got {defense!r}")
     base_flat["defense.name"] = defense
     base = unflatten(base_flat)
-    _check_override(base, {}, f"{source}: base")  # also checks the defense name
+    check_override(base, {}, f"{source}: base")  # also checks the defense name
 
     models, seeds, held_models = _population(data, source)
     split = data.get("split_test", True)
-    _expect(isinstance(split, bool), f"{source}: split_test", f"expected true or false, got "
+    expect(isinstance(split, bool), f"{source}: split_test", f"expected true or false, got "
             f"{split!r}")
     members = _members(models, seeds, "search" if split else "all")
     for m in members[:: len(seeds)]:  # one per threat model: the seed is checked below
-        _check_override(base, m.fields, f"{source}: population ({m.id})")
+        check_override(base, m.fields, f"{source}: population ({m.id})")
     for m in _members(held_models or [], [0]):
-        _check_override(base, m.fields, f"{source}: holdout_attacks ({m.id})")
+        check_override(base, m.fields, f"{source}: holdout_attacks ({m.id})")
     holdout_seeds = _seed_list(_list(data, "holdout_seeds", f"{source}: holdout_seeds"),
                                f"{source}: holdout_seeds")
     shared = sorted(set(seeds) & set(holdout_seeds))
-    _expect(not shared, f"{source}: holdout_seeds", f"seed(s) {shared} are also population seeds; "
+    expect(not shared, f"{source}: holdout_seeds", f"seed(s) {shared} are also population seeds; "
             "holdout seeds must never be seen by the search")
 
     space_raw = data.get("space")
-    _expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
+    expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
             "expected a mapping of defense fields to distributions")
     space: list[Dist] = []
     for path, raw in flatten_space(space_raw).items():
         where = f"{source}: space.{path}"
-        _expect(path.startswith("defense."), where, "a robust search tunes defense.* fields; "
+        expect(path.startswith("defense."), where, "a robust search tunes defense.* fields; "
                 "the threat model belongs to population")
-        dist = _parse_dist(path, raw, where)
+        dist = parse_dist(path, raw, where)
         for value in dist.extremes():
-            _check_override(base, {**members[0].fields, path: value}, where)
+            check_override(base, {**members[0].fields, path: value}, where)
         space.append(dist)
-    space += _per_defense(data, base, source, space)
+    space += per_defense(data, base, source, space)
 
     max_drop = _fraction(data.get("max_acc_drop", RobustSpec.max_acc_drop),
                          f"{source}: max_acc_drop")
     budgets = data.get("tradeoff_budgets", [])
-    _expect(isinstance(budgets, list), f"{source}: tradeoff_budgets",
+    expect(isinstance(budgets, list), f"{source}: tradeoff_budgets",
             f"expected a list of fractions, got {budgets!r}")
     budgets = [_fraction(b, f"{source}: tradeoff_budgets") for b in budgets]
     for key in ("storage", "experiment", "cache_dir"):
-        _expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
+        expect(data.get(key) is None or isinstance(data.get(key), str), f"{source}: {key}",
                 f"expected a string, got {data.get(key)!r}")
     if isinstance(data.get("storage"), str) and "://" in data["storage"]:
         raise UsageError(f"{source}: storage: {data['storage']!r}: URIs are not supported yet; "
                          "use a folder, shared by all nodes on a cluster (e.g. NFS)")
     res = build(ResourceSpec, data.get("resources"), f"{source}: resources")
-    _expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
+    expect(res.gpu <= 1 or float(res.gpu).is_integer(), f"{source}: resources.gpu",
             f"a fraction of one GPU (<= 1) or a whole number of GPUs, got {res.gpu}")
     spec = RobustSpec(
         name=name, source=source, base=base, members=members,
         holdout=_members(held_models or models, holdout_seeds, "holdout" if split else "all"),
         space=tuple(space), split_test=split,
-        budget=_int(data.get("budget", RobustSpec.budget), f"{source}: budget", 1),
+        budget=integer(data.get("budget", RobustSpec.budget), f"{source}: budget", 1),
         max_acc_drop=max_drop,
         min_asr=_fraction(data.get("min_asr", RobustSpec.min_asr), f"{source}: min_asr"),
-        top_k=_int(data.get("top_k", RobustSpec.top_k), f"{source}: top_k", 1),
+        top_k=integer(data.get("top_k", RobustSpec.top_k), f"{source}: top_k", 1),
         tradeoff_budgets=tuple(sorted(set(budgets))),
         references=_references(data, base, source),
-        search_seed=_int(data.get("search_seed", 0), f"{source}: search_seed", 0),
+        search_seed=integer(data.get("search_seed", 0), f"{source}: search_seed", 0),
         time_budget_s=_time_budget(data.get("time_budget_s"), f"{source}: time_budget_s"),
         compute_budget_s=_time_budget(data.get("compute_budget_s"),
                                       f"{source}: compute_budget_s"),
         resources=res,
-        max_concurrent=_int(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
-        max_failures=_int(data.get("max_failures", 1), f"{source}: max_failures", 0),
+        max_concurrent=integer(data.get("max_concurrent", 2), f"{source}: max_concurrent", 1),
+        max_failures=integer(data.get("max_failures", 1), f"{source}: max_failures", 0),
         storage=data.get("storage") or RobustSpec.storage,
         experiment=data.get("experiment") or RobustSpec.experiment,
         cache_dir=absolute(data.get("cache_dir")))
@@ -375,22 +390,22 @@ def _start_points(data: Mapping[str, Any], spec: RobustSpec,
     inside the space."""
     names = data.get("start_with", [])
     where = f"{source}: start_with"
-    _expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
+    expect(isinstance(names, list) and all(isinstance(n, str) for n in names), where,
             f"expected a list of reference names, got {names!r}")
-    _expect(not names or all(d.only_for is None for d in spec.space), where,
+    expect(not names or all(d.only_for is None for d in spec.space), where,
             "start_with needs a space without per_defense knobs")
     refs = {r.name: r for r in spec.references}
     points = []
     for name in names:
         w = f"{where}.{name}"
-        _expect(name in refs, w, f"not a reference of this spec{did_you_mean(name, refs)}; "
+        expect(name in refs, w, f"not a reference of this spec{did_you_mean(name, refs)}; "
                 f"references: {', '.join(refs) or 'none'}")
         ref = refs[name]
         configs = [member_config(spec, m, dict(ref.setting), ref) for m in spec.members]
         point: dict[str, Any] = {}
         for d in spec.space:
             values = {_knob(cfg, d.path) for cfg in configs}
-            _expect(len(values) == 1, f"{w}: {d.path}", f"differs across the population "
+            expect(len(values) == 1, f"{w}: {d.path}", f"differs across the population "
                     f"({sorted(map(str, values))}); start_with needs one value")
             point[d.param_name] = _in_space(d, values.pop(), f"{w}: {d.path}")
         points.append(tuple(point.items()))
@@ -409,10 +424,10 @@ def _in_space(d: Dist, value: Any, where: str) -> Any:
     """``value`` as the space spells it (a choice's own element), or one error line."""
     if d.kind in ("uniform", "loguniform", "int", "logint"):
         ok = isinstance(value, (int, float)) and d.args[0] <= value <= d.args[1]
-        _expect(ok, where, f"{value!r} lies outside the space [{d.args[0]}, {d.args[1]}]")
+        expect(ok, where, f"{value!r} lies outside the space [{d.args[0]}, {d.args[1]}]")
         return int(value) if d.kind in ("int", "logint") else float(value)
     match = [c for c in d.args if c == value and isinstance(c, bool) == isinstance(value, bool)]
-    _expect(bool(match), where, f"{value!r} is not one of the choices {list(d.args)}")
+    expect(bool(match), where, f"{value!r} is not one of the choices {list(d.args)}")
     return match[0]
 
 
@@ -420,13 +435,13 @@ def _time_budget(value: Any, where: str) -> float | None:
     if value is None:
         return None
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    _expect(ok and value > 0, where, f"expected a number of seconds > 0, got {value!r}")
+    expect(ok and value > 0, where, f"expected a number of seconds > 0, got {value!r}")
     return float(value)
 
 
 def load_robust(path: str | Path) -> RobustSpec:
     data = load_yaml(path)
-    _expect(data is not None, str(path), "empty spec")
+    expect(data is not None, str(path), "empty spec")
     return robust_plan(data, str(path))
 
 

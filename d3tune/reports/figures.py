@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from d3tune import stats
-from d3tune.report_html import fmt as html_fmt
-from d3tune.report_layout import METRICS, Layout, levels, select
+from d3tune.reports.html import fmt as html_fmt
+from d3tune.reports.layout import METRICS, Layout, levels, select
 
 
 def _plt():

@@ -1,0 +1,225 @@
+"""Ray Tune engine: a RunPlan (sweep or ablation) -> a Tuner -> results, resumable.
+
+Sweeps use OptunaSearch (seeded TPE; several objectives through lists of metrics and modes)
+behind a ConcurrencyLimiter, with its study persisted in SQLite next to Tune's experiment state,
+and ASHA on one scalar (DER by default) even when the search is multi-objective. Ablations are a
+grid of cells. Either way every trial is ``trial.run_trial`` reporting each defense epoch, and
+MLflow logging happens on the driver (``mlflow_callback.MlflowSweepCallback``).
+
+Where the truth lives after a killed driver (docs/reliability.md): which trials ended, and with
+what result, is written on the driver the moment Tune says so: in the Optuna study (sweeps;
+``optuna_search``) and in d3tune's run ledger beside it (every plan kind; ``mlflow_callback``;
+the names both use are in ``runstate``). Tune's experiment state is a snapshot taken every few
+seconds: resume uses it only for what it alone holds (in-flight trials' checkpoints, the
+scheduler), and consults the study and the ledger for the rest (``replay_table`` here,
+``ResumableOptunaSearch.restore``). MLflow is an output of the ledger, never read to decide
+anything. The Tuner itself is built by ``tuner.build_tuner``, as for robust searches.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from d3tune.config import resolve, trial_config
+from d3tune.errors import UsageError
+from d3tune.search.runstate import (
+    CHECKPOINT_FILE,
+    FINAL,
+    OPTUNA_DB,
+    trial_from_tune,
+    trial_key,
+)
+from d3tune.search.tuner import build_tuner, can_resume, define_by_run
+from d3tune.specs.sweep import RunPlan
+
+log = logging.getLogger(__name__)
+
+def checkpoint_due(last: float | None, now: float, every_s: float) -> bool:
+    return every_s <= 0 or (last is not None and now - last >= every_s)
+
+
+def replay_if_ended(config: dict[str, Any], replay: dict[str, dict[str, Any]] | None) -> bool:
+    """For any trainable run under ``--resume``: if ``replay`` (``replay_table``) says this trial
+    already ended, report its recorded final result once and return True (the caller returns
+    without training); Tune, the searcher and the MLflow callback then close it as before."""
+    recorded = (replay or {}).get(trial_key(config))
+    if recorded is None:
+        return False
+    from ray import tune
+
+    tune.report({**recorded, "replayed": True})
+    return True
+
+
+def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None,
+                   threads: int, checkpoint_every_s: float = 0.0,
+                   replay: dict[str, dict[str, Any]] | None = None,
+                   full_eval_at: tuple[float, ...] = ()) -> None:
+    """The function Tune runs per trial (on any node). Reports every evaluated defense epoch;
+    attaches a defense checkpoint at most every ``checkpoint_every_s`` seconds (0: every epoch),
+    because each one is a model-sized write that Tune then copies into its storage.
+    A trial that ``replay`` says already ended (a resumed Tune restarting it from a stale
+    snapshot) reports its recorded final result once and returns: it is never run twice."""
+    import ray
+    import torch
+    from ray import tune
+
+    if replay_if_ended(config, replay):
+        return
+
+    from d3tune.cache import ModelCache
+    from d3tune.trial import run_trial
+
+    torch.set_num_threads(max(1, threads))
+    cfg = trial_from_tune(base, config)
+    node = ray.get_runtime_context().get_node_id()
+    cache = ModelCache(cache_dir)
+    resume = None
+    restored = tune.get_checkpoint()
+    if restored is not None:  # a retried trial: continue from its last reported epoch
+        with restored.as_directory() as d:
+            resume = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+    pending: dict[str, Any] = {}
+    last_checkpoint: list[float] = []  # the clock starts with the defense, not the attack build
+
+    def save(state: dict[str, Any]) -> None:
+        pending["state"] = state
+        if not last_checkpoint:
+            last_checkpoint.append(time.monotonic())
+
+    def report(row: dict[str, Any]) -> bool:
+        metrics = {**row, "node_id": node, "cache_builds": cache.builds,
+                   FINAL: row.get("epoch") == cfg.defense.epochs}
+        state = pending.pop("state", None)
+        # The last epoch always checkpoints: that forces Tune to snapshot the experiment, so a
+        # driver killed right after a trial ends does not re-run it on --resume.
+        due = row.get("epoch") == cfg.defense.epochs or checkpoint_due(
+            last_checkpoint[0] if last_checkpoint else None, time.monotonic(), checkpoint_every_s)
+        if state is None or state["epoch"] != row["epoch"] or not due:
+            tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, Path(d) / CHECKPOINT_FILE)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            last_checkpoint[:] = [time.monotonic()]
+        return False  # ASHA stops a trial by ending its actor, not through this flag
+
+    # ASHA decides on full-set values: its rung epochs are never scored on eval.subset.
+    run_trial(cfg, report=report, cache=cache, resume=resume, save=save, full_eval_at=full_eval_at)
+
+
+def max_epochs(plan: RunPlan) -> int:
+    """ASHA's max_t: the largest number of defense epochs any trial can run."""
+    best = resolve(trial_config(plan.base)).defense.epochs
+    for d in plan.space:
+        if d.path == "defense.epochs":
+            best = max(best, *[int(v) for v in d.extremes()])
+    for cell in plan.cells:
+        best = max(best, trial_from_tune(plan.base, {"cell": cell}).defense.epochs)
+    return int(best)
+
+
+def make_searcher(plan: RunPlan):
+    from ray.tune.search import ConcurrencyLimiter
+
+    if plan.kind == "ablation":
+        return None
+    import optuna
+
+    from d3tune.search.optuna_search import ResumableOptunaSearch as OptunaSearch
+
+    storage = optuna.storages.RDBStorage(plan.paths.optuna_url)
+    metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
+    mode = list(plan.mode) if plan.multi_objective else plan.mode[0]
+    sampler = optuna.samplers.TPESampler(seed=plan.search_seed)  # TPE handles both cases
+    conditional = any(d.only_for for d in plan.space)
+    searcher = OptunaSearch(space=partial(define_by_run, plan.space) if conditional else None,
+                            metric=metric, mode=mode, sampler=sampler, storage=storage,
+                            study_name=plan.name, constraints=plan.constraints)
+    return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
+
+
+def rung_epochs(plan: RunPlan) -> tuple[float, ...]:
+    """The epochs at which make_scheduler's ASHA decides (none without a scheduler)."""
+    from d3tune.trial import asha_rungs
+
+    s = plan.scheduler
+    return () if s.name == "none" else asha_rungs(s.grace_period, s.reduction_factor,
+                                                  max_epochs(plan))
+
+
+def make_scheduler(plan: RunPlan):
+    if plan.scheduler.name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=plan.scheduler.metric,
+                         mode=plan.scheduler.mode, max_t=max_epochs(plan),
+                         grace_period=plan.scheduler.grace_period,
+                         reduction_factor=plan.scheduler.reduction_factor)
+
+
+def param_space(plan: RunPlan) -> dict[str, Any]:
+    from ray import tune
+
+    if plan.kind == "ablation":
+        return {"cell": tune.grid_search(list(plan.cells))}
+    if any(d.only_for for d in plan.space):
+        return {}  # the searcher samples define-by-run
+    return {d.path: d.tune_domain() for d in plan.space}
+
+
+def replay_table(plan: RunPlan) -> dict[str, dict[str, Any]]:
+    """Every trial that ended, by ``trial_key``, with its recorded final result: from the run
+    ledger (every plan kind) and the Optuna study (sweeps; told before the ledger is written)."""
+    from d3tune.search.mlflow_callback import ended_results
+
+    table = ended_results(plan.paths.state_dir)
+    if plan.kind == "sweep" and (plan.paths.state_dir / OPTUNA_DB).exists():
+        from d3tune.search.optuna_search import ended_results as study_results
+
+        table.update(study_results(plan.paths.optuna_url, plan.name))
+    return table
+
+
+def trainable_for(plan: RunPlan, replay: dict[str, dict[str, Any]] | None = None):
+    from ray import tune
+
+    threads = max(1, int(plan.resources.cpu))
+    fn = tune.with_parameters(tune_trainable, base=plan.base, cache_dir=plan.cache_dir,
+                              threads=threads, checkpoint_every_s=plan.checkpoint_every_s,
+                              replay=replay or {}, full_eval_at=rung_epochs(plan))
+    return tune.with_resources(fn, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
+
+
+def plan_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
+    """The Tuner of a sweep or an ablation (``tuner.build_tuner`` with the plan's searcher,
+    scheduler and trainable); a resumed one replays the trials that already ended."""
+    if plan.kind == "sweep":  # no "[I ...] A new study created" / "Using an existing study"
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    paths = plan.paths
+    if resume:
+        if not can_resume(paths):
+            raise UsageError(f"--resume: no interrupted run at {paths.experiment_dir} "
+                             f"(spec name {plan.name!r})")
+        replay = replay_table(plan)
+        log.info("resume: %d trials already ended (study and run ledger); Tune will not run "
+                 "them again", len(replay))
+        return build_tuner(paths, trainable_for(plan, replay), callbacks=callbacks, resume=True,
+                           param_space=param_space(plan))
+    exp_dir = paths.experiment_dir
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise UsageError(f"{exp_dir} already holds a run named {plan.name!r}: pass --resume to "
+                         "continue it, or change the spec's name/storage")
+    paths.state_dir.mkdir(parents=True, exist_ok=True)  # the study lives there
+    return build_tuner(paths, trainable_for(plan), searcher=make_searcher(plan),
+                       scheduler=make_scheduler(plan), callbacks=callbacks,
+                       param_space=param_space(plan),
+                       num_samples=plan.num_samples if plan.kind == "sweep" else 1,
+                       max_concurrent=plan.max_concurrent, max_failures=plan.max_failures)

@@ -1,0 +1,117 @@
+"""Names and folders every Tune run shares (sweep, ablation, robust search): where a run's state
+lives, how a trial is known across a resume, what a reported result keeps.
+
+Why one low module: the engine, the searchers and the MLflow callbacks all read and write the
+same run state (the Optuna study, the run ledger, the per-epoch checkpoint, the ``final`` flag);
+when these names lived in the engine, the modules the engine drives had to import it back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OPTUNA_DB = "optuna.db"
+CHECKPOINT_FILE = "defense_state.pt"
+TRIAL_KEY = "d3tune.trial"  # a sweep trial's Optuna number, carried in its Tune config
+FINAL = "final"  # reported with every epoch: True at the trial's last planned epoch
+KILL_ENV = "D3TUNE_TEST_KILL_AT"  # tests: SIGKILL the driver at this named point
+# Tune fills these in every result; they say nothing about the trial's outcome.
+TUNE_KEYS = {"trial_id", "timestamp", "time_this_iter_s", "done", "training_iteration", "date",
+             "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+             "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint",
+             "experiment_tag", "replayed"}
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one named run keeps Tune's experiment and d3tune's own state."""
+
+    name: str
+    storage: str
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.storage).expanduser().resolve() / self.name
+
+    @property
+    def state_dir(self) -> Path:
+        """d3tune's own state (Optuna study, MLflow run map) beside Tune's experiment folder,
+        not inside it: a restored Tune run syncs a copy of its folder taken at restore time
+        back over it when it ends, which would roll these files back."""
+        return self.experiment_dir.parent / f"{self.name}.d3tune"
+
+    @property
+    def optuna_url(self) -> str:
+        return f"sqlite:///{self.state_dir / OPTUNA_DB}"
+
+
+def recorded_result(result: dict[str, Any] | None) -> dict[str, Any]:
+    """The part of a Tune result worth keeping: the trial's own plain scalars."""
+    out = {}
+    for k, v in (result or {}).items():
+        if k in TUNE_KEYS or "/" in k or not isinstance(v, (int, float, str, bool)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            continue
+        out[k] = v
+    return out
+
+
+def kill_point(name: str) -> None:
+    """Test hook: when ``$D3TUNE_TEST_KILL_AT`` names this point, SIGKILL the driver here (with
+    its process group, i.e. the local Ray it started, when it leads one). Lets tests kill the
+    driver at an exact moment (right after an ASHA stop, between the Optuna tell and the
+    ledger, ...) instead of sleeping and hoping."""
+    if os.environ.get(KILL_ENV) != name:
+        return
+    import logging
+    import signal
+
+    logging.getLogger(__name__).warning("test hook %s=%s: killing the driver", KILL_ENV, name)
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """What a trial *is*, independent of Tune's trial id (which a resumed Tune may change):
+    a sweep trial's Optuna number, an ablation cell's content."""
+    if TRIAL_KEY in config:
+        return f"optuna:{int(config[TRIAL_KEY])}"
+    return "cell:" + json.dumps(config.get("cell") or {k: v for k, v in config.items()
+                                                         if not k.startswith("d3tune.")},
+                                sort_keys=True, default=str)
+
+
+def trial_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """Tune's config -> flat dotted trial overrides (grid cells arrive under 'cell'; per-defense
+    knobs as 'field@defense')."""
+    out = {k.split("@", 1)[0]: v for k, v in config.items()
+           if k != "cell" and not k.startswith("d3tune.")}
+    out.update(config.get("cell") or {})
+    return out
+
+
+def trial_from_tune(base: dict[str, Any], config: dict[str, Any]):
+    """The validated trial config a Tune config stands for (``base`` plus its overrides)."""
+    from d3tune.config import flatten, resolve, trial_config, unflatten
+
+    return resolve(trial_config(unflatten({**flatten(base), **trial_overrides(config)})))
+
+
+def now_ms() -> int:
+    """MLflow's timestamps: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+def write_json(path: Path, data: Any, **dump: Any) -> None:
+    """Write JSON atomically (temp file + rename): a driver killed mid-write leaves the old
+    file, never half of a new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, **dump))
+    os.replace(tmp, path)

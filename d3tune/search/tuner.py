@@ -1,0 +1,127 @@
+"""The one place d3tune builds a Ray Tune ``Tuner``: sweeps, ablations and robust searches all
+go through ``build_tuner``, fresh or resumed, and ``init_ray`` joins or starts Ray for them.
+
+Why one builder: resuming needs the same care for every kind of run (restore the experiment,
+re-run unfinished and errored trials, hand the restored run our live callbacks); two copies had
+started to drift.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from d3tune.errors import UsageError
+from d3tune.search.runstate import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+def define_by_run(space: tuple, trial: Any) -> None:
+    """Optuna samples the common knobs, then the chosen defense's own knobs."""
+    chosen = None
+    for d in space:
+        if d.only_for is None:
+            value = d.suggest(trial)
+            if d.path == "defense.name":
+                chosen = value
+    for d in space:
+        if d.only_for is not None and d.only_for == chosen:
+            d.suggest(trial)
+
+
+def can_resume(paths: RunPaths) -> bool:
+    """Whether Tune left a restorable experiment at ``paths`` (a run stopped before its first
+    snapshot has none)."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(paths.experiment_dir))
+
+
+def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, scheduler: Any = None,
+                callbacks: Sequence[Any] = (), resume: bool = False,
+                param_space: dict[str, Any] | None = None, num_samples: int = 1,
+                max_concurrent: int | None = None, max_failures: int = 1,
+                time_budget_s: float | None = None, stop: Any = None,
+                trial_name: Callable[[Any], str] | None = None):
+    """A Tuner for the run at ``paths``: restored from its experiment folder when ``resume``
+    (``--resume`` on a folder with nothing to restore is one line, exit 2), otherwise new.
+    ``max_concurrent`` limits trials only where no searcher does (ablation grids);
+    ``time_budget_s`` and ``stop`` (a Tune stopper) end the whole run early."""
+    # Per-epoch checkpoints snapshot the experiment often on purpose (resume loses nothing).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray import tune
+
+    exp_dir = paths.experiment_dir
+    if resume:
+        if not can_resume(paths):
+            raise UsageError(f"--resume: no interrupted run at {exp_dir} "
+                             f"(spec name {paths.name!r})")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, param_space=param_space or {})
+        # The restored run config carries a pickled copy of our callbacks that Tune 2.60 does
+        # not call; hand it the live ones (checked by the SIGKILL/--resume test).
+        internal = getattr(tuner, "_local_tuner", None)
+        if internal is not None and getattr(internal, "_run_config", None) is not None:
+            internal._run_config.callbacks = list(callbacks)
+        return tuner
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    tune_config = tune.TuneConfig(
+        search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
+        time_budget_s=time_budget_s,
+        max_concurrent_trials=max_concurrent if searcher is None else None,
+        reuse_actors=True,  # skip a worker start (torch import) per trial
+        trial_name_creator=trial_name or (lambda t: f"{paths.name}_{t.trial_id}"),
+        trial_dirname_creator=lambda t: t.trial_id)
+    run_config = tune.RunConfig(
+        name=paths.name, storage_path=str(exp_dir.parent), callbacks=list(callbacks), stop=stop,
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
+    return tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
+                      run_config=run_config)
+
+
+def _check_address(address: str) -> None:
+    """Fail in a second, with one line, when --address points at nothing."""
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address: expected auto or HOST:PORT, got {address!r}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answered ({exc.strerror or exc})") \
+            from None
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect to (address) or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        _check_address(address)
+        if "RAY_AUTH_MODE" not in os.environ:  # clusters keep token auth on (VERIFIED.md)
+            os.environ["RAY_AUTH_MODE"] = "token"
+            try:  # Ray read RAY_AUTH_MODE at import: make it re-read (as Ray does)
+                from ray._raylet import Config
+
+                Config.initialize("")
+            except (ImportError, AttributeError):  # pragma: no cover - other Ray versions
+                pass
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise UsageError(f"--address {address}: could not join the Ray cluster ({why}); "
+                             "check the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token) "
+                             "and its Ray version") from None
+    else:
+        ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    return True
