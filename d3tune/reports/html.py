@@ -92,10 +92,13 @@ def _html_table(table: pd.DataFrame) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def _html_img(path: Any) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     alt = html.escape(Path(path).stem)
-    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
+    return f'<figure><img alt="{alt}" src="{_data_uri(Path(path))}"></figure>'
 
 
 HTML: dict[str, Callable[[Any], str]] = {
@@ -119,10 +122,13 @@ img{max-width:100%;height:auto}figure{margin:.8em 0}p{max-width:70em;line-height
 
 def to_html(blocks: Sequence[Block], title: str) -> str:
     """One self-contained page: inline CSS, inline PNGs, nothing fetched."""
-    body = "\n".join(HTML[kind](payload) for kind, payload in blocks)
+    return _page("\n".join(HTML[kind](payload) for kind, payload in blocks) + "\n", title)
+
+
+def _page(body: str, title: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
-            f"<body>\n{body}\n</body></html>\n")
+            f"<body>\n{body}</body></html>\n")
 
 
 def markdown_page(markdown: str, base: Path, title: str) -> str:
@@ -137,10 +143,6 @@ def markdown_page(markdown: str, base: Path, title: str) -> str:
         path = base / src
         if "://" in src or not path.is_file():
             return match.group(0)
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'src="data:image/png;base64,{data}"'
+        return f'src="{_data_uri(path)}"'
 
-    body = re.sub(r'src="([^"]+)"', inline, body)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n"
-            f"<body>\n{body}</body></html>\n")
+    return _page(re.sub(r'src="([^"]+)"', inline, body), title)

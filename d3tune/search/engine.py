@@ -33,10 +33,11 @@ from d3tune.search.runstate import (
     trial_from_tune,
     trial_key,
 )
-from d3tune.search.tuner import build_tuner, can_resume, define_by_run
+from d3tune.search.tuner import build_tuner, define_by_run, require_resumable
 from d3tune.specs.sweep import RunPlan
 
 log = logging.getLogger(__name__)
+
 
 def checkpoint_due(last: float | None, now: float, every_s: float) -> bool:
     return every_s <= 0 or (last is not None and now - last >= every_s)
@@ -205,9 +206,7 @@ def plan_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     paths = plan.paths
     if resume:
-        if not can_resume(paths):
-            raise UsageError(f"--resume: no interrupted run at {paths.experiment_dir} "
-                             f"(spec name {plan.name!r})")
+        require_resumable(paths)  # before reading the ledger of a run that is not there
         replay = replay_table(plan)
         log.info("resume: %d trials already ended (study and run ledger); Tune will not run "
                  "them again", len(replay))

@@ -45,7 +45,6 @@ from d3tune.search.robust_rules import (
     tradeoff_extras,
 )
 from d3tune.search.runstate import OPTUNA_DB, write_json
-from d3tune.search.tuner import build_tuner, can_resume, define_by_run
 from d3tune.specs.robust import (
     Member,
     Reference,
@@ -152,14 +151,14 @@ def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
     fn = tune.with_parameters(population_trainable, spec=spec, members=members,
                               threads=_threads(spec))
     trainable = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    if resume and can_resume(paths):
-        return build_tuner(paths, trainable, callbacks=callbacks, resume=True)
+    if resume and tuner.can_resume(paths):
+        return tuner.build_tuner(paths, trainable, callbacks=callbacks, resume=True)
     storage = optuna.storages.RDBStorage(paths.optuna_url)
     # The ACC budget is set as a constraint on complete trials by the searcher (Trial.
     # set_constraint), which TPE reads from the study: no constraints_func.
     sampler = optuna.samplers.TPESampler(
         seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)))
-    searcher = RobustOptunaSearch(space=partial(define_by_run, spec.space),
+    searcher = RobustOptunaSearch(space=partial(tuner.define_by_run, spec.space),
                                   metric="worst_der", mode="max", sampler=sampler,
                                   storage=storage, study_name=spec.name,
                                   points_to_evaluate=[dict(p) for p in spec.start_points] or None,
@@ -170,7 +169,7 @@ def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
         from d3tune.search.robust_tune import ComputeBudget
 
         stop = ComputeBudget(spec.compute_budget_s, paths.optuna_url, spec.name)
-    return build_tuner(
+    return tuner.build_tuner(
         paths, trainable, callbacks=callbacks,
         searcher=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
         scheduler=ExactPruning(spec.top_k, spec.max_acc_drop,

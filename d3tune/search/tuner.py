@@ -40,6 +40,13 @@ def can_resume(paths: RunPaths) -> bool:
     return tune.Tuner.can_restore(str(paths.experiment_dir))
 
 
+def require_resumable(paths: RunPaths) -> None:
+    """``--resume`` on a folder with nothing to restore: one line, exit 2."""
+    if not can_resume(paths):
+        raise UsageError(f"--resume: no interrupted run at {paths.experiment_dir} "
+                         f"(spec name {paths.name!r})")
+
+
 def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, scheduler: Any = None,
                 callbacks: Sequence[Any] = (), resume: bool = False,
                 param_space: dict[str, Any] | None = None, num_samples: int = 1,
@@ -56,9 +63,7 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
 
     exp_dir = paths.experiment_dir
     if resume:
-        if not can_resume(paths):
-            raise UsageError(f"--resume: no interrupted run at {exp_dir} "
-                             f"(spec name {paths.name!r})")
+        require_resumable(paths)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space or {})
         # The restored run config carries a pickled copy of our callbacks that Tune 2.60 does
