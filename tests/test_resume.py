@@ -58,10 +58,12 @@ PLANNED = {"sweep": 5, "ablate": 3}
 # hear of it), right after a normal finish (Optuna told / ledger written / MLflow closed),
 # mid-trial (the driver took epoch 2 while the worker computes epoch 3), at a trial's start,
 # and during the final report (before it, and after the parent's artifacts).
+# "saved:2": Tune has registered epoch 2's checkpoint and deleted epoch 1's, and not yet written
+# the experiment snapshot (which still names epoch 1's): the moment a SLURM requeue once hit.
 SWEEP_POINTS = ["told:pruned", "done:stopped", "told:finished", "ledger:finished",
-                "done:finished", "result:2", "started", "report", "report:artifacts"]
-ABLATION_POINTS = ["result:2", "ledger:finished", "done:finished", "report"]
-DEFAULT = {("sweep", "told:pruned"), ("ablate", "done:finished")}
+                "done:finished", "result:2", "started", "report", "report:artifacts", "saved:2"]
+ABLATION_POINTS = ["result:2", "ledger:finished", "done:finished", "report", "saved:2"]
+DEFAULT = {("sweep", "told:pruned"), ("ablate", "done:finished"), ("ablate", "saved:2")}
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +72,21 @@ def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def _spec(tmp_path: Path, kind: str, cache: Path) -> Path:
+def _spec(tmp_path: Path, kind: str, cache: Path, checkpoint_every_s: float = 30) -> Path:
     p = tmp_path / f"{kind}.yaml"
     p.write_text(textwrap.dedent(f"""
         name: k{kind}
         storage: {tmp_path / 'tune'}
         cache_dir: {cache}
         experiment: resume
+        checkpoint_every_s: {checkpoint_every_s}
         """) + BASE + textwrap.dedent(SWEEP if kind == "sweep" else ABLATION))
     return p
 
 
 def _kill_then_resume(tmp_path: Path, kind: str, point: str, cache: Path) -> tuple[Path, str]:
-    spec = _spec(tmp_path, kind, cache)
+    # "saved:N" needs a checkpoint every epoch; the other points keep the default (30 s).
+    spec = _spec(tmp_path, kind, cache, 0 if point.startswith("saved:") else 30)
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
     env.pop(KILL_ENV, None)
@@ -151,3 +155,29 @@ def test_driver_killed_at_a_named_point_then_resumed_keeps_every_invariant(
         tmp_path, kind, point, shared_cache, monkeypatch):
     db, stdout = _kill_then_resume(tmp_path, kind, point, shared_cache)
     _assert_invariants(tmp_path, kind, db, stdout, monkeypatch)
+    if point.startswith("saved:"):  # the snapshot named a deleted checkpoint; it was replaced
+        log = " ".join((tmp_path / "resumed.log").read_text().split())  # rich wraps lines
+        assert "deleted when the trial wrote a newer checkpoint" in log
+
+
+@pytest.mark.parametrize("content", [None, b"", b"PK\x03\x04 truncated zip"])
+def test_an_unreadable_restored_checkpoint_starts_the_trial_over(tmp_path, content, caplog):
+    """What a trial gets from ``tuner.repair_checkpoints``' empty stand-in (no file) or from a
+    checkpoint cut short: None (start over, same config and seed) and one warning, never a
+    failed trial."""
+    import torch
+    from ray import tune
+
+    from d3tune.search.runstate import CHECKPOINT_FILE, read_restored
+
+    if content is not None:
+        (tmp_path / CHECKPOINT_FILE).write_bytes(content)
+    checkpoint = tune.Checkpoint.from_directory(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        got = read_restored(checkpoint, CHECKPOINT_FILE,
+                            lambda p: torch.load(p, weights_only=True))
+    assert got is None and "the trial starts over" in caplog.text
+    torch.save({"epoch": 3}, tmp_path / CHECKPOINT_FILE)  # a good one is read as it is
+    assert read_restored(checkpoint, CHECKPOINT_FILE,
+                         lambda p: torch.load(p, weights_only=True)) == {"epoch": 3}
+    assert read_restored(None, CHECKPOINT_FILE, lambda p: 1 / 0) is None  # a fresh trial

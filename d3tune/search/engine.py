@@ -30,6 +30,7 @@ from d3tune.search.runstate import (
     CHECKPOINT_FILE,
     FINAL,
     OPTUNA_DB,
+    read_restored,
     trial_from_tune,
     trial_key,
 )
@@ -79,11 +80,9 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
     cfg = trial_from_tune(base, config)
     node = ray.get_runtime_context().get_node_id()
     cache = ModelCache(cache_dir)
-    resume = None
-    restored = tune.get_checkpoint()
-    if restored is not None:  # a retried trial: continue from its last reported epoch
-        with restored.as_directory() as d:
-            resume = torch.load(Path(d) / CHECKPOINT_FILE, weights_only=True)
+    # A retried or resumed trial continues from its last checkpointed epoch.
+    resume = read_restored(tune.get_checkpoint(), CHECKPOINT_FILE,
+                           lambda path: torch.load(path, weights_only=True))
     pending: dict[str, Any] = {}
     last_checkpoint: list[float] = []  # the clock starts with the defense, not the attack build
 

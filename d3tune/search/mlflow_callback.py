@@ -286,6 +286,11 @@ class MlflowTuneCallback(Callback):
         # A retried trial restarts after its checkpoint: every epoch up to it must be logged.
         self.flush(trial.trial_id)
 
+    def on_trial_save(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # Tune has just registered this checkpoint and deleted the trial's older one; its
+        # experiment snapshot comes on its next step (``tuner.repair_checkpoints``).
+        kill_point(f"saved:{(trial.last_result or {}).get('epoch')}")
+
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for tid in list(self.pending):
             self.flush(tid)

@@ -32,7 +32,7 @@ from d3tune.search.robust_rules import (
     should_prune,
     worst_and_drop,
 )
-from d3tune.search.runstate import FINAL, TRIAL_KEY, now_ms, trial_overrides
+from d3tune.search.runstate import FINAL, TRIAL_KEY, now_ms, read_restored, trial_overrides
 from d3tune.specs.robust import (
     Member,
     Reference,
@@ -137,11 +137,8 @@ def population_trainable(config: dict[str, Any], *, spec: RobustSpec,
     by_id = {m.id: m for m in members}
     order = [i for i in config.get(ORDER_KEY) or [] if i in by_id]
     ordered = [by_id[i] for i in order] + [m for m in members if m.id not in order]
-    done: list[dict[str, Any]] = []
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            done = json.loads((Path(d) / ROWS_FILE).read_text())
+    done: list[dict[str, Any]] = read_restored(
+        tune.get_checkpoint(), ROWS_FILE, lambda path: json.loads(path.read_text())) or []
 
     def report(rows: list[dict[str, Any]]) -> None:
         with tempfile.TemporaryDirectory() as d:

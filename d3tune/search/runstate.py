@@ -8,12 +8,16 @@ when these names lived in the engine, the modules the engine drives had to impor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 OPTUNA_DB = "optuna.db"
 CHECKPOINT_FILE = "defense_state.pt"
@@ -76,6 +80,23 @@ def kill_point(name: str) -> None:
     if os.getpgid(0) == os.getpid():
         os.killpg(os.getpid(), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def read_restored(checkpoint: Any, name: str, read: Callable[[Path], Any]) -> Any | None:
+    """The file ``name`` of the Tune checkpoint a retried or resumed trial got, read by ``read``;
+    None when it is missing or unreadable, and the trial starts over (same config and seed, same
+    result; the epochs MLflow already holds are not logged twice). Why not fail: after a driver
+    died mid-checkpoint the folder Tune restores from can be an empty stand-in
+    (``tuner.repair_checkpoints``), and failing there would fail the whole resumed run."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        try:
+            return read(Path(d) / name)
+        except Exception as exc:  # missing, truncated or foreign: start the trial over
+            log.warning("checkpoint %s unreadable (%s): the trial starts over", Path(d) / name,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return None
 
 
 def trial_key(config: dict[str, Any]) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from d3tune.errors import UsageError
@@ -47,6 +49,40 @@ def require_resumable(paths: RunPaths) -> None:
                          f"(spec name {paths.name!r})")
 
 
+def repair_checkpoints(exp_dir: Path) -> list[str]:
+    """Before a restore, make sure the checkpoint each unfinished trial restores from exists;
+    returns the trials repaired.
+
+    Why: Tune deletes a trial's older checkpoint the moment it registers a newer one
+    (``CheckpointConfig(num_to_keep)``) but writes the experiment snapshot only on its next loop
+    step. A driver stopped in between (a SLURM requeue's SIGTERM can land there) leaves a
+    snapshot naming a deleted checkpoint, and the restored trial then fails twice ("does not
+    exist on storage anymore"), failing the resumed run. The newest checkpoint the trial did
+    write takes the missing one's place; with none, an empty folder does, and the trainable
+    starts that trial over (``runstate.read_restored``)."""
+    from ray.tune import ExperimentAnalysis
+
+    repaired = []
+    for trial in ExperimentAnalysis(str(exp_dir)).trials:
+        checkpoint = trial.checkpoint
+        if checkpoint is None or trial.status == "TERMINATED":
+            continue
+        missing = Path(checkpoint.path)
+        if missing.exists():
+            continue
+        newer = sorted((p for p in missing.parent.glob("checkpoint_*")
+                        if p.is_dir() and any(p.iterdir())), reverse=True)
+        if newer:
+            shutil.copytree(newer[0], missing)
+        else:
+            missing.mkdir(parents=True)
+        log.warning("trial %s: Tune's last snapshot names %s, deleted when the trial wrote a "
+                    "newer checkpoint right before the driver stopped; it continues from %s",
+                    trial.trial_id, missing.name, newer[0].name if newer else "its start")
+        repaired.append(trial.trial_id)
+    return repaired
+
+
 def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, scheduler: Any = None,
                 callbacks: Sequence[Any] = (), resume: bool = False,
                 param_space: dict[str, Any] | None = None, num_samples: int = 1,
@@ -64,6 +100,7 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
     exp_dir = paths.experiment_dir
     if resume:
         require_resumable(paths)
+        repair_checkpoints(exp_dir)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, param_space=param_space or {})
         # The restored run config carries a pickled copy of our callbacks that Tune 2.60 does
