@@ -116,11 +116,11 @@ def test_fp_prunes_exactly_the_dormant_channels_it_reports():
     act = fp.channel_activations(model, point, x)
     logs: list[dict] = []
     run_defense("fp", model, x, y, params=fp.Params(acc_ratio=1.0, prune_step=0.25),
-                on_epoch=lambda e, l: logs.append(l))
+                on_epoch=lambda e, entry: logs.append(entry))
     pruned = fp.pruned_channels(model)
     kept = [c for c in range(point.channels) if c not in pruned]
     assert pruned and kept
-    assert all(l["pruned"] == len(pruned) for l in logs)
+    assert all(entry["pruned"] == len(pruned) for entry in logs)
     assert act[pruned].max() <= act[kept].min()  # lowest mean activation first
 
     seen = []

@@ -78,7 +78,7 @@ def ours(model, x, y, *, layer, init, p, lmd, eps, lr, epochs, gen, radius=1.0, 
     prm = d3.Params(eps=eps, lmd=lmd, p=p, init=init, select_layer=layer, radius=radius)
     cfg = DefenseConfig(name="d3", epochs=epochs, lr=lr, batch_size=len(x), params=prm)
     ctx = DefenseContext(num_classes=3, head="linear", aug=Augment(pad=0), generator=gen,
-                         device=torch.device("cpu"), on_epoch=on_epoch or (lambda e, l: None))
+                         device=torch.device("cpu"), on_epoch=on_epoch or (lambda e, entry: None))
     d3.run(model, x, y, cfg, ctx)
 
 
