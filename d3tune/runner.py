@@ -221,8 +221,15 @@ def adopted_params(cfg: TrialConfig) -> dict[str, Any]:
 
 
 def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
-                experiment: str, use_mlflow: bool) -> int:
+                experiment: str, use_mlflow: bool, threads: int | None = None) -> int:
+    """``threads`` pins torch's CPU threads. The run records the count it used (MLflow param
+    ``runtime.threads``, ``threads`` in result.json) because results depend on it: another
+    count sums floats in another order (docs/results.md)."""
+    import torch
     from safetensors.torch import save_file
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     data, load_seconds = prepare(cfg)  # a usage error ends the run here, before any output
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -231,6 +238,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
     out.mkdir(parents=True, exist_ok=True)
     params = flatten(to_dict(cfg))
     params.update(adopted_params(cfg))
+    params["runtime.threads"] = torch.get_num_threads()
     mlrun = None
     if use_mlflow:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -272,7 +280,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
               str(weights))
     record = {"config": to_dict(cfg), "metrics": result.metrics, "history": result.history,
               "seconds": {**result.seconds, "total": total}, "cache_key": result.cache_key,
-              "cache_hit": result.cache_hit}
+              "cache_hit": result.cache_hit, "threads": torch.get_num_threads()}
     (out / "result.json").write_text(json.dumps(record, indent=1))
 
     if mlrun is not None:

@@ -136,3 +136,41 @@ def test_bars_show_only_the_work_that_happens(tmp_path, capsys, monkeypatch):
     bars = _bar_lines(capsys.readouterr().err)
     assert [ln.split()[:2] for ln in bars] == [["defense", "d3"]], bars
     assert "1/1" in bars[0]
+
+
+def test_threads_pins_torch_and_is_recorded(tmp_path):
+    """A result depends on torch's thread count (float sums in another order), so `run
+    --threads N` pins it and records it: a run started with 2 threads in its environment but
+    `--threads 1` gives exactly the metrics of the one-thread trial that robust searches,
+    leaderboards and ablations run (``resources.cpu: 1``), and says it used 1 thread."""
+    import torch
+
+    from d3tune.config import resolve, trial_config
+    from d3tune.trial import run_trial
+
+    fields = {"train": {"epochs": 3}, "defense": {"epochs": 3}, "eval": {"subset": 50}}
+    env = {**_env(tmp_path), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-m", "d3tune", "run", "--threads", "1", "--no-cache",
+                           "--set", "train.epochs=3", "--epochs", "3", "--set", "eval.subset=50"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next((tmp_path / "d3tune_results" / "runs").glob("*/result.json"))
+                        .read_text())
+    assert record["threads"] == 1
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        (value,) = con.execute("select value from params where key = 'runtime.threads'").fetchone()
+    assert value == "1"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = run_trial(resolve(trial_config(fields))).metrics
+    finally:
+        torch.set_num_threads(before)
+    assert record["metrics"] == alone
+
+
+def test_threads_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--threads", "0"])
+    assert exc.value.code == 2
+    assert "argument --threads: expected an integer >= 1, got '0'" in capsys.readouterr().err

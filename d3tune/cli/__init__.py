@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = resolve(trial_config(trial_dict_from_args(args)))
     return runner.run_and_log(cfg, out_dir=args.out, cache_dir=args.cache_dir,
                               use_cache=not args.no_cache, experiment=args.experiment,
-                              use_mlflow=not args.no_mlflow)
+                              use_mlflow=not args.no_mlflow, threads=args.threads)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -127,6 +127,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1; argparse prints the error as one usage line, exit 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _add_trial_flags(p: argparse.ArgumentParser) -> None:
@@ -172,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="always train the backdoored model")
     run.add_argument("--experiment", default="d3tune", help="MLflow experiment name")
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    run.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="torch CPU threads (default: torch's choice). Results depend on it: "
+                     "robust searches, leaderboards, sweeps and ablations run each trial with "
+                     "its resources.cpu threads (1 by default); pass the same N to reproduce one")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="registered attacks, defenses, models, datasets")
