@@ -2,10 +2,10 @@
 
 Why a script: `d3tune report` averages an ablation's cells over seeds; the leaderboard's
 question is the worst member of a population, one population per seed. Reads each trial's final
-result (``final: true``) from d3tune_results/ablations/fmnist_holdout_seeds/ and writes
-cells.csv (one row per trial) and by_seed.csv (worst DER and mean ACC drop per setting and seed).
+result (``final: true``) from the Tune folders of spec.yaml and spec_fst.yaml and writes cells.csv
+(one row per trial) and by_seed.csv (worst DER and mean ACC drop per setting and seed).
 
-    python docs/results/fmnist_holdout_seeds/summarize.py [TUNE_FOLDER]
+    python docs/results/fmnist_holdout_seeds/summarize.py [TUNE_FOLDER ...]
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ HERE = Path(__file__).parent
 NAMES = {  # the zip entries of spec.yaml, told apart by name and learning rate
     ("d3", None): "d3 default", ("d3", 0.03907017570286471): "d3 tuned (run B)",
     ("d3", 0.04032897930596135): "d3 shipped (run A)", ("ft_sam", None): "ft_sam default",
-    ("ft_sam", 0.011701414134690256): "ft_sam tuned (run B)"}
+    ("ft_sam", 0.011701414134690256): "ft_sam tuned (run B)", ("fst", None): "fst default",
+    ("fst", 0.024481975040542326): "fst tuned (run A)"}
 
 
 def final_rows(folder: Path) -> list[dict]:
@@ -44,9 +45,10 @@ def mean_or_none(xs: list[float]) -> float | None:
 
 
 def main() -> None:
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else \
-        Path("d3tune_results/ablations/fmnist_holdout_seeds")
-    rows = final_rows(folder)
+    folders = [Path(a) for a in sys.argv[1:]] or [
+        Path("d3tune_results/ablations/fmnist_holdout_seeds"),
+        Path("d3tune_results/ablations/fmnist_holdout_seeds_fst")]
+    rows = [r for folder in folders for r in final_rows(folder)]
     with open(HERE / "cells.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
