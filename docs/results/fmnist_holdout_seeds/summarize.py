@@ -1,9 +1,10 @@
-"""Worst case over the four attacks, per setting and seed, from the grid's Tune folder.
+"""Worst case over the four attacks, per setting and seed, from the grids' Tune folders.
 
 Why a script: `d3tune report` averages an ablation's cells over seeds; the leaderboard's
 question is the worst member of a population, one population per seed. Reads each trial's final
-result (``final: true``) from the Tune folders of spec.yaml and spec_fst.yaml and writes cells.csv
-(one row per trial) and by_seed.csv (worst DER and mean ACC drop per setting and seed).
+result (``final: true``) from the Tune folders of spec.yaml, spec_fst.yaml and spec_ft.yaml and
+writes cells.csv (one row per trial) and by_seed.csv (worst DER and mean ACC drop per setting and
+seed).
 
     python docs/results/fmnist_holdout_seeds/summarize.py [TUNE_FOLDER ...]
 """
@@ -20,7 +21,8 @@ NAMES = {  # the zip entries of spec.yaml, told apart by name and learning rate
     ("d3", None): "d3 default", ("d3", 0.03907017570286471): "d3 tuned (run B)",
     ("d3", 0.04032897930596135): "d3 shipped (run A)", ("ft_sam", None): "ft_sam default",
     ("ft_sam", 0.011701414134690256): "ft_sam tuned (run B)", ("fst", None): "fst default",
-    ("fst", 0.024481975040542326): "fst tuned (run A)"}
+    ("fst", 0.024481975040542326): "fst tuned (run A)", ("ft", None): "ft default",
+    ("ft", 0.024481975040542326): "ft tuned (run A)"}
 
 
 def final_rows(folder: Path) -> list[dict]:
@@ -47,7 +49,8 @@ def mean_or_none(xs: list[float]) -> float | None:
 def main() -> None:
     folders = [Path(a) for a in sys.argv[1:]] or [
         Path("d3tune_results/ablations/fmnist_holdout_seeds"),
-        Path("d3tune_results/ablations/fmnist_holdout_seeds_fst")]
+        Path("d3tune_results/ablations/fmnist_holdout_seeds_fst"),
+        Path("d3tune_results/ablations/fmnist_holdout_seeds_ft")]
     rows = [r for folder in folders for r in final_rows(folder)]
     with open(HERE / "cells.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
