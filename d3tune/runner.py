@@ -230,6 +230,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
 
     if threads is not None:
         torch.set_num_threads(threads)
+    threads_used = torch.get_num_threads()
 
     data, load_seconds = prepare(cfg)  # a usage error ends the run here, before any output
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -238,7 +239,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
     out.mkdir(parents=True, exist_ok=True)
     params = flatten(to_dict(cfg))
     params.update(adopted_params(cfg))
-    params["runtime.threads"] = torch.get_num_threads()
+    params["runtime.threads"] = threads_used
     mlrun = None
     if use_mlflow:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -280,7 +281,7 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
               str(weights))
     record = {"config": to_dict(cfg), "metrics": result.metrics, "history": result.history,
               "seconds": {**result.seconds, "total": total}, "cache_key": result.cache_key,
-              "cache_hit": result.cache_hit, "threads": torch.get_num_threads()}
+              "cache_hit": result.cache_hit, "threads": threads_used}
     (out / "result.json").write_text(json.dumps(record, indent=1))
 
     if mlrun is not None:
