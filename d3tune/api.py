@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from d3tune.config import TrialConfig
     from d3tune.data import Dataset
     from d3tune.reports.leaderboard import LeaderboardOutcome
+    from d3tune.search.replicates import ReplicatedOutcome
     from d3tune.search.robust import RobustOutcome
     from d3tune.specs.robust import RobustSpec
     from d3tune.trial import TrialResult
@@ -317,17 +318,30 @@ def ablate(spec: Any, *, resume: bool = False, address: str | None = None) -> pd
 
 def robust(spec: str | Path, *, budget: int | None = None, time_budget_s: float | None = None,
            resume: bool = False, address: str | None = None, out: str | Path | None = None,
-           **paths: str | None) -> RobustOutcome:
+           data_dir: str | Mapping[str, str] | None = None, replicates: int | None = None,
+           **paths: str | None) -> RobustOutcome | ReplicatedOutcome:
     """``d3tune robust``: search ``spec``'s defense settings for the best worst-case DER over its
     population (the ACC budget a constraint), then confirm the best on the holdout seeds.
-    ``paths``: ``storage``, ``cache_dir``, ``experiment`` overrides. Returns the
-    ``RobustOutcome`` (``chosen``: the confirmed setting; ``search``, ``holdout``: the rows)."""
+    ``data_dir``: the folder of the population's one dataset, or {dataset: folder}, overriding
+    the spec's (``--data-dir``). ``paths``: ``storage``, ``cache_dir``, ``experiment``
+    overrides. Returns the ``RobustOutcome`` (``chosen``: the confirmed setting; ``search``,
+    ``holdout``: the rows). ``replicates`` (``--replicates``, else the spec's): K > 1 runs K
+    whole searches and returns a ``ReplicatedOutcome`` (the procedure's expected holdout worst
+    case with its interval, one summary per replicate). Raises UsageError for bad input, before
+    Ray starts."""
+    from d3tune.search.replicates import run_replicated
     from d3tune.search.robust import robust_search
     from d3tune.specs.inputs import check_members
-    from d3tune.specs.robust import load_robust
+    from d3tune.specs.robust import load_robust, replicate_specs
 
-    search = adjusted_robust(load_robust(spec), budget, time_budget_s, resume, paths)
-    check_members(search)
+    search = adjusted_robust(load_robust(spec, data_dirs(data_dir)), budget, time_budget_s,
+                             resume, paths)
+    if replicates is not None:
+        search = search.with_replicates(replicates)
+    for one in replicate_specs(search):  # every replicate's own members
+        check_members(one)
+    if search.replicates > 1:
+        return run_replicated(search, resume=resume, address=address, out=out)
     return robust_search(search, resume=resume, address=address, out=out)
 
 
@@ -347,6 +361,18 @@ def adjusted_robust(spec: RobustSpec, budget: int | None, time_budget_s: float |
     return replace(spec, **changes)
 
 
+def data_dirs(data_dir: str | Path | Mapping[str, str] | None) -> dict[str | None, str]:
+    """``data_dir`` as robust and leaderboard specs take it: {dataset: folder}, where the key
+    None means the population's one dataset."""
+    if data_dir is None:
+        return {}
+    if isinstance(data_dir, (str, Path)):
+        return {None: str(data_dir)}
+    if not isinstance(data_dir, Mapping):
+        raise UsageError(f"data_dir: expected a folder or {{dataset: folder}}, got {data_dir!r}")
+    return {str(k): str(v) for k, v in data_dir.items()}
+
+
 def _path_changes(paths: Mapping[str, str | None]) -> dict[str, str]:
     from d3tune.specs.inputs import path_changes
 
@@ -357,21 +383,29 @@ def _path_changes(paths: Mapping[str, str | None]) -> dict[str, str]:
 
 
 def leaderboard(spec: str | Path, *, budget: int | None = None, resume: bool = False,
-                address: str | None = None, **paths: str | None) -> LeaderboardOutcome:
+                address: str | None = None, data_dir: str | Mapping[str, str] | None = None,
+                replicates: int | None = None, **paths: str | None) -> LeaderboardOutcome:
     """``d3tune leaderboard``: every defense the spec names, tuned by its own robust search with
     the same budget on the same population; default and tuned settings confirmed on the same
-    holdout seeds. Returns the ``LeaderboardOutcome`` (``table``: one row per defense)."""
+    holdout seeds. ``data_dir`` and ``replicates`` as for ``robust`` (with K > 1 the outcome
+    adds P(A > B) with its interval for D3 against each defense). Returns the
+    ``LeaderboardOutcome``
+    (``table``: one row per defense). Raises UsageError for bad input, before Ray starts."""
     from d3tune.search.leaderboard import run_leaderboard
     from d3tune.specs.inputs import check_members
     from d3tune.specs.leaderboard import load_leaderboard
+    from d3tune.specs.robust import replicate_specs
 
-    loaded = load_leaderboard(spec)
+    loaded = load_leaderboard(spec, data_dirs(data_dir))
     if budget is not None:
         if resume:
             raise UsageError("--budget: a resumed leaderboard keeps the budget it started with")
         loaded = loaded.with_budget(budget)
     loaded = loaded.with_paths(**_path_changes(paths))
-    check_members(loaded.searches[0])  # the population is the same for every defense
+    if replicates is not None:
+        loaded = loaded.with_replicates(replicates)
+    for one in replicate_specs(loaded.searches[0]):  # the same population for every defense
+        check_members(one)
     return run_leaderboard(loaded, resume=resume, address=address)
 
 

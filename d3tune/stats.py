@@ -176,3 +176,77 @@ def _fmt_setting(s: dict[str, Any]) -> str:
     from d3tune.reports.html import fmt
 
     return "{" + ", ".join(f"{k} {fmt(v)}" for k, v in s.items()) + "}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Replicated searches: how sure an answer is (Bouthillier et al., "Accounting for Variance in
+# Machine Learning Benchmarks", MLSys 2021). A draw is one (replicate, holdout seed): a whole
+# search, confirmed on one unseen seed. Intervals are percentile bootstraps over the draws
+# (scipy.stats.bootstrap): the percentile method stays defined when every draw is equal (two
+# identical defenses give P = 0.5 exactly, and an interval [0.5, 0.5]), where BCa is not.
+
+BOOTSTRAP_RESAMPLES = 10_000
+INTERVAL_KIND = "95 % percentile bootstrap over the (replicate, holdout seed) draws"
+
+
+def prob_ahead(a: Any, b: Any, axis: int = -1) -> Any:
+    """P(A > B) over paired draws: the share of pairs where A scores higher, a tie counting
+    one half (so two identical defenses give exactly 0.5)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return np.mean((a > b) + 0.5 * (a == b), axis=axis)
+
+
+def bootstrap_interval(statistic: Any, samples: tuple[Any, ...], paired: bool,
+                       level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """(low, high) of a percentile bootstrap of ``statistic`` (vectorised over ``axis``);
+    NaN for fewer than two draws, where no spread can be estimated."""
+    from scipy import stats
+
+    if len(samples[0]) < 2:
+        return math.nan, math.nan
+    res = stats.bootstrap(samples, statistic, paired=paired, vectorized=True,
+                          confidence_level=level, n_resamples=BOOTSTRAP_RESAMPLES,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def mean_interval(values: Any, level: float = 0.95) -> tuple[float, float, float, int]:
+    """(mean, low, high, n): the expected value of a procedure's figure over its draws, with
+    its percentile bootstrap interval."""
+    x = np.asarray(pd.Series(values).dropna(), dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan, 0
+    low, high = bootstrap_interval(np.mean, (x,), paired=False, level=level)
+    return float(x.mean()), low, high, len(x)
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """P(A > B) over paired draws, its interval, and the verdict the interval allows."""
+
+    a: str
+    b: str
+    p: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def verdict(self) -> str:
+        """'A ahead' only when the whole interval is above 0.5 (B likewise below it);
+        otherwise the draws cannot tell the two apart."""
+        if self.low > 0.5:
+            return f"{self.a} ahead"
+        if self.high < 0.5:
+            return f"{self.b} ahead"
+        return "not separable"
+
+
+def compare_paired(a_name: str, a: Any, b_name: str, b: Any, level: float = 0.95) -> Ahead:
+    """P(A > B) with its bootstrap interval over draws paired by position (the same replicate
+    and holdout seed: the same backdoored models for both)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired draws need equal 1-d shapes, got {a.shape} and {b.shape}")
+    low, high = bootstrap_interval(prob_ahead, (a, b), paired=True, level=level)
+    return Ahead(a_name, b_name, float(prob_ahead(a, b)), low, high, len(a))

@@ -268,8 +268,8 @@ def test_imported_model_normalises_like_backdoorbench(record_and_cifar):
 @pytest.mark.parametrize("extra, needle", [
     (["--dataset", "gtsrb", "--data-dir", "{cifar}"], "data.name: 'gtsrb', but"),
     (["--arch", "vgg19_bn", "--data-dir", "{cifar}"], "model.arch: 'vgg19_bn', but"),
-    ([], "data.data_dir: dataset 'cifar10' needs --data-dir (the imported model was trained "
-         "on cifar10 (read from './data/cifar10'))"),
+    ([], "holds a model trained on cifar10, which d3tune reads from a folder; its recorded "
+         "data_path './data/cifar10' is none of {record}/data/cifar10, "),
     (["--attack", "badnets", "--data-dir", "{cifar}"], "--attack-result: the record brings its "
                                                       "own attack"),
 ])
@@ -281,6 +281,7 @@ def test_mismatched_run_is_one_line_exit_2(record_and_cifar, extra, needle, caps
             *[a.format(cifar=cifar) for a in extra]]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
+    needle = needle.format(record=path.parent)
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()  # refused before any work
 

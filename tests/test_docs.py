@@ -67,6 +67,36 @@ def test_the_example_spec_on_each_page_loads(page, kind):
     load(parse_yaml(example, page), page)  # a UsageError here names the field that drifted
 
 
+def test_the_folder_and_record_examples_load(tmp_path, monkeypatch):
+    """The worked examples of populations on a dataset folder and on BackdoorBench records
+    load as written, with the records (and the data where they say) in the working folder."""
+    from test_backdoorbench import make_record
+    from test_real_datasets import write_cifar
+
+    from d3tune.specs.leaderboard import leaderboard_plan
+    from d3tune.specs.robust import robust_plan
+    from d3tune.yamlio import parse_yaml
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("badnet_0_1", "blended_0_1"):
+        make_record(tmp_path / "record" / name)
+    write_cifar(tmp_path / "data" / "cifar10")
+    section = (ROOT / "docs/robust.md").read_text().split(
+        "## Populations on dataset folders and BackdoorBench records", 1)[1].split("\n## ", 1)[0]
+    examples = [b.split("```", 1)[0] for b in section.split("```yaml")[1:]]
+    assert len(examples) == 2
+    specs = [robust_plan(parse_yaml(e, "robust.md"), "robust.md") for e in examples]
+    assert specs[0].members[0].fields["data.data_dir"] == str(tmp_path / "data" / "cifar10")
+    assert {m.fields["data.data_dir"] for m in specs[1].members} == {
+        str(tmp_path / "data" / "cifar10")}  # found where the records say
+    board = (ROOT / "docs/leaderboard.md").read_text().split("name: leaderboard_bb", 1)[1]
+    spec = leaderboard_plan(parse_yaml("name: leaderboard_bb" + board.split("```", 1)[0],
+                                       "leaderboard.md"), "leaderboard.md", {None: "elsewhere"})
+    assert spec.defenses == ("d3", "ft")
+    assert {m.fields["data.data_dir"] for m in spec.searches[0].members} == {
+        str(tmp_path / "elsewhere")}
+
+
 @pytest.mark.parametrize("page", [*PAGES, ROOT / "CONTRIBUTING.md"],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(page):

@@ -30,6 +30,15 @@ def _kv(text: str) -> tuple[str, Any]:
     return key.strip(), parse_yaml(raw, f"--set {key}") if raw.strip() else None
 
 
+# `d3tune run` flags that set one trial field each (argparse dest -> dotted field). Every spec
+# kind must be able to set these fields too, or refuse them on purpose (tests/test_spec_fields.py).
+RUN_FLAG_FIELDS = {"dataset": "data.name", "data_dir": "data.data_dir",
+                   "clean_ratio": "data.clean_ratio", "train_size": "data.train_size",
+                   "attack": "attack.name", "defense": "defense.name", "arch": "model.arch",
+                   "seed": "seed", "epochs": "defense.epochs", "lr": "defense.lr",
+                   "device": "device"}
+
+
 def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """--config file, then the named flags, then --set overrides (last wins)."""
     from d3tune.config import flatten, unflatten
@@ -41,11 +50,7 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if loaded is not None and not isinstance(loaded, dict):
             raise UsageError(f"{args.config}: expected a mapping of trial fields at the top")
         base = flatten(loaded or {})
-    flags = {"data.name": args.dataset, "data.data_dir": args.data_dir,
-             "data.clean_ratio": args.clean_ratio, "data.train_size": args.train_size,
-             "attack.name": args.attack,
-             "defense.name": args.defense, "model.arch": args.arch, "seed": args.seed,
-             "defense.epochs": args.epochs, "defense.lr": args.lr, "device": args.device}
+    flags = {path: getattr(args, dest) for dest, path in RUN_FLAG_FIELDS.items()}
     base.update({k: v for k, v in flags.items() if v is not None})
     if getattr(args, "eval_full", False):
         base["eval.subset"] = 0  # every epoch on the full test sets
@@ -58,22 +63,22 @@ def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _imported_fields(path: str, base: dict[str, Any]) -> dict[str, Any]:
     """--attack-result PATH: the BackdoorBench record's attack; its dataset and architecture
-    unless given (a mismatch is reported by the input check that follows)."""
-    from pathlib import Path
-
+    unless given (a mismatch is reported by the input check that follows); without
+    --data-dir, the folder the record says its clean data came from, where it can be found."""
     from d3tune.attacks.imported import NAME
-    from d3tune.backdoorbench import read_header
+    from d3tune.data import DATASETS
+    from d3tune.specs.records import record_data_dir, record_fields
 
     if base.get("attack.name", NAME) != NAME:
         raise UsageError(f"--attack-result: the record brings its own attack; drop --attack "
                          f"{base['attack.name']}")
-    full = str(Path(path).expanduser().absolute())
-    header = read_header(full)
-    out: dict[str, Any] = {"attack.name": NAME, "attack.result": full}
-    if "data.name" not in base and header.dataset is not None:
-        out["data.name"] = header.dataset
-    if "model.arch" not in base:
-        out["model.arch"] = header.arch
+    fields, data_path = record_fields(path)
+    out = {k: v for k, v in fields.items() if k not in base or k.startswith("attack.")}
+    dataset = base.get("data.name", fields["data.name"])
+    if ("data.data_dir" not in base and dataset == fields["data.name"]
+            and DATASETS[dataset].needs_data_dir):
+        out["data.data_dir"] = record_data_dir(fields["attack.result"], dataset, data_path,
+                                               "--data-dir")
     return out
 
 

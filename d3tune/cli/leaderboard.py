@@ -7,9 +7,12 @@ import argparse
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from d3tune.api import leaderboard
+    from d3tune.cli.robust import data_dir_flags
 
     leaderboard(args.spec, budget=args.budget, resume=args.resume, address=args.address,
-                storage=args.storage, cache_dir=args.cache_dir, experiment=args.experiment)
+                data_dir=data_dir_flags(args.data_dir), replicates=args.replicates,
+                storage=args.storage,
+                cache_dir=args.cache_dir, experiment=args.experiment)
     return 0
 
 
@@ -21,6 +24,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(finished defenses are not re-run; the one it was in continues)")
     p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT")
     p.add_argument("--budget", type=int, help="settings per defense (overrides the spec)")
+    from d3tune.cli.robust import add_data_dir_flag, add_replicates_flag
+
+    add_data_dir_flag(p)
+    add_replicates_flag(p)
     p.add_argument("--storage", help="Tune storage folder (shared storage on a cluster)")
     p.add_argument("--cache-dir", help="backdoored-model cache folder")
     p.add_argument("--experiment", help="MLflow experiment name")

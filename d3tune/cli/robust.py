@@ -3,6 +3,47 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+
+from d3tune.errors import UsageError
+
+
+def add_data_dir_flag(p: argparse.ArgumentParser) -> None:
+    """``--data-dir``, as ``d3tune run`` has it, for a population's datasets."""
+    p.add_argument("--data-dir", action="append", metavar="[DATASET=]DIR",
+                   help="local folder of the population's dataset (CIFAR-10, GTSRB, "
+                   "Tiny-ImageNet; never downloaded), overriding the spec's; with several "
+                   "datasets, DATASET=DIR once each. On a cluster it must exist on every node")
+
+
+def add_replicates_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--replicates", type=int, metavar="K",
+                   help="K whole searches, each with its own sampler and population seeds "
+                   "(seeds + 1000 r), confirmed on the same holdout seeds: the answer comes "
+                   "with a 95 %% interval (overrides the spec's replicates)")
+
+
+def data_dir_flags(values: Sequence[str] | None) -> dict[str, str] | str | None:
+    """``--data-dir DIR`` (the population's one dataset) or ``--data-dir NAME=DIR`` (repeated),
+    as the API's ``data_dir``."""
+    from d3tune.data import DATASETS
+
+    if not values:
+        return None
+    named: dict[str, str] = {}
+    plain = []
+    for value in values:
+        name, sep, folder = value.partition("=")
+        if sep and name in DATASETS.names():
+            if name in named:
+                raise UsageError(f"--data-dir {value}: {name} is given twice")
+            named[name] = folder
+        else:
+            plain.append(value)
+    if plain and (named or len(plain) > 1):
+        raise UsageError(f"--data-dir {plain[0]}: with several --data-dir, name each one's "
+                         f"dataset (DATASET=DIR; datasets: {', '.join(DATASETS.names())})")
+    return plain[0] if plain else named
 
 
 def cmd_robust(args: argparse.Namespace) -> int:
@@ -13,7 +54,8 @@ def cmd_robust(args: argparse.Namespace) -> int:
         return _leave_one_attack_out(args, lambda spec: adjusted_robust(
             spec, args.budget, args.time_budget_s, args.resume, paths))
     robust(args.spec, budget=args.budget, time_budget_s=args.time_budget_s, resume=args.resume,
-           address=args.address, out=args.out, **paths)
+           address=args.address, out=args.out, data_dir=data_dir_flags(args.data_dir),
+           replicates=args.replicates, **paths)
     return 0
 
 
@@ -31,7 +73,13 @@ def _leave_one_attack_out(args: argparse.Namespace, adjusted) -> int:
     if args.out:
         raise UsageError("--out: with --leave-one-attack-out each search writes "
                          "d3tune_results/robust/NAME-without-ATTACK.yaml")
-    specs = [(family, adjusted(spec)) for family, spec in load_leave_one_attack_out(args.spec)]
+    from d3tune.api import data_dirs
+
+    specs = [(family, adjusted(spec)) for family, spec in load_leave_one_attack_out(
+        args.spec, data_dirs(data_dir_flags(args.data_dir)))]
+    if args.replicates is not None or any(spec.replicates > 1 for _, spec in specs):
+        raise UsageError("--replicates: --leave-one-attack-out runs one search per attack "
+                         "family; replicated leave-one-attack-out searches are not supported")
     for _, spec in specs:
         check_members(spec)
     table = run_leave_one_attack_out(specs, resume=args.resume, address=args.address)
@@ -50,9 +98,17 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
     from d3tune.search.adopt import adopt
 
-    entry = adopt(args.run, dataset=args.dataset, path=Path(args.file) if args.file else None)
+    entry = adopt(args.run, dataset=args.dataset, path=Path(args.file) if args.file else None,
+                  force=args.force)
     print(f"adopted for {entry.dataset}: {entry.defense} "
           + ", ".join(f"{k} {v}" for k, v in entry.knobs.items()))
+    proc = entry.provenance.get("procedure")
+    if proc:  # a replicated search: the procedure's interval beside the setting's own figure
+        low, high = proc["interval"]
+        print(f"replicate {entry.provenance['adopted_replicate']}'s setting: holdout worst-case "
+              f"DER {entry.provenance.get('holdout_worst_der', float('nan')):.3f}; the procedure "
+              f"(expected over {proc['draws']:.0f} draws): {proc['expected_worst_der']:.3f} "
+              f"[{low:.3f}, {high:.3f}] ({proc['interval_kind']})")
     print(f"wrote {entry.path}; `d3tune run --dataset {entry.dataset} --defense "
           f"{entry.defense}` now uses these knobs wherever a config leaves them unset")
     return 0
@@ -71,6 +127,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--leave-one-attack-out", action="store_true",
                    help="one search per attack family of the population: search on the others, "
                    "confirm on it (holdout seeds); a summary table at the end")
+    add_data_dir_flag(p)
+    add_replicates_flag(p)
     p.add_argument("--storage", help="Tune storage folder (shared storage on a cluster)")
     p.add_argument("--cache-dir", help="backdoored-model cache folder")
     p.add_argument("--experiment", help="MLflow experiment name")
@@ -85,4 +143,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "search's population spans several)")
     a.add_argument("--file", help="defaults file to write (default: $D3TUNE_DEFAULTS_DIR or "
                    "d3tune/defaults/, then <dataset>.yaml)")
+    a.add_argument("--force", action="store_true", help="adopt from a replicated search even "
+                   "when its replicates' holdout worst cases spread by more than the spec's "
+                   "adopt_tolerance")
     a.set_defaults(func=cmd_adopt)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 DEFAULT_LABEL = f"ref-{DEFAULT_REFERENCE}"
 COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tuned_worst_der",
            "tuned_acc_drop", "tuned_ok", "gain", "default_s_per_member", "tuned_s_per_member",
-           "trials", "knobs", "compute_s", "tuned_label", "chosen")
+           "trials", "knobs", "compute_s", "search_cpu_s", "holdout_cpu_s", "tuned_label",
+           "chosen")
 
 
 
@@ -41,6 +42,9 @@ class LeaderboardOutcome:
     parent_run_id: str | None
     seconds: float  # wall time of this invocation
     out_dir: Path
+    # replicated leaderboards: P(A > B) per pair, and (defense, row) -> the procedure's figures
+    comparisons: list[Any] = field(default_factory=list)
+    procedures: dict[tuple[str, str], Any] = field(default_factory=dict)
 
 
 def _per_member(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -59,6 +63,22 @@ def _figures(run: Any) -> dict[str, Any]:
 def _children(client: Any, exp_id: str, run_id: str) -> list[Any]:
     return list(client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{run_id}'",
                                    max_results=5000))
+
+
+def _robust_children(client: Any, exp_id: str, parent: str) -> list[Any]:
+    """Each defense's robust search under a leaderboard; of a replicated one, replicate 0 (the
+    classic default-vs-tuned table shows one search per defense; the replicated section shows
+    all of them)."""
+    out = []
+    for run in _children(client, exp_id, parent):
+        kind = run.data.tags.get("d3tune.kind")
+        if kind == "robust":
+            out.append(run)
+        elif kind == "robust-replicated":
+            out += [r for r in _children(client, exp_id, run.info.run_id)
+                    if r.data.tags.get("d3tune.replicate") == "0"
+                    and r.data.tags.get("d3tune.kind") == "robust"]
+    return out
 
 
 def _search_best(holdout: dict[str, Any]) -> str:
@@ -83,10 +103,8 @@ def read_back(client: Any, parent: str,
     finished ones it lists)."""
     exp_id = client.get_run(parent).info.experiment_id
     rows, members = [], []
-    for search in _children(client, exp_id, parent):
+    for search in _robust_children(client, exp_id, parent):
         tags = search.data.tags
-        if tags.get("d3tune.kind") != "robust":
-            continue
         defense = tags["d3tune.defense"]
         if defenses is not None and defense not in defenses:
             continue
@@ -102,10 +120,15 @@ def read_back(client: Any, parent: str,
         trials = [r for r in children if r.data.tags.get("d3tune.phase") == "search"]
         compute = sum(v for r in children if "d3tune.shared_with" not in r.data.tags
                       for k, v in r.data.metrics.items() if k.startswith("seconds."))
+        cpu = {phase: sum(v for r in children if r.data.tags.get("d3tune.phase") == phase
+                          and "d3tune.shared_with" not in r.data.tags
+                          for k, v in r.data.metrics.items() if k.startswith("cpu_seconds."))
+               for phase in ("search", "holdout")}
         knobs = search.data.params.get("space_dims")  # logged by the robust search
         row: dict[str, Any] = {"defense": defense, "trials": len(trials),
                                "knobs": int(knobs) if knobs is not None else math.nan,
-                               "compute_s": compute,
+                               "compute_s": compute, "search_cpu_s": cpu["search"],
+                               "holdout_cpu_s": cpu["holdout"],
                                "tuned_label": tuned, "chosen": chosen in holdout}
         for side, label in (("default", DEFAULT_LABEL), ("tuned", tuned)):
             f = figures.get(label, {"worst_der": math.nan, "acc_drop": math.nan,
@@ -131,9 +154,7 @@ def progress(client: Any, parent: str, defenses: Sequence[str] | None = None) ->
     defense's search had levelled off, against trials and against compute."""
     exp_id = client.get_run(parent).info.experiment_id
     rows = []
-    for search in _children(client, exp_id, parent):
-        if search.data.tags.get("d3tune.kind") != "robust":
-            continue
+    for search in _robust_children(client, exp_id, parent):
         defense = search.data.tags["d3tune.defense"]
         if defenses is not None and defense not in defenses:
             continue
@@ -237,8 +258,8 @@ def markdown(spec: LeaderboardSpec, table: pd.DataFrame, population_s: float | N
              f"Backdoored models built once for all defenses: "
              f"{fixed(population_s, 0)} s.", "",
              "All figures are on the holdout seeds, read back from MLflow. *Tuned* is the robust "
-             "search's confirmed choice (its best finalist, confirmed on the holdout; when "
-             "no finalist kept the ACC budget there, the search's best, marked '!'). "
+             "search's choice: its rank-1 finalist, confirmed on the holdout (an ACC drop "
+             "over the budget there is marked '!', never replaced by another finalist). "
              "'!' after an ACC drop: over the budget. Gain = tuned - default worst-case DER. "
              "Seconds per member: one member evaluation (model load, defense, evaluation). "
              "Compute: the sum of every member evaluation of the defense (search and holdout). "
@@ -303,6 +324,12 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     out.mkdir(parents=True, exist_ok=True)
     per_model = per_threat_model(table, members)
     text = markdown(spec, table, state.get("population_seconds"), per_model)
+    replicated = None
+    if spec.replicates > 1:
+        from d3tune.reports.replicates import replicated_leaderboard
+
+        replicated = replicated_leaderboard(spec, state, done, out)
+        text += "\n" + "\n".join(replicated.lines) + "\n"
     (out / "leaderboard.md").write_text(text)
     table.to_csv(out / "leaderboard.csv", index=False)
     members.to_csv(out / "members.csv", index=False)
@@ -323,16 +350,22 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
                for _, r in table.iterrows()]
     metrics += [Metric(f"tuned_worst_der.{r['defense']}", float(r["tuned_worst_der"]), 0, 0)
                 for _, r in table.iterrows() if not math.isnan(r["tuned_worst_der"])]
+    if replicated is not None:
+        metrics += [Metric(k, v, 0, 0) for k, v in replicated.metrics.items() if v == v]
     client.log_batch(parent, metrics=metrics)
     client.set_terminated(parent, "FINISHED")
     print_table(spec, table, console)
+    if replicated is not None:
+        replicated.print(console)
     console.print(f"report: {out / 'leaderboard.md'}; tuned settings: {tuned}/<defense>.yaml; "
                   f"this invocation {seconds:.0f} s")
     uri = tracking.tracking_uri()
     console.print(f"MLflow parent run {parent} in experiment {spec.experiment!r}")
     console.print(tracking.ui_hint(uri, client.get_run(parent).info.experiment_id),
                   soft_wrap=True)
-    return LeaderboardOutcome(spec, table, members, parent, seconds, out)
+    return LeaderboardOutcome(spec, table, members, parent, seconds, out,
+                              replicated.comparisons if replicated is not None else [],
+                              replicated.procedures if replicated is not None else {})
 
 
 def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) -> None:
@@ -350,8 +383,8 @@ def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) ->
                   fixed(r["compute_s"], 0))
     console.print(t)
     console.print("'!': mean ACC drop over the budget "
-                  f"({first.max_acc_drop * 100:.1f} points); a '!' tuned row means no finalist "
-                  "kept the budget on the holdout seeds (its best finalist is shown)")
+                  f"({first.max_acc_drop * 100:.1f} points); on a tuned row, the search's "
+                  "rank-1 setting broke it on the holdout seeds (reported, never replaced)")
     for _, r in table.iterrows():  # each defense's total compute, so a cheap one's edge shows
         console.print(f"{r['defense']}: total compute {fixed(r['compute_s'], 0)} s "
                       f"({r['trials']} settings searched + holdout rows)")

@@ -124,17 +124,21 @@ def markdown(outcome: Any, images: list[Path]) -> str:
              *ceiling_lines(pop), ""]
     if outcome.chosen is not None:
         c = outcome.chosen
+        broke = "" if c["holdout_admissible"] else (
+            " **It breaks the ACC budget on the holdout seeds** (reported, not replaced: the "
+            "holdout never selects).")
         lines += ["Protocol: the search's seeds select (finalists ranked by search worst-case "
-                  "DER); the holdout seeds only confirm: the chosen setting is the best-ranked "
-                  "finalist that keeps the ACC budget on the holdout.", "",
+                  "DER); the holdout seeds only confirm: the chosen setting is the search's "
+                  "rank-1 finalist.", "",
                   f"**Chosen** (search rank {int(c['search_rank']) + 1}): {short(c['shown'])}: "
                   "holdout worst-case DER "
                   f"{c['holdout_worst_der']:.3f}, mean ACC drop "
                   f"{c['holdout_mean_acc_drop'] * 100:.1f} points (search: "
                   f"{c['search_worst_der']:.3f}, "
-                  f"{c['search_mean_acc_drop'] * 100:.1f} points).", ""]
+                  f"{c['search_mean_acc_drop'] * 100:.1f} points).{broke}", ""]
     else:
-        lines += ["**No finalist kept the ACC budget on the holdout seeds**; nothing chosen.", ""]
+        lines += ["**No setting kept the ACC budget in the search**: no finalist, nothing "
+                  "chosen.", ""]
     if not hold.empty:
         lines += ["## Finalists and references on the holdout seeds", "",
                   "| row | setting | search worst DER | search ACC drop | holdout worst DER | "
@@ -257,8 +261,12 @@ def print_summary(outcome: Any, console: Console, callback: Any) -> None:
                       f"{c['holdout_worst_der']:.4f}, mean ACC drop "
                       f"{c['holdout_mean_acc_drop'] * 100:.2f} points; wrote {outcome.yaml_path} "
                       f"(use it with `d3tune run --config {outcome.yaml_path}`)")
+        if not c["holdout_admissible"]:
+            console.print("the chosen setting breaks the ACC budget on the holdout seeds "
+                          "(reported, not replaced: the holdout never selects)")
     else:
-        console.print("no finalist kept the ACC budget on the holdout seeds: no defaults written")
+        console.print("no setting kept the ACC budget in the search: no finalist, no defaults "
+                      "written")
     for line in ceiling_lines(outcome.population):
         console.print(line)
     pct = 100 * outcome.skipped / outcome.total if outcome.total else 0.0

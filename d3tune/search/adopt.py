@@ -30,8 +30,12 @@ def full_knobs(dataset: str, defense_section: Mapping[str, Any]) -> dict[str, An
 
 
 def adopt(run_id: str, dataset: str | None = None, path: Path | None = None,
-          tracking_uri: str | None = None) -> Adopted:
-    """Read a finished robust search (MLflow parent run) and adopt its chosen setting."""
+          tracking_uri: str | None = None, force: bool = False) -> Adopted:
+    """Read a finished robust search (MLflow parent run) and adopt its chosen setting. Of a
+    replicated search, the replicate whose winner has the best search-phase worst case (a rule
+    fixed before the holdout), refused (UsageError, unless ``force``) when the replicates'
+    holdout worst cases spread by more than the spec's ``adopt_tolerance``: a default that a
+    rerun would not confirm is not robust."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -45,10 +49,14 @@ def adopt(run_id: str, dataset: str | None = None, path: Path | None = None,
     except MlflowException:
         raise UsageError(f"RUN: no MLflow run {run_id!r} in {uri}") from None
     tags, metrics = run.data.tags, run.data.metrics
-    if tags.get("d3tune.kind") != "robust":
+    replicated = tags.get("d3tune.kind") == "robust-replicated"
+    if tags.get("d3tune.kind") != "robust" and not replicated:
         raise UsageError(f"RUN: {run_id} is not a robust search's parent run (d3tune.kind = "
                          f"{tags.get('d3tune.kind')!r}); adopt the run `d3tune robust` printed")
-    if "holdout_worst_der" not in metrics:
+    extra: dict[str, Any] = {}
+    if replicated:
+        extra = _replicated_checks(client, run, force)
+    elif "holdout_worst_der" not in metrics:
         raise UsageError(f"RUN: robust search {run_id} chose nothing (no finalist kept the ACC "
                          "budget on the holdout, or it did not finish): nothing to adopt")
     datasets = [d for d in tags.get("d3tune.datasets", "").split(",") if d]
@@ -88,9 +96,50 @@ def adopt(run_id: str, dataset: str | None = None, path: Path | None = None,
                                            "holdout_mean_der", "holdout_mean_acc_drop")
            if k in metrics},
         "max_acc_drop": _float(run.data.params.get("max_acc_drop")),
-        "adopted_on": _dt.date.today().isoformat()}
+        **extra, "adopted_on": _dt.date.today().isoformat()}
     target = path or ((folders() or [PACKAGE_DIR])[0] / f"{dataset}.yaml")
     return write(target, dataset, defense, knobs, provenance)
+
+
+def _replicated_checks(client: Any, run: Any, force: bool) -> dict[str, Any]:
+    """A replicated search's adoption: its spread against the tolerance (refused beyond it
+    unless ``force``), and what the provenance records: the procedure's interval next to the
+    adopted setting's own holdout figures, the protocol, the seeds and the software."""
+    import json
+    import logging
+    import tempfile
+
+    m, params = run.data.metrics, run.data.params
+    run_id = run.info.run_id
+    if run.data.tags.get("d3tune.adopt_replicate", "none") == "none":
+        raise UsageError(f"RUN: replicated search {run_id} chose nothing (no replicate kept "
+                         "the ACC budget in its search, or it did not finish): nothing to adopt")
+    spread, tolerance = m.get("holdout_spread"), _float(params.get("adopt_tolerance"))
+    if spread is not None and tolerance is not None and spread > tolerance + 1e-12:
+        why = (f"its replicates' holdout worst cases spread by {spread:.3f}, more than "
+               f"adopt_tolerance {tolerance:.3f}: a rerun of the search would likely choose "
+               "a setting that scores differently")
+        if not force:
+            raise UsageError(f"RUN: not adopting replicated search {run_id}: {why}; rerun with "
+                             "more budget, replicates or population seeds, or pass --force")
+        logging.getLogger(__name__).warning("adopting despite: %s (--force)", why)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            prov = json.loads(Path(client.download_artifacts(
+                run_id, "replicates/provenance.json", tmp)).read_text())
+        except Exception:  # noqa: BLE001 - an older run or a missing artifact: record less
+            prov = {}
+    return {"replicated": True, "adopted_replicate": int(run.data.tags["d3tune.adopt_replicate"]),
+            "procedure": {"expected_worst_der": m.get("expected_worst_der"),
+                          "interval": [m.get("expected_worst_der_low"),
+                                       m.get("expected_worst_der_high")],
+                          "interval_kind": run.data.tags.get("d3tune.interval"),
+                          "draws": m.get("draws"), "holdout_spread": spread,
+                          "adopt_tolerance": tolerance, "forced": bool(force and spread is not None
+                                                                         and tolerance is not None
+                                                                         and spread > tolerance)},
+            "search_worst_der": m.get("adopt.search_worst_der"),
+            "holdout_worst_der": m.get("adopt.holdout_worst_der"), **prov}
 
 
 def _float(text: str | None) -> float | None:

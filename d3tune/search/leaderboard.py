@@ -32,6 +32,7 @@ from d3tune.errors import UsageError
 from d3tune.reports.leaderboard import LeaderboardOutcome
 from d3tune.search import tuner
 from d3tune.search.runstate import write_json
+from d3tune.specs.inputs import input_paths
 from d3tune.specs.leaderboard import LeaderboardSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
     state["parent"] = run.info.run_id
     write_json(path, state, indent=1)
     params = {"defenses": ",".join(spec.defenses), "budget": first.budget,
+              "runtime.threads": max(1, int(first.resources.cpu)), "split_test": first.split_test,
               "max_acc_drop": first.max_acc_drop, "top_k": first.top_k,
               "min_asr": first.min_asr, "search_seed": first.search_seed,
               "population": ",".join(m.id for m in first.members),
@@ -98,14 +100,22 @@ def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Conso
     earlier invocation had started it."""
     from d3tune.search.robust import robust_search
 
+    from d3tune.search.replicates import STATE_FILE as REPLICATES_STATE
+    from d3tune.search.replicates import run_replicated
+
     search = spec.search_of(defense)
-    resume = search.paths.state_dir.exists()
     out = spec.state_dir / "tuned" / f"{defense}.yaml"
+    tags = {"mlflow.parentRunId": parent, "d3tune.leaderboard": spec.name}
+    if search.replicates > 1:
+        resume = (search.paths.state_dir / REPLICATES_STATE).exists()
+        console.rule(f"{spec.name}: {defense} ({'resumed' if resume else 'new'}, "
+                     f"{search.replicates} replicated robust searches, budget {search.budget})")
+        return run_replicated(search, resume=resume, out=out, console=console,
+                              parent_tags=tags)
+    resume = search.paths.state_dir.exists()
     console.rule(f"{spec.name}: {defense} ({'resumed' if resume else 'new'} robust search, "
                  f"budget {search.budget})")
-    return robust_search(search, resume=resume, out=out, console=console,
-                         parent_tags={"mlflow.parentRunId": parent,
-                                      "d3tune.leaderboard": spec.name})
+    return robust_search(search, resume=resume, out=out, console=console, parent_tags=tags)
 
 
 def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str | None = None,
@@ -135,7 +145,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     client = MlflowClient(uri)
     exp_id = tracking.experiment_id(client, spec.experiment, uri)
     parent = _parent(client, exp_id, spec, state, path)
-    started = tuner.init_ray(address)
+    started = tuner.init_ray(address, input_paths(spec.searches[0]))
     try:
         if state["population_seconds"] is None:
             state["population_seconds"] = build_models(spec, state_dir)
@@ -147,6 +157,12 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
                 continue
             t = time.monotonic()
             outcome = run_defense(spec, defense, parent, console)
+            if spec.replicates > 1:
+                state["defenses"][defense] = {"done": True, "replicated_run":
+                                              outcome.parent_run_id,
+                                              "replicates": outcome.summaries}
+                write_json(path, state, indent=1, default=str)
+                continue
             seconds = _member_seconds(outcome.spec.paths.state_dir)
             chosen = outcome.chosen["label"] if outcome.chosen is not None else "none"
             rid = outcome.parent_run_id

@@ -45,6 +45,7 @@ from d3tune.search.robust_rules import (
     tradeoff_extras,
 )
 from d3tune.search.runstate import OPTUNA_DB, write_json
+from d3tune.specs.inputs import input_paths
 from d3tune.specs.robust import (
     Member,
     Reference,
@@ -67,7 +68,7 @@ class RobustOutcome:
     population: pd.DataFrame  # one row per member (search, then holdout): before, excluded
     search: pd.DataFrame  # one row per setting tried
     holdout: pd.DataFrame  # one row per finalist / reference on the holdout seeds
-    chosen: dict[str, Any] | None  # the holdout row chosen (None: no finalist kept the budget)
+    chosen: dict[str, Any] | None  # the search's rank-1 finalist on the holdout (None: none)
     skipped: int  # member evaluations exact pruning saved
     total: int  # member evaluations an unpruned search would have run
     seconds: dict[str, float] = field(default_factory=dict)
@@ -84,7 +85,9 @@ def _remote(fn: Any, spec: RobustSpec) -> Any:
 
 
 def _threads(spec: RobustSpec) -> int:
-    return max(1, int(spec.resources.cpu))
+    from d3tune.search.robust_tune import spec_threads
+
+    return spec_threads(spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +219,8 @@ def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.D
                "members_total": m["members_total"], "complete": complete(m),
                "pruned": m.get("trial_id") in pruned, "error": bool(r.error),
                "cut": not r.error and not complete(m) and m.get("trial_id") not in pruned,
-               "ders": {x.id: m[f"der.{x.id}"] for x in members if f"der.{x.id}" in m}}
+               "ders": {x.id: m[f"der.{x.id}"] for x in members if f"der.{x.id}" in m},
+               "cpu_seconds": sum(float(m.get(f"cpu_seconds.{x.id}", 0.0)) for x in members)}
         rows.append(row)
     df = pd.DataFrame(rows)
     if not df.empty:  # creation order: Tune's trial ids are random, Optuna numbers are not
@@ -382,7 +386,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         raise UsageError(f"{exp_dir} already holds a robust search named {spec.name!r}: pass "
                          "--resume to continue it, or change the spec's name/storage")
     state.mkdir(parents=True, exist_ok=True)
-    started = tuner.init_ray(address)
+    started = tuner.init_ray(address, input_paths(spec))
     try:
         callback = RobustMlflowCallback(spec, parent_tags)
         callback.setup()
@@ -410,7 +414,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
     callback.close_unfinished()
     finals = holdout_df[holdout_df["kind"] == "finalist"].to_dict("records") \
         if not holdout_df.empty else []
-    chosen = choose(finals, spec.max_acc_drop)
+    chosen = choose(finals)
     skipped, total = pruning_savings(search.to_dict("records") if not search.empty else [])
     seconds["total"] = time.monotonic() - clock
     outcome = RobustOutcome(spec, population, search, holdout_df, chosen, skipped, total,
@@ -451,7 +455,8 @@ def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -
     callback.call("population", lambda: callback.client.log_batch(
         callback.parent_id, metrics=metrics, tags=tags))
     params = {"budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
-              "space_dims": space_dims(spec),
+              "space_dims": space_dims(spec), "runtime.threads": _threads(spec),
+              "split_test": spec.split_test, "search_seed": spec.search_seed,
               "min_asr": spec.min_asr, "defense": spec.defense,
               "population": ",".join(m.id for m in spec.members),
               "holdout": ",".join(m.id for m in spec.holdout)}

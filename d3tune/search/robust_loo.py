@@ -32,12 +32,15 @@ def _family(entry: Any) -> str:
     return str(entry["name"] if isinstance(entry, Mapping) else entry)
 
 
-def leave_one_attack_out(data: Mapping[str, Any], source: str) -> list[tuple[str, RobustSpec]]:
+def leave_one_attack_out(data: Mapping[str, Any], source: str,
+                         data_dirs: Mapping[str | None, str] | None = None
+                         ) -> list[tuple[str, RobustSpec]]:
     """(held-out family, its robust spec) per attack family of ``population.attacks``, in the
     population's order. Each spec searches on the other families (records, datasets, archs and
     clean ratios unchanged) and confirms on the held-out one on ``holdout_seeds``; its name is
-    ``NAME-without-FAMILY`` so every search keeps its own folders, MLflow run and resume."""
-    robust_plan(data, source)  # the spec as given is valid first (errors name its fields)
+    ``NAME-without-FAMILY`` so every search keeps its own folders, MLflow run and resume.
+    ``data_dirs``: ``--data-dir`` folders, as for ``robust_plan``."""
+    robust_plan(data, source, data_dirs)  # the spec as given is valid first (errors name its fields)
     expect("holdout_attacks" not in data, f"{source}: holdout_attacks",
             "leave-one-attack-out chooses the held-out attacks itself: remove holdout_attacks")
     attacks = list(data["population"].get("attacks") or [])
@@ -51,14 +54,17 @@ def leave_one_attack_out(data: Mapping[str, Any], source: str) -> list[tuple[str
                                "attacks": [a for a in attacks if _family(a) != family]}
         split["holdout_attacks"] = [copy.deepcopy(a) for a in attacks if _family(a) == family]
         split["name"] = f"{data['name']}-without-{family}"
-        out.append((family, robust_plan(split, f"{source} (without {family})")))
+        out.append((family, robust_plan(split, f"{source} (without {family})", data_dirs)))
     return out
 
 
-def load_leave_one_attack_out(path: str | Path) -> list[tuple[str, RobustSpec]]:
+def load_leave_one_attack_out(path: str | Path,
+                              data_dirs: Mapping[str | None, str] | None = None
+                              ) -> list[tuple[str, RobustSpec]]:
+    """One robust spec per held-out attack family of the spec file at ``path``."""
     data = load_yaml(path)
     expect(data is not None, str(path), "empty spec")
-    return leave_one_attack_out(data, str(path))
+    return leave_one_attack_out(data, str(path), data_dirs)
 
 
 def summary_row(family: str, outcome: Any) -> dict[str, Any]:

@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 ORDER_KEY = "__order"  # the member order the searcher put into a trial's config
 ROWS_FILE = "members.json"  # a trial's checkpoint: the member rows done so far
-MEMBER_METRICS = ("der", "acc_drop", "acc_after", "asr_after", "ra_after", "seconds")
+MEMBER_METRICS = ("der", "acc_drop", "acc_after", "asr_after", "ra_after", "seconds",
+                  "cpu_seconds")
 # ("seconds": wall time of one member evaluation; a leaderboard sums them into its compute)
 
 
@@ -98,15 +99,23 @@ def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[st
         where = (cfg.data.name, cfg.data.data_dir, cfg.data.train_size)
         if where not in datasets:
             datasets[where] = load_dataset(*where)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         res = run_trial(cfg, cache=cache, data=datasets[where])
         m = res.metrics
+        # cpu_seconds: what the member cost the machine (this process's CPU time), whatever
+        # else ran beside it; seconds: its wall clock, which a loaded machine stretches
         rows.append({"member": member.id, "seed": member.seed, **m,
                      "acc_drop": m["acc_before"] - m["acc_after"], "cache_hit": res.cache_hit,
-                     "seconds": time.perf_counter() - start})
+                     "seconds": time.perf_counter() - start,
+                     "cpu_seconds": time.process_time() - cpu, "threads": threads})
         if on_member is not None:
             on_member(rows)
     return rows
+
+
+def spec_threads(spec: RobustSpec) -> int:
+    """torch threads per member evaluation: the trial's CPUs (results depend on it)."""
+    return max(1, int(spec.resources.cpu))
 
 
 def setting_of(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -190,17 +199,6 @@ class ExactPruning(FIFOScheduler):
                 path.write_text(json.dumps(pruned, indent=1))
             return TrialScheduler.STOP
         return TrialScheduler.CONTINUE
-
-
-def acc_constraint(max_acc_drop: float, trial: Any) -> tuple[float]:
-    """Kept for searches snapshotted before the constraint moved onto the searcher (their
-    pickled TPESampler names it as ``constraints_func``): mean ACC drop minus the budget for a
-    complete trial, read from its user attributes; 0 (no evidence either way) for a pruned
-    one, as the searcher now does; a trial without figures (failed) is infeasible."""
-    if trial.user_attrs.get("pruned"):
-        return (0.0,)
-    drop = trial.user_attrs.get("mean_acc_drop")
-    return (1.0,) if drop is None else (float(drop) - max_acc_drop,)
 
 
 class RobustOptunaSearch(ResumableOptunaSearch):
@@ -350,6 +348,7 @@ class RobustMlflowCallback(MlflowTuneCallback):
         members = [m.id for m in self.spec.members]
         params = {**setting, "phase": "search", "members": ",".join(members),
                   "seeds": ",".join(str(s) for s in sorted({m.seed for m in self.spec.members})),
+                  "runtime.threads": spec_threads(self.spec),
                   "member_order": ",".join((trial.config or {}).get(ORDER_KEY) or members)}
         return self.child_run(trial.trial_id, str(trial),
                               {"d3tune.trial_id": trial.trial_id, "d3tune.phase": "search"}, params)
@@ -411,6 +410,7 @@ class RobustMlflowCallback(MlflowTuneCallback):
         if key in self.state["done"]:
             return
         params = {**setting, "phase": "holdout", "label": label,
+                  "runtime.threads": spec_threads(self.spec),
                   "members": ",".join(str(r["member"]) for r in rows),
                   "seeds": ",".join(str(s) for s in sorted({int(r["seed"]) for r in rows}))}
         tags = {"d3tune.phase": "holdout", "d3tune.label": label}
@@ -437,5 +437,5 @@ class RobustMlflowCallback(MlflowTuneCallback):
 
 
 __all__ = ["ExactPruning", "RobustOptunaSearch", "RobustMlflowCallback",
-           "member_before", "run_members", "population_trainable", "acc_constraint", "summary",
+           "member_before", "run_members", "population_trainable", "summary",
            "setting_of", "complete"]

@@ -24,6 +24,7 @@ from d3tune import tracking
 from d3tune.search import engine, tuner
 from d3tune.search.mlflow_callback import MlflowSweepCallback
 from d3tune.search.runstate import FINAL, kill_point, trial_overrides
+from d3tune.specs.inputs import input_paths
 from d3tune.specs.sweep import RunPlan
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     exp_dir = plan.paths.experiment_dir
 
-    started = tuner.init_ray(address)
+    started = tuner.init_ray(address, input_paths(plan))
     try:
         run = engine.plan_tuner(plan, resume=resume, callbacks=[MlflowSweepCallback(plan)])
         results = run.fit()

@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,45 @@ def _check_address(address: str) -> None:
             from None
 
 
-def init_ray(address: str | None) -> bool:
-    """Connect to (address) or start a local Ray; True when this call started it."""
+def _missing(paths: Sequence[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def require_on_every_node(inputs: Mapping[str, str], timeout_s: float = 60.0) -> None:
+    """Every alive node of the cluster sees each input path (path -> the trial field naming
+    it), or one line naming the first node that lacks one.
+
+    Why before any trial: a trial reads its dataset folder or record on whatever node Tune
+    places it, so a folder present on the driver's machine only would fail trials one by one,
+    minutes in, and burn their retries. One zero-CPU task per node, pinned to it, checks."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not inputs:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(_missing)
+    paths = sorted(inputs)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(paths): n for n in nodes}
+    done, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+    for ref in done:
+        missing = ray.get(ref)
+        if missing:
+            node = pending[ref]
+            raise UsageError(f"{inputs[missing[0]]}: {missing[0]} is missing on node "
+                             f"{node.get('NodeManagerAddress')} ({node['NodeID'][:12]}): every "
+                             "node reads the dataset folders and records at the same path "
+                             "(shared storage, or a copy at that path)")
+    if late:
+        node = pending[late[0]]
+        raise UsageError(f"--address: node {node.get('NodeManagerAddress')} did not answer a "
+                         f"check of the input folders within {timeout_s:.0f} s")
+
+
+def init_ray(address: str | None, inputs: Mapping[str, str] | None = None) -> bool:
+    """Connect to (address) or start a local Ray; True when this call started it. On a cluster
+    (``address``), every node must see ``inputs`` (path -> the trial field naming it)."""
     import ray
 
     if ray.is_initialized():
@@ -164,6 +201,11 @@ def init_ray(address: str | None) -> bool:
             raise UsageError(f"--address {address}: could not join the Ray cluster ({why}); "
                              "check the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token) "
                              "and its Ray version") from None
+        try:
+            require_on_every_node(inputs or {})
+        except UsageError:
+            ray.shutdown()
+            raise
     else:
         ray.init(logging_level=logging.WARNING, include_dashboard=False)
     return True

@@ -17,6 +17,7 @@ from d3tune.config import TrialConfig, flatten, resolve, trial_config, unflatten
 from d3tune.data import DATASETS
 from d3tune.errors import UsageError
 from d3tune.specs.robust import RobustSpec, member_config
+from d3tune.specs.fields import PATH_FIELDS
 from d3tune.specs.sweep import RunPlan, absolute
 from d3tune.trial import check_import, imported_model
 
@@ -76,6 +77,26 @@ def check_members(spec: RobustSpec) -> None:
             check_paths(member_config(spec, m, {}))
         except UsageError as exc:
             raise UsageError(f"{spec.source}: population ({m.id}): {exc}") from None
+
+
+def input_paths(target: RunPlan | RobustSpec) -> dict[str, str]:
+    """Every local path a trial of a plan (base and cells) or a robust search (members and
+    holdout) reads: path -> the trial field naming it (a record's poisoned test images sit
+    beside it, so its path stands for them)."""
+    if isinstance(target, RobustSpec):
+        flats = [dict(m.overrides) for m in target.members + target.holdout]
+    else:
+        base = flatten(target.base)
+        flats = [{**base, **cell} for cell in (list(target.cells) or [{}])]
+        flats += [{**base, d.path: v} for d in target.space if d.path in PATH_FIELDS
+                  for v in d.extremes()]
+    out: dict[str, str] = {}
+    for flat in flats:
+        for field in PATH_FIELDS:
+            value = flat.get(field)
+            if isinstance(value, str) and value:
+                out[value] = field
+    return out
 
 
 def path_changes(storage: str | None = None, cache_dir: str | None = None,

@@ -24,11 +24,12 @@ LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "d
                     "spaces", "base", "budget", "compute_budget_s",
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
                     "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
-                    "start_with_default", "split_test"}
+                    "start_with_default", "split_test", "replicates", "compare"}
 # passed to every defense's robust spec unchanged
 SHARED_KEYS = ("population", "holdout_seeds", "holdout_attacks", "base", "budget",
                "compute_budget_s", "max_acc_drop", "min_asr", "top_k", "search_seed",
-               "resources", "max_concurrent", "max_failures", "cache_dir", "split_test")
+               "resources", "max_concurrent", "max_failures", "cache_dir", "split_test",
+               "replicates")
 DEFAULT_REFERENCE = "default"  # the holdout label of the default row is "ref-default"
 STORAGE = "d3tune_results/leaderboard"
 EXPERIMENT = "d3tune-leaderboard"
@@ -42,6 +43,16 @@ class LeaderboardSpec:
     searches: tuple[RobustSpec, ...]  # one per defense, same order
     storage: str = STORAGE
     experiment: str = EXPERIMENT
+    # (A, B): P(A > B) over paired draws is reported for each (replicated leaderboards)
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def replicates(self) -> int:
+        return self.searches[0].replicates
+
+    def with_replicates(self, replicates: int) -> "LeaderboardSpec":
+        return replace(self, searches=tuple(s.with_replicates(replicates)
+                                            for s in self.searches))
 
     @property
     def budget(self) -> int:
@@ -92,8 +103,10 @@ def _registered_space(defense: str) -> dict[str, Any] | None:
     return None if space is None else {k: v for k, v in space.items()}
 
 
-def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
-    """Validate a leaderboard spec given as plain data; one RobustSpec per defense."""
+def leaderboard_plan(data: Any, source: str,
+                     data_dirs: Mapping[str | None, str] | None = None) -> LeaderboardSpec:
+    """Validate a leaderboard spec given as plain data; one RobustSpec per defense
+    (``data_dirs``: ``--data-dir`` folders, as for ``robust_plan``). Raises UsageError."""
     check_top_keys(data, source, LEADERBOARD_KEYS)
     name = data.get("name", Path(source).stem.split(".")[0])
     expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
@@ -130,17 +143,39 @@ def leaderboard_plan(data: Any, source: str) -> LeaderboardSpec:
         if isinstance(robust.get("base"), Mapping):
             expect("name" not in (robust["base"].get("defense") or {}),
                     f"{source}: base.defense.name", "the defense comes from `defenses`")
-        searches.append(robust_plan(robust, f"{source} [{d}]"))
+        searches.append(robust_plan(robust, f"{source} [{d}]", data_dirs))
     budget = integer(data.get("budget", RobustSpec.budget), f"{source}: budget", 1)
     assert all(s.budget == budget for s in searches)  # equal budget, by construction
     return LeaderboardSpec(name=name, source=source, defenses=defenses,
-                           searches=tuple(searches), storage=storage, experiment=experiment)
+                           searches=tuple(searches), storage=storage, experiment=experiment,
+                           pairs=_pairs(data, defenses, source))
 
 
-def load_leaderboard(path: str | Path) -> LeaderboardSpec:
+def _pairs(data: Mapping[str, Any], defenses: tuple[str, ...],
+           source: str) -> tuple[tuple[str, str], ...]:
+    """D3 (else the first defense) against each other defense, then the spec's ``compare``
+    pairs: the P(A > B) a replicated leaderboard reports."""
+    lead = "d3" if "d3" in defenses else defenses[0]
+    pairs = [(lead, d) for d in defenses if d != lead]
+    raw = data.get("compare", [])
+    where = f"{source}: compare"
+    expect(isinstance(raw, list), where, f"expected a list of [A, B] defense pairs, got {raw!r}")
+    for i, pair in enumerate(raw):
+        expect(isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1]
+                and all(p in defenses for p in pair), f"{where}[{i}]",
+                f"expected [A, B], two defenses of this leaderboard ({', '.join(defenses)}), "
+                f"got {pair!r}")
+        if tuple(pair) not in pairs:
+            pairs.append((str(pair[0]), str(pair[1])))
+    return tuple(pairs)
+
+
+def load_leaderboard(path: str | Path,
+                     data_dirs: Mapping[str | None, str] | None = None) -> LeaderboardSpec:
+    """A leaderboard spec file, validated (``data_dirs`` as for ``robust_plan``)."""
     data = load_yaml(path)
     expect(data is not None, str(path), "empty spec")
-    return leaderboard_plan(data, str(path))
+    return leaderboard_plan(data, str(path), data_dirs)
 
 
 __all__ = ["LeaderboardSpec", "leaderboard_plan", "load_leaderboard", "DEFAULT_REFERENCE"]

@@ -37,13 +37,19 @@ ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "holdou
                "space", "per_defense", "budget", "max_acc_drop", "min_asr", "top_k",
                "tradeoff_budgets", "references", "search_seed", "time_budget_s",
                "compute_budget_s", "resources", "max_concurrent", "max_failures", "storage",
-               "experiment", "cache_dir", "start_with", "split_test"}
+               "experiment", "cache_dir", "start_with", "split_test", "replicates",
+               "adopt_tolerance"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
+DATASET_ENTRY_KEYS = {"name", "data_dir", "train_size"}  # a population.datasets entry
+RECORD_DATA_PATH = "_record_data_path"  # a record's recorded data folder, while resolving
 # Trial fields that say *which threat model* a member is: the population owns them.
 POPULATION_FIELDS = ("attack.", "data.name", "data.data_dir", "data.train_size",
                      "data.clean_ratio", "data.clean_count", "data.test_split", "model.arch",
                      "seed")
 BUILTIN_REFERENCES = ("paper", "profile")
+# Replicate r of a replicated search runs on the population's seeds + r * this (and the search
+# seed + r): member ids then say which replicate they belong to (blended_s1002: replicate 1).
+REPLICATE_SEED_STRIDE = 1000
 # The paper's D3 optimisation schedule (../shared/D3_SPEC.md, step 3); its eps/lmd/p/init/radius
 # are the defaults of D3's Params. The clean-data regime stays the population's: a reference
 # row changes the defense's knobs, never the threat model it is judged on.
@@ -111,6 +117,12 @@ class RobustSpec:
     # search members score on one fixed half of each test set, holdout members on the other
     # (``data.split_test``): selection and confirmation never share a test image
     split_test: bool = True
+    # K full searches (own sampler and population seeds each), confirmed on the same holdout
+    replicates: int = 1
+    replicate: int = 0  # which replicate this spec is (``replicate_specs``)
+    # adopting from a replicated search is refused when the replicates' holdout worst cases
+    # spread by more than this (a default a rerun would not confirm is not robust)
+    adopt_tolerance: float = 0.05
 
     @property
     def paths(self) -> RunPaths:
@@ -123,6 +135,46 @@ class RobustSpec:
 
     def with_budget(self, budget: int) -> "RobustSpec":
         return replace(self, budget=integer(budget, "--budget", 1))
+
+    def with_replicates(self, replicates: int, where: str = "--replicates") -> "RobustSpec":
+        """The spec with K replicates, checked as the spec's own ``replicates`` is."""
+        return _checked_replicates(replace(self, replicates=integer(replicates, where, 1)),
+                                   where)
+
+
+def _checked_replicates(spec: RobustSpec, where: str) -> RobustSpec:
+    """Replicates need a holdout of several seeds, population seeds below the stride (so no two
+    replicates share a seed), and no replicate's seed among the holdout seeds."""
+    if spec.replicates == 1:
+        return spec
+    holdout = sorted({m.seed for m in spec.holdout})
+    seeds = sorted({m.seed for m in spec.members})
+    expect(len(holdout) >= 2, where, f"{spec.replicates} replicates need at least 2 holdout "
+            f"seeds (the draws are replicate x holdout seed), got {holdout}")
+    expect(max(seeds) < REPLICATE_SEED_STRIDE, where, f"replicate r searches on the population "
+            f"seeds + {REPLICATE_SEED_STRIDE} r: population seeds must be below "
+            f"{REPLICATE_SEED_STRIDE}, got {seeds}")
+    every = {s + r * REPLICATE_SEED_STRIDE for s in seeds for r in range(spec.replicates)}
+    shared = sorted(every & set(holdout))
+    expect(not shared, where, f"holdout seed(s) {shared} are also seeds of a replicate's "
+            f"population (replicate r uses the seeds + {REPLICATE_SEED_STRIDE} r)")
+    return spec
+
+
+def replicate_specs(spec: RobustSpec) -> list[RobustSpec]:
+    """One robust spec per replicate: ``NAME-rR``, the population's seeds + R * stride, the
+    search seed + R, the same holdout. With one replicate, the spec itself."""
+    if spec.replicates == 1:
+        return [spec]
+    out = []
+    for r in range(spec.replicates):
+        shift = r * REPLICATE_SEED_STRIDE
+        members = tuple(Member(f"{m.id[:m.id.rindex('_s')]}_s{m.seed + shift}",
+                               tuple(sorted({**m.fields, "seed": m.seed + shift}.items())))
+                        for m in spec.members)
+        out.append(replace(spec, name=f"{spec.name}-r{r}", members=members,
+                           search_seed=spec.search_seed + r, replicate=r))
+    return out
 
 
 def _fraction(value: Any, where: str, low: float = 0.0) -> float:
@@ -149,7 +201,11 @@ def _slug(text: Any) -> str:
 
 
 def _attacks(pop: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
-    """(label, flat attack overrides) for every attack and record of the population."""
+    """(label, flat attack overrides) for every attack and record of the population. A record
+    brings its dataset and architecture too (read from its header), and, under the private key
+    ``RECORD_DATA_PATH``, where it says its clean data was."""
+    from d3tune.specs.records import record_fields
+
     out: list[tuple[str, dict[str, Any]]] = []
     for i, a in enumerate(pop.get("attacks") or []):
         w = f"{where}.attacks[{i}]"
@@ -161,20 +217,64 @@ def _attacks(pop: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, An
             flat = {f"attack.{k}": v for k, v in a.items()}
             extra = "-".join(f"{_slug(k)}{_slug(v)}" for k, v in a.items() if k != "name")
             out.append((f"{a['name']}-{extra}" if extra else a["name"], flat))
+    records: list[Path] = []
     for i, r in enumerate(pop.get("records") or []):
         w = f"{where}.records[{i}]"
         expect(isinstance(r, str) and r, w, f"expected the path of an attack_result.pt, got {r!r}")
-        full = absolute(r)
-        out.append((f"bb-{_slug(Path(full).parent.name)}",
-                    {"attack.name": "backdoorbench", "attack.result": full}))
+        full = Path(absolute(r))
+        expect(full.resolve() not in [p.resolve() for p in records], w,
+                f"{r} is listed twice")
+        records.append(full)
+    for i, full in enumerate(records):
+        try:
+            fields_, data_path = record_fields(full)
+        except UsageError as exc:
+            raise UsageError(f"{where}.records[{i}]: {exc}") from None
+        out.append((_record_label(full, records), {**fields_, RECORD_DATA_PATH: data_path}))
     return out
 
 
-def _population(data: Mapping[str, Any], source: str
+def _record_label(path: Path, records: list[Path]) -> str:
+    """``bb-<folder>``: the record's folder names it (BackdoorBench writes one folder per
+    attack run); two records in folders of the same name get their parent folder too."""
+    same = [p for p in records if p.parent.name == path.parent.name]
+    if len(same) == 1:
+        return f"bb-{_slug(path.parent.name)}"
+    return f"bb-{_slug(path.parent.parent.name)}-{_slug(path.parent.name)}"
+
+
+def _datasets(pop: Mapping[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, flat data fields) per ``population.datasets`` entry: a name, or
+    ``{name: NAME, data_dir: FOLDER, train_size: N}`` for a dataset read from a folder."""
+    values = _list(pop, "datasets", f"{where}.datasets")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, v in enumerate(values):
+        w = f"{where}.datasets[{i}]"
+        entry = {"name": v} if isinstance(v, str) else v
+        expect(isinstance(entry, Mapping) and isinstance(entry.get("name"), str)
+                and set(entry) <= DATASET_ENTRY_KEYS, w, "expected a dataset name or {name: "
+                f"NAME, data_dir: FOLDER, train_size: N}}, got {v!r}")
+        flat: dict[str, Any] = {"data.name": entry["name"]}
+        if entry.get("data_dir") is not None:
+            expect(isinstance(entry["data_dir"], str) and entry["data_dir"], f"{w}.data_dir",
+                    f"expected a folder, got {entry['data_dir']!r}")
+            flat["data.data_dir"] = absolute(entry["data_dir"])
+        if entry.get("train_size") is not None:
+            flat["data.train_size"] = entry["train_size"]
+        out.append((entry["name"], flat))
+    names = [name for name, _ in out]
+    expect(len(set(names)) == len(names), f"{where}.datasets", f"a dataset is listed twice: "
+            f"{names}")
+    return out
+
+
+def _population(data: Mapping[str, Any], source: str,
+                data_dirs: Mapping[str | None, str] | None = None
                 ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]] | None]:
     """The population's threat models (without seeds), its seeds, and the holdout's threat
     models when ``holdout_attacks`` names attacks the search never sees (None: the holdout
-    repeats the population's threat models on its own seeds)."""
+    repeats the population's threat models on its own seeds). ``data_dirs``: the command
+    line's ``--data-dir`` (dataset name -> folder; None: the population's one dataset)."""
     where = f"{source}: population"
     pop = data.get("population")
     expect(isinstance(pop, Mapping), where, "expected a mapping with attacks and/or records, "
@@ -192,8 +292,10 @@ def _population(data: Mapping[str, Any], source: str
     labels = [label for label, _ in attacks]
     expect(len(set(labels)) == len(labels), f"{where}.attacks", f"listed twice: {labels}")
     axes: list[list[tuple[str, dict[str, Any]]]] = [attacks]
-    for key, path, tag in (("datasets", "data.name", ""), ("archs", "model.arch", ""),
-                           ("clean_ratios", "data.clean_ratio", "c")):
+    if "datasets" in pop:
+        named = _datasets(pop, where)
+        axes.append([(_slug(name) if len(named) > 1 else "", flat) for name, flat in named])
+    for key, path, tag in (("archs", "model.arch", ""), ("clean_ratios", "data.clean_ratio", "c")):
         if key in pop:
             values = _list(pop, key, f"{where}.{key}")
             expect(len(set(map(str, values))) == len(values), f"{where}.{key}",
@@ -202,6 +304,12 @@ def _population(data: Mapping[str, Any], source: str
             axes.append([(f"{tag}{_slug(v)}" if len(values) > 1 else "", {path: v})
                          for v in values])
     seeds = _seed_list(_list(pop, "seeds", f"{where}.seeds", [0]), f"{where}.seeds")
+    models = _combine(axes)
+    for i, (label, flat) in enumerate(a for a in attacks if RECORD_DATA_PATH in a[1]):
+        expect(any(m["fields"].get("attack.result") == flat["attack.result"] for m in models),
+                f"{where}.records[{i}]", f"{flat['attack.result']} holds a "
+                f"{flat['model.arch']!r} trained on {flat['data.name']}, which the population's "
+                f"datasets/archs leave out ({_axis_values(axes[1:])})")
     held: list[dict[str, Any]] | None = None
     if "holdout_attacks" in data:
         hw = f"{source}: holdout_attacks"
@@ -215,18 +323,82 @@ def _population(data: Mapping[str, Any], source: str
         labels = [label for label, _ in unseen]
         expect(len(set(labels)) == len(labels), hw, f"listed twice: {labels}")
         held = _combine([unseen, *axes[1:]])
-    return _combine(axes), seeds, held
+    folders = _folders(models + (held or []), data_dirs or {}, source)
+    return ([_with_folder(m, folders) for m in models], seeds,
+            None if held is None else [_with_folder(m, folders) for m in held])
+
+
+def _axis_values(axes: list[list[tuple[str, dict[str, Any]]]]) -> str:
+    values = [f"{k.rsplit('.', 1)[-1]} {v}" for axis in axes for _, part in axis
+              for k, v in part.items() if k in ("data.name", "model.arch")]
+    return ", ".join(values) or "none listed"
 
 
 def _combine(axes: list[list[tuple[str, dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Every combination of the axes' values. A combination whose parts disagree on a field
+    is no threat model and is left out: a record brings its own dataset and architecture, so
+    it pairs only with the dataset entry (and arch) it was trained on."""
     models = []
     for combo in itertools.product(*axes):
         label = "_".join(part for part, _ in combo if part)
         fields_: dict[str, Any] = {}
+        clash = False
         for _, part in combo:
-            fields_.update(part)
-        models.append({"label": label, "fields": fields_})
+            clash |= any(fields_.get(k, v) != v for k, v in part.items()
+                         if k not in ("data.data_dir", "data.train_size"))
+            fields_.update({k: v for k, v in part.items() if k not in fields_ or
+                            k in ("data.data_dir", "data.train_size")})
+        if not clash:
+            models.append({"label": label, "fields": fields_})
     return models
+
+
+def _dataset_of(model: Mapping[str, Any]) -> str:
+    from d3tune.config import DataConfig
+
+    return str(model["fields"].get("data.name", DataConfig.name))
+
+
+def _folders(models: list[dict[str, Any]], data_dirs: Mapping[str | None, str],
+             source: str) -> dict[str, str]:
+    """Dataset name -> the folder ``--data-dir`` gives it (it overrides the spec's, as the
+    command line does for ``d3tune run``). ``--data-dir DIR`` alone names the folder of the
+    population's one dataset; with several, each needs ``--data-dir NAME=DIR``."""
+    names = sorted({_dataset_of(m) for m in models})
+    out: dict[str, str] = {}
+    for name, folder in data_dirs.items():
+        if name is None:
+            expect(len(names) == 1, "--data-dir", f"the population spans {', '.join(names)}: "
+                    "name the dataset (--data-dir NAME=DIR, repeatable) or set data_dir in "
+                    f"{source}: population.datasets")
+            name = names[0]
+        expect(name in names, f"--data-dir {name}={folder}", f"no member of {source} uses "
+                f"dataset {name!r} (its datasets: {', '.join(names)})")
+        out[name] = absolute(folder)
+    return out
+
+
+def _with_folder(model: dict[str, Any], folders: Mapping[str, str]) -> dict[str, Any]:
+    """The threat model with its data folder: the command line's, the spec's, or for a record
+    the folder it recorded (found beside it or in the working directory, and said); a dataset
+    that reads a folder and has none is one line naming the spec field."""
+    from d3tune.data import DATASETS
+    from d3tune.specs.records import record_data_dir
+
+    fields_ = dict(model["fields"])
+    data_path = fields_.pop(RECORD_DATA_PATH, None)
+    name = _dataset_of(model)
+    if name in folders:
+        fields_["data.data_dir"] = folders[name]
+    elif name in DATASETS.names() and DATASETS[name].needs_data_dir \
+            and not fields_.get("data.data_dir"):
+        field = f"population.datasets: [{{name: {name}, data_dir: FOLDER}}] or --data-dir"
+        if data_path is None:
+            raise UsageError(f"{field}: dataset {name!r} is read from a folder and none is "
+                             "given")
+        fields_["data.data_dir"] = record_data_dir(fields_["attack.result"], name, data_path,
+                                                   field)
+    return {**model, "fields": fields_}
 
 
 def _members(models: list[dict[str, Any]], seeds: list[int],
@@ -292,8 +464,11 @@ def check_top_keys(data: Any, source: str, allowed: set[str]) -> None:
                 f"{did_you_mean(str(key), allowed)}; known: {', '.join(sorted(allowed))}")
 
 
-def robust_plan(data: Any, source: str) -> RobustSpec:
-    """Validate a robust spec given as plain data (YAML, or a dict built by a leaderboard)."""
+def robust_plan(data: Any, source: str,
+                data_dirs: Mapping[str | None, str] | None = None) -> RobustSpec:
+    """Validate a robust spec given as plain data (YAML, or a dict built by a leaderboard).
+    ``data_dirs``: ``--data-dir`` folders by dataset name (None: the population's one dataset),
+    overriding the spec's. Raises UsageError naming the field."""
     check_top_keys(data, source, ROBUST_KEYS)
     name = data.get("name", Path(source).stem.split(".")[0])
     expect(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(),
@@ -304,7 +479,11 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
     for path in base_flat:
         expect(not _is_population_field(path), f"{source}: base.{path}",
                 "a population field: set it under population (attacks, records, datasets, "
-                "archs, clean_ratios, seeds)")
+                "archs, clean_ratios, seeds; a dataset's folder and train_size in its "
+                "population.datasets entry)")
+        expect(not path.startswith("eval."), f"{source}: base.{path}", "a robust search scores "
+                "each member once, on the full test sets after its last epoch: there is no "
+                "per-epoch evaluation to set")
     defense = data.get("defense", base_flat.get("defense.name", "d3"))
     expect(isinstance(defense, str), f"{source}: defense",
             f"expected a defense name, got {defense!r}")
@@ -312,7 +491,7 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
     base = unflatten(base_flat)
     check_override(base, {}, f"{source}: base")  # also checks the defense name
 
-    models, seeds, held_models = _population(data, source)
+    models, seeds, held_models = _population(data, source, data_dirs)
     split = data.get("split_test", True)
     expect(isinstance(split, bool), f"{source}: split_test", f"expected true or false, got "
             f"{split!r}")
@@ -375,7 +554,11 @@ def robust_plan(data: Any, source: str) -> RobustSpec:
         max_failures=integer(data.get("max_failures", 1), f"{source}: max_failures", 0),
         storage=data.get("storage") or RobustSpec.storage,
         experiment=data.get("experiment") or RobustSpec.experiment,
-        cache_dir=absolute(data.get("cache_dir")))
+        cache_dir=absolute(data.get("cache_dir")),
+        replicates=integer(data.get("replicates", 1), f"{source}: replicates", 1),
+        adopt_tolerance=_fraction(data.get("adopt_tolerance", RobustSpec.adopt_tolerance),
+                                  f"{source}: adopt_tolerance"))
+    spec = _checked_replicates(spec, f"{source}: replicates")
     return replace(spec, start_points=_start_points(data, spec, source))
 
 
@@ -439,10 +622,12 @@ def _time_budget(value: Any, where: str) -> float | None:
     return float(value)
 
 
-def load_robust(path: str | Path) -> RobustSpec:
+def load_robust(path: str | Path,
+                data_dirs: Mapping[str | None, str] | None = None) -> RobustSpec:
+    """A robust spec file, validated (``data_dirs`` as for ``robust_plan``)."""
     data = load_yaml(path)
     expect(data is not None, str(path), "empty spec")
-    return robust_plan(data, str(path))
+    return robust_plan(data, str(path), data_dirs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,4 +673,4 @@ def defaults_yaml(spec: RobustSpec, setting: Mapping[str, Any],
 
 
 __all__ = ["Member", "Reference", "RobustSpec", "robust_plan", "load_robust", "member_config",
-           "setting_fields", "defaults_yaml"]
+           "setting_fields", "defaults_yaml", "replicate_specs", "REPLICATE_SEED_STRIDE"]

@@ -170,7 +170,13 @@ def _seconds(value: Any, where: str) -> float:
 
 
 def _seeds(data: Mapping[str, Any], where: str) -> list[int]:
-    seeds = data.get("seeds", [0])
+    """The spec's seeds: ``seeds``, or the one ``base.seed`` names (naming both is refused:
+    a base seed the seed axis silently replaced would run another experiment)."""
+    base_seed = (data.get("base") or {}).get("seed")
+    if base_seed is not None:
+        expect("seeds" not in data, where.replace(": seeds", ": base.seed"),
+                "the seeds are set by `seeds`; give them there only")
+    seeds = data.get("seeds", [0] if base_seed is None else [base_seed])
     expect(isinstance(seeds, list) and seeds, where, f"expected a non-empty list, got {seeds!r}")
     return [integer(s, where, 0) for s in seeds]
 
