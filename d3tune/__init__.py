@@ -7,9 +7,13 @@ From Python (README "From Python"; the input contract is in ``d3tune.api``)::
     d3tune.evaluate(defended, test_x, test_y, bd_x, bd_target, bd_true)  # {'acc', 'asr', 'ra'}
     d3tune.run_trial({"data": {"name": "digits"}, "attack": {"name": "badnets"}})
     d3tune.sweep("search_spaces/d3_default.yaml"); d3tune.ablate("ablations/quickstart.yaml")
+    d3tune.run({"attack": {"name": "blended"}, "defense": {"name": "d3"}})  # as `d3tune run`
     d3tune.robust("search_spaces/robust_d3_digits.yaml")  # .chosen: the confirmed setting
+    d3tune.robust("search_spaces/robust_d3_digits.yaml", replicates=3)  # .procedure: interval
     d3tune.leaderboard("search_spaces/leaderboard_digits.yaml")
     d3tune.report("quickstart-ablations")  # a finished sweep's or ablation's report
+    d3tune.defaults(["quickstart-ablations"]); d3tune.adopt(RUN_ID)
+    d3tune.leave_one_attack_out("search_spaces/robust_d3_digits.yaml")
     d3tune.list_attacks(), d3tune.list_defenses(), d3tune.list_models(), d3tune.list_datasets()
 
 The verbs are imported on first use, so ``import d3tune`` itself loads neither torch nor Ray.
@@ -26,20 +30,32 @@ from d3tune import registry as _registry
 # The first registry lookup in a process loads the installed plugins (d3tune/plugins.py).
 _registry.set_lookup_hook(_plugins.ensure_plugins)
 
-__all__ = ["defend", "evaluate", "run_trial", "sweep", "ablate", "robust", "leaderboard", "report",
-           "list_attacks", "list_defenses", "list_models", "list_datasets"]
+__all__ = ["defend", "evaluate", "run_trial", "run", "trial_fields", "sweep", "ablate", "robust",
+           "leaderboard", "report", "defaults", "adopt", "leave_one_attack_out",
+           "list_attacks", "list_defenses", "list_models", "list_datasets", "defense_citations",
+           "loaded_plugins"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports lazily
     from d3tune.api import (  # noqa: F401
         ablate,
+        adopt,
+        defaults,
         defend,
+        defense_citations,
         evaluate,
+        leaderboard,
+        leave_one_attack_out,
         list_attacks,
         list_datasets,
         list_defenses,
         list_models,
+        loaded_plugins,
+        report,
+        robust,
+        run,
         run_trial,
         sweep,
+        trial_fields,
     )
 
 

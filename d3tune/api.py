@@ -279,7 +279,86 @@ def run_trial(config: Any, *, cache_dir: str | Path | None = None, use_cache: bo
     return run(cfg, cache=ModelCache(cache_dir) if use_cache else None, data=data)
 
 
-def _plan(spec: Any, kind: str, num_samples: int | None = None):
+def trial_fields(*, config_file: str | Path | None = None,
+                 flags: Mapping[str, Any] | None = None, sets: Sequence[str] = (),
+                 attack_result: str | Path | None = None,
+                 eval_full: bool = False) -> dict[str, Any]:
+    """The nested trial dict ``d3tune run`` builds, in its order of precedence: the
+    ``config_file`` (YAML trial fields), then ``flags`` (dotted field -> value; None leaves it
+    unset), then ``sets`` ("KEY=VALUE", the value read as YAML), then a BackdoorBench record's
+    attack, dataset, architecture and (without a folder) its recorded data folder. Raises
+    UsageError naming the flag or file at fault."""
+    from d3tune.config import flatten, unflatten
+    from d3tune.yamlio import load_yaml
+
+    base: dict[str, Any] = {}
+    if config_file:
+        loaded = load_yaml(config_file)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UsageError(f"{config_file}: expected a mapping of trial fields at the top")
+        base = flatten(loaded or {})
+    base.update({k: v for k, v in (flags or {}).items() if v is not None})
+    if eval_full:
+        base["eval.subset"] = 0  # every epoch on the full test sets
+        base["eval.every"] = 1
+    base.update(dict(_key_value(s) for s in sets))
+    if attack_result:
+        base.update(_record_fields(str(attack_result), base))
+    return unflatten(base)
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """--set a.b=value: the value is read as YAML (numbers, booleans, null, lists)."""
+    from d3tune.yamlio import parse_yaml
+
+    if "=" not in text:
+        raise UsageError(f"--set {text!r}: expected KEY=VALUE, e.g. defense.eps=0.2")
+    key, raw = text.split("=", 1)
+    return key.strip(), parse_yaml(raw, f"--set {key}") if raw.strip() else None
+
+
+def _record_fields(path: str, base: Mapping[str, Any]) -> dict[str, Any]:
+    """--attack-result PATH: the BackdoorBench record's attack; its dataset and architecture
+    unless given (a mismatch is reported by the input check that follows); without
+    --data-dir, the folder the record says its clean data came from, where it can be found."""
+    from d3tune.attacks.imported import NAME
+    from d3tune.data import DATASETS
+    from d3tune.specs.records import record_data_dir, record_fields
+
+    if base.get("attack.name", NAME) != NAME:
+        raise UsageError(f"--attack-result: the record brings its own attack; drop --attack "
+                         f"{base['attack.name']}")
+    fields, data_path = record_fields(path)
+    out = {k: v for k, v in fields.items() if k not in base or k.startswith("attack.")}
+    dataset = base.get("data.name", fields["data.name"])
+    if ("data.data_dir" not in base and dataset == fields["data.name"]
+            and DATASETS[dataset].needs_data_dir):
+        out["data.data_dir"] = record_data_dir(fields["attack.result"], dataset, data_path,
+                                               "--data-dir")
+    return out
+
+
+def run(config: Any, *, out: str | Path = "d3tune_results/runs",
+        cache_dir: str | Path | None = None, use_cache: bool = True,
+        experiment: str = "d3tune", use_mlflow: bool = True,
+        threads: int | None = None) -> int:
+    """``d3tune run``: one trial with progress bars, its result.json and defended weights
+    (safetensors) under ``out``, and an MLflow run (unless ``use_mlflow`` is False).
+    ``config`` as for ``run_trial``; ``threads`` pins torch's CPU threads (results depend on
+    it, and the run records the count). Returns the exit status (0). Raises UsageError for bad
+    input, before any output."""
+    from d3tune import runner
+
+    return runner.run_and_log(_trial_config(config), out_dir=out,
+                              cache_dir=str(cache_dir) if cache_dir else None,
+                              use_cache=use_cache, experiment=experiment,
+                              use_mlflow=use_mlflow, threads=threads)
+
+
+def _plan(spec: Any, kind: str, num_samples: int | None = None,
+          dataset: str | None = None, data_dir: str | Path | None = None,
+          paths: Mapping[str, str | None] | None = None):
+    """A validated sweep or ablation plan with the caller's overrides, its inputs checked."""
     from d3tune.specs.inputs import check_inputs
     from d3tune.specs.sweep import (
         ablation_plan,
@@ -295,25 +374,55 @@ def _plan(spec: Any, kind: str, num_samples: int | None = None):
                                    else ablation_plan(dict(spec), "ablation"))
     else:
         raise UsageError(f"spec: expected a YAML path or a mapping, got {type(spec).__name__}")
+    plan = _with_data(plan, dataset, data_dir)
+    plan = replace(plan, **_path_changes(paths or {}))
     check_inputs(plan)
     return plan
 
 
+def _with_data(plan: Any, dataset: str | None, data_dir: str | Path | None) -> Any:
+    """``--dataset`` / ``--data-dir``: every trial of the plan on that dataset or folder."""
+    from d3tune.config import flatten, trial_config, unflatten
+    from d3tune.specs.fields import absolute
+
+    if not dataset and not data_dir:
+        return plan
+    base = flatten(plan.base)
+    if dataset:
+        base["data.name"] = dataset
+    if data_dir:
+        base["data.data_dir"] = absolute(str(data_dir))
+    try:
+        trial_config(unflatten(base))
+    except UsageError as exc:
+        raise UsageError(f"--dataset/--data-dir: {exc}") from None
+    return replace(plan, base=unflatten(base))
+
+
 def sweep(spec: Any, *, num_samples: int | None = None, resume: bool = False,
-          address: str | None = None) -> pd.DataFrame:
+          address: str | None = None, dataset: str | None = None,
+          data_dir: str | Path | None = None, **paths: str | None) -> pd.DataFrame:
     """``d3tune sweep``: ``spec`` is a YAML path or the same fields as a mapping (its ``name``
-    defaults to "sweep"). Returns one row per trial (its sampled fields and last metrics)."""
+    defaults to "sweep"). ``dataset``/``data_dir`` move every trial to that dataset or folder;
+    ``paths``: ``storage``, ``cache_dir``, ``experiment`` overrides. Returns one row per trial
+    (its sampled fields and last metrics). Raises UsageError for bad input, before Ray
+    starts."""
     from d3tune.search.sweeps import run_plan
 
-    return run_plan(_plan(spec, "sweep", num_samples), resume=resume, address=address)
+    return run_plan(_plan(spec, "sweep", num_samples, dataset, data_dir, paths), resume=resume,
+                    address=address)
 
 
-def ablate(spec: Any, *, resume: bool = False, address: str | None = None) -> pd.DataFrame:
-    """``d3tune ablate``: a grid spec (YAML path or mapping, ``name`` defaults to "ablation").
-    Returns one row per cell."""
+def ablate(spec: Any, *, resume: bool = False, address: str | None = None,
+           dataset: str | None = None, data_dir: str | Path | None = None,
+           **paths: str | None) -> pd.DataFrame:
+    """``d3tune ablate``: a grid spec (YAML path or mapping, ``name`` defaults to "ablation"),
+    overrides as for ``sweep``. Returns one row per cell. Raises UsageError for bad input,
+    before Ray starts."""
     from d3tune.search.sweeps import run_plan
 
-    return run_plan(_plan(spec, "ablation"), resume=resume, address=address)
+    return run_plan(_plan(spec, "ablation", None, dataset, data_dir, paths), resume=resume,
+                    address=address)
 
 
 def robust(spec: str | Path, *, budget: int | None = None, time_budget_s: float | None = None,
@@ -417,6 +526,65 @@ def report(run: str, out: str | Path | None = None) -> Path:
     return make_report(run, out)
 
 
+def defaults(runs: Sequence[str], *, max_acc_drop: float = 0.02,
+             out: str | Path = "d3tune_results/robust_defaults.yaml") -> tuple[Any, dict]:
+    """``d3tune defaults``: the setting with the best worst-case DER over finished sweeps or
+    ablations (MLflow parent run ids or experiment names) within ``max_acc_drop``, written to
+    ``out`` as trial fields. Returns (the ``Defaults`` found, Optuna importance per run).
+    Raises UsageError when a run is missing or no setting keeps the budget."""
+    from d3tune.reports.sweep import find_defaults
+
+    return find_defaults(list(runs), max_acc_drop, out)
+
+
+def adopt(run: str, *, dataset: str | None = None, file: str | Path | None = None,
+          force: bool = False) -> Any:
+    """``d3tune adopt``: a finished robust search's chosen setting (of a replicated search, the
+    replicate winner with the best search-phase worst case) becomes ``dataset``'s defaults,
+    written to ``file`` (default: $D3TUNE_DEFAULTS_DIR or the package's defaults/). Returns
+    the ``Adopted`` entry. Raises UsageError for a run that is not a finished robust search,
+    or a replicated one whose spread exceeds its tolerance (unless ``force``)."""
+    from d3tune.search.adopt import adopt as adopt_run
+
+    return adopt_run(run, dataset=dataset, path=Path(file) if file else None, force=force)
+
+
+def leave_one_attack_out(spec: str | Path, *, budget: int | None = None,
+                         time_budget_s: float | None = None, resume: bool = False,
+                         address: str | None = None,
+                         data_dir: str | Mapping[str, str] | None = None,
+                         **paths: str | None) -> pd.DataFrame:
+    """``d3tune robust --leave-one-attack-out``: one robust search per attack family of the
+    spec's population, searching on the others and confirming on it. Returns the summary
+    table (one row per held-out family). Raises UsageError for bad input, before Ray
+    starts."""
+    from d3tune.search.robust_loo import load_leave_one_attack_out, run_leave_one_attack_out
+    from d3tune.specs.inputs import check_members
+
+    specs = [(family, adjusted_robust(one, budget, time_budget_s, resume, paths))
+             for family, one in load_leave_one_attack_out(spec, data_dirs(data_dir))]
+    if any(one.replicates > 1 for _, one in specs):
+        raise UsageError("--replicates: --leave-one-attack-out runs one search per attack "
+                         "family; replicated leave-one-attack-out searches are not supported")
+    for _, one in specs:
+        check_members(one)
+    return run_leave_one_attack_out(specs, resume=resume, address=address)
+
+
+def defense_citations(pattern: str = "*") -> dict[str, str | None]:
+    """Registered defense -> the paper it implements (None when its entry names none)."""
+    from d3tune.defenses import DEFENSES
+
+    return {name: DEFENSES[name].citation for name in DEFENSES.names(pattern)}
+
+
+def loaded_plugins() -> list[str]:
+    """The plugin modules loaded into the registries (entry points and D3TUNE_PLUGINS)."""
+    from d3tune.plugins import ensure_plugins
+
+    return list(ensure_plugins().loaded)
+
+
 def list_attacks(pattern: str = "*") -> list[str]:
     """Registered attack names (plugins included), filtered by a wildcard such as "b*"."""
     from d3tune.attacks import ATTACKS
@@ -425,18 +593,21 @@ def list_attacks(pattern: str = "*") -> list[str]:
 
 
 def list_defenses(pattern: str = "*") -> list[str]:
+    """Registered defense names (plugins included), filtered by a wildcard."""
     from d3tune.defenses import DEFENSES
 
     return DEFENSES.names(pattern)
 
 
 def list_models(pattern: str = "*") -> list[str]:
+    """Registered architecture names (plugins included), filtered by a wildcard."""
     from d3tune.models import MODELS
 
     return MODELS.names(pattern)
 
 
 def list_datasets(pattern: str = "*") -> list[str]:
+    """Registered dataset names (plugins included), filtered by a wildcard."""
     from d3tune.data import DATASETS
 
     return DATASETS.names(pattern)

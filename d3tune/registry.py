@@ -12,7 +12,7 @@ import it, and the plugin loader, which needs those packages, sits above them.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from d3tune.errors import unknown_name
@@ -72,3 +72,19 @@ class Registry(Generic[T]):
         """Validate a name without building anything; returns it."""
         self[name]
         return name
+
+
+def import_builtins(package: str, path: Iterable[str]) -> list[str]:
+    """Import every public module of a method package (``_``-prefixed ones are private); each
+    registers its method on import. Why discovery and not an import list: a new built-in
+    attack, defense, model or dataset is then one file, with nothing else to edit. Returns the
+    module names, in name order (registries list names sorted, so the order is not visible)."""
+    import importlib
+    import pkgutil
+
+    names = sorted(info.name for info in pkgutil.iter_modules(list(path))
+                   if not info.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+

@@ -31,7 +31,7 @@ from d3tune.attacks import ATTACKS
 from d3tune.cache import Entry, ModelCache
 from d3tune.config import TrialConfig, flatten, to_dict
 from d3tune.data import Dataset, load_dataset
-from d3tune.search.runstate import now_ms
+from d3tune.runstate import now_ms
 from d3tune.specs.inputs import check_paths
 from d3tune.trial import TrialResult, check_import, run_trial
 
@@ -220,42 +220,44 @@ def adopted_params(cfg: TrialConfig) -> dict[str, Any]:
             "defaults.adopted_on": entry.provenance.get("adopted_on")}
 
 
-def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
-                experiment: str, use_mlflow: bool, threads: int | None = None) -> int:
-    """``threads`` pins torch's CPU threads. The run records the count it used (MLflow param
-    ``runtime.threads``, ``threads`` in result.json) because results depend on it: another
-    count sums floats in another order (docs/results.md)."""
+def pin_threads(threads: int | None) -> int:
+    """Pin torch's CPU threads (None: torch's choice) and return the count in use: results
+    depend on it (another count sums floats in another order, docs/results.md), so a run
+    records it."""
     import torch
-    from safetensors.torch import save_file
 
     if threads is not None:
         torch.set_num_threads(threads)
-    threads_used = torch.get_num_threads()
+    return torch.get_num_threads()
 
-    data, load_seconds = prepare(cfg)  # a usage error ends the run here, before any output
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_name = f"{cfg.data.name}-{cfg.attack.name}-{cfg.defense.name}-s{cfg.seed}-{stamp}"
-    out = Path(out_dir) / run_name
-    out.mkdir(parents=True, exist_ok=True)
+
+def open_mlflow(cfg: TrialConfig, experiment: str, run_name: str, threads: int,
+                out: Path) -> MlflowRun | None:
+    """The run's MLflow run with every trial field, the defaults' provenance and the thread
+    count as params; None (with a warning) when the store cannot be reached: an unreachable
+    store must not cost the trial, whose results still go to ``out``."""
     params = flatten(to_dict(cfg))
     params.update(adopted_params(cfg))
-    params["runtime.threads"] = threads_used
-    mlrun = None
-    if use_mlflow:
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        try:
-            mlrun = MlflowRun(experiment, run_name, params)
-        except Exception as exc:  # an unreachable store must not cost the trial
-            log.warning("MLflow unavailable (%s); results go to %s only",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, out)
+    params["runtime.threads"] = threads
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    try:
+        return MlflowRun(experiment, run_name, params)
+    except Exception as exc:  # noqa: BLE001 - any failure of the store: log and go on
+        log.warning("MLflow unavailable (%s); results go to %s only",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__, out)
+        return None
+
+
+def trial_with_bars(cfg: TrialConfig, data: Any, cache: ModelCache | None,
+                    mlrun: MlflowRun | None) -> Any:
+    """The trial with progress bars (attack epochs, defense epochs) and each evaluated epoch
+    logged to MLflow as it comes; the MLflow run is marked FAILED if the trial raises."""
     bars = Bars(cfg, Console(stderr=True))
-    cache = ModelCache(cache_dir) if use_cache else None
     if ATTACKS[cfg.attack.name].load_backdoor is not None:
         bars.model_ready()  # imported: nothing to train
     elif cache is None:
         bars.attack_started()  # no cache: the backdoored model is trained now
-    total_start = time.perf_counter() - load_seconds
 
     def report(row: dict[str, Any]) -> None:
         bars.defense_epoch(row)
@@ -264,48 +266,84 @@ def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None,
                 mlrun.run_id, metrics=tracking.metric_batch([row], timestamp_ms=now_ms())))
 
     try:
-        result = run_trial(cfg, report=report, data=data, on_attack_epoch=bars.attack_epoch,
-                           cache=WatchedCache(cache, bars) if cache is not None else None)
+        return run_trial(cfg, report=report, data=data, on_attack_epoch=bars.attack_epoch,
+                         cache=WatchedCache(cache, bars) if cache is not None else None)
     except BaseException:
         if mlrun is not None:
             mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FAILED"))
         raise
     finally:
         bars.stop()
-    total = time.perf_counter() - total_start
-    result = replace(result, seconds={**result.seconds,
-                                      "load": result.seconds.get("load", 0.0) + load_seconds})
+
+
+def write_results(out: Path, cfg: TrialConfig, result: Any, total: float,
+                  threads: int) -> tuple[Path, dict[str, Any]]:
+    """The defended weights (safetensors) and result.json (config, metrics, history, seconds,
+    cache key, threads) in ``out``; returns the weights' path and the record."""
+    from safetensors.torch import save_file
 
     weights = out / "defended.safetensors"
     save_file({k: v.detach().cpu().contiguous() for k, v in result.model.state_dict().items()},
               str(weights))
     record = {"config": to_dict(cfg), "metrics": result.metrics, "history": result.history,
               "seconds": {**result.seconds, "total": total}, "cache_key": result.cache_key,
-              "cache_hit": result.cache_hit, "threads": threads_used}
+              "cache_hit": result.cache_hit, "threads": threads}
     (out / "result.json").write_text(json.dumps(record, indent=1))
+    return weights, record
 
-    if mlrun is not None:
-        from mlflow.entities import Metric
 
-        final = [Metric(k, float(v), now_ms(), 0) for k, v in result.metrics.items()]
-        final += [Metric(f"seconds_{k}", float(v), now_ms(), 0)
-                  for k, v in record["seconds"].items()]
-        mlrun.call(lambda: mlrun.client.log_batch(mlrun.run_id, metrics=final, tags=[
-            _tag("d3tune.cache_key", result.cache_key),
-            _tag("d3tune.cache_hit", str(result.cache_hit))]))
-        mlrun.call(lambda: mlrun.client.log_artifact(mlrun.run_id, str(weights)))
-        mlrun.call(lambda: mlrun.client.log_artifact(mlrun.run_id, str(out / "result.json")))
-        mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FINISHED"))
+def finish_mlflow(mlrun: MlflowRun, result: Any, record: dict[str, Any], weights: Path,
+                  out: Path) -> None:
+    """Final metrics and phase seconds, the cache tags, the weights and result.json as
+    artifacts, then FINISHED."""
+    from mlflow.entities import Metric
 
-    print_console = Console()
-    print_summary(print_console, cfg, result, total, out)
+    final = [Metric(k, float(v), now_ms(), 0) for k, v in result.metrics.items()]
+    final += [Metric(f"seconds_{k}", float(v), now_ms(), 0) for k, v in record["seconds"].items()]
+    mlrun.call(lambda: mlrun.client.log_batch(mlrun.run_id, metrics=final, tags=[
+        _tag("d3tune.cache_key", result.cache_key),
+        _tag("d3tune.cache_hit", str(result.cache_hit))]))
+    mlrun.call(lambda: mlrun.client.log_artifact(mlrun.run_id, str(weights)))
+    mlrun.call(lambda: mlrun.client.log_artifact(mlrun.run_id, str(out / "result.json")))
+    mlrun.call(lambda: mlrun.client.set_terminated(mlrun.run_id, "FINISHED"))
+
+
+def print_outcome(cfg: TrialConfig, result: Any, total: float, out: Path,
+                  mlrun: MlflowRun | None, experiment: str) -> None:
+    """The summary table and phase times, then where the MLflow run is and how to open it."""
+    console = Console()
+    print_summary(console, cfg, result, total, out)
     if mlrun is not None and mlrun.ok:
-        print_console.print(f"MLflow run {mlrun.run_id} in experiment {experiment!r}")
+        console.print(f"MLflow run {mlrun.run_id} in experiment {experiment!r}")
         # The command on a line of its own, so that it copies alone; the page on the next.
         command, then, page = tracking.ui_hint(mlrun.uri, mlrun.exp_id).partition("  then open ")
-        print_console.print(command, soft_wrap=True, highlight=False)
+        console.print(command, soft_wrap=True, highlight=False)
         if then:
-            print_console.print(f"then open {page}", soft_wrap=True, highlight=False)
+            console.print(f"then open {page}", soft_wrap=True, highlight=False)
+
+
+def run_and_log(cfg: TrialConfig, *, out_dir: str | Path, cache_dir: str | None, use_cache: bool,
+                experiment: str, use_mlflow: bool, threads: int | None = None) -> int:
+    """One ``d3tune run``: the trial with bars, its files in a fresh folder under ``out_dir``,
+    its MLflow run, the console summary; returns the exit status (0). ``threads`` pins torch's
+    CPU threads, and the run records the count it used (MLflow param ``runtime.threads``,
+    ``threads`` in result.json). Raises UsageError for bad input before any output."""
+    threads_used = pin_threads(threads)
+    data, load_seconds = prepare(cfg)  # a usage error ends the run here, before any output
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_name = f"{cfg.data.name}-{cfg.attack.name}-{cfg.defense.name}-s{cfg.seed}-{stamp}"
+    out = Path(out_dir) / run_name
+    out.mkdir(parents=True, exist_ok=True)
+    mlrun = open_mlflow(cfg, experiment, run_name, threads_used, out) if use_mlflow else None
+    total_start = time.perf_counter() - load_seconds
+    result = trial_with_bars(cfg, data, ModelCache(cache_dir) if use_cache else None, mlrun)
+    total = time.perf_counter() - total_start
+    result = replace(result, seconds={**result.seconds,
+                                      "load": result.seconds.get("load", 0.0) + load_seconds})
+    weights, record = write_results(out, cfg, result, total, threads_used)
+    if mlrun is not None:
+        finish_mlflow(mlrun, result, record, weights, out)
+    print_outcome(cfg, result, total, out, mlrun, experiment)
     return 0
 
 

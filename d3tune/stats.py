@@ -173,7 +173,7 @@ def _plain(v: Any) -> Any:
 
 
 def _fmt_setting(s: dict[str, Any]) -> str:
-    from d3tune.reports.html import fmt
+    from d3tune.numbers import fmt
 
     return "{" + ", ".join(f"{k} {fmt(v)}" for k, v in s.items()) + "}"
 

@@ -17,15 +17,10 @@ from d3tune.train import Augment, make_sgd
 TINY = ModelSpec(num_classes=3, in_channels=1, image_size=8, mean=(0.5,), std=(0.25,))
 
 # Small settings per defense so the whole file stays fast; the mechanisms are the real ones.
-FAST = {
-    "fp": fp.Params(acc_ratio=0.5, prune_step=0.1),
-    "nad": nad.Params(te_epochs=1),
-    "anp": anp.Params(nb_iter=6),
-    "ibau": ibau.Params(n_rounds=3, k=2),
-    "ft_sam": ft_sam.Params(),
-    "fst": fst.Params(),
-    "sau": sau.Params(adv_steps=2),
-}
+# Each defense registers its own (``register(..., fast=...)``): a new defense joins these tests
+# with no edit here. D3 and plain FT have their own tests (test_d3.py, test_core.py).
+FAST = {name: DEFENSES[name].params(**DEFENSES[name].fast) for name in DEFENSES.names()
+        if name not in ("d3", "ft")}
 BASELINES = sorted(FAST)
 
 
@@ -279,3 +274,36 @@ def test_sau_adversarial_examples_stay_within_eps(init: str):
     assert float(delta.abs().max()) <= prm.eps + 1e-7
     loss, logs = sau.sau_loss(model, ref, x01, x01 + delta, y, prm)
     assert torch.isfinite(loss) and set(logs) >= {"loss_clean", "loss_shared"}
+
+
+def test_a_builtin_defense_is_one_file(tmp_path, monkeypatch):
+    """A module dropped into the defenses package registers itself on import: no import list
+    to edit, and its registered fast settings and space reach the tests and leaderboards."""
+    import sys
+
+    import d3tune.defenses as package
+    from d3tune.registry import import_builtins
+    from d3tune.specs.leaderboard import leaderboard_plan
+
+    (tmp_path / "zz_throwaway.py").write_text(
+        "from d3tune.defenses import register\n"
+        "from dataclasses import dataclass\n"
+        "@dataclass(frozen=True)\n"
+        "class Params:\n"
+        "    rounds: int = 50\n"
+        "@register('throwaway', Params, space={'defense.lr': {'loguniform': [0.001, 0.1]}},\n"
+        "          fast={'rounds': 1}, citation='nobody, 2026')\n"
+        "def run(model, x, y, cfg, ctx):\n"
+        "    pass\n")
+    (tmp_path / "_helper.py").write_text("raise RuntimeError('private modules are not imported')\n")
+    monkeypatch.setattr(DEFENSES, "_items", dict(DEFENSES._items))
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "d3tune.defenses.zz_throwaway", raising=False)
+    assert "zz_throwaway" in import_builtins(package.__name__, package.__path__)
+    entry = DEFENSES["throwaway"]
+    assert entry.params(**entry.fast).rounds == 1 and entry.citation == "nobody, 2026"
+    spec = leaderboard_plan({"name": "lb", "defenses": ["throwaway"], "budget": 1,
+                             "population": {"attacks": ["badnets"], "seeds": [0]},
+                             "holdout_seeds": [1]}, "lb.yaml")
+    assert [d.path for d in spec.searches[0].space] == ["defense.lr"]
+    sys.modules.pop("d3tune.defenses.zz_throwaway", None)

@@ -1,4 +1,5 @@
-"""The package's import graph has no cycles (issue 30).
+"""The package's import graph has no cycles, and no import runs up the layer table that
+docs/architecture.md draws (the test reads the table from the page, so the two cannot drift).
 
 Why a test: a cycle makes import order matter (a half-initialised module, an ImportError that
 depends on which verb ran first) and couples modules that should sit on different layers. Every
@@ -115,3 +116,121 @@ def test_the_checker_finds_a_cycle_and_reads_deferred_and_relative_imports(tmp_p
     known = {"pkg", "pkg.low", "pkg.high"}
     assert imports_of("pkg.low", pkg / "low.py", known) == {"pkg.high"}
     assert imports_of("pkg.high", pkg / "high.py", known) == {"pkg.low"}
+
+
+# The command line only parses and prints: every verb goes through the Python API, so the CLI
+# and ``import d3tune`` cannot drift apart. What else a cli module may import, and why.
+CLI_ALLOWED = {
+    "d3tune.api": "every verb",
+    "d3tune.cli": "its own modules",
+    "d3tune.cli.robust": "its own modules (the --data-dir and --replicates flags)",
+    "d3tune.cli.leaderboard": "its own modules",
+    "d3tune.cli.sweeps": "its own modules",
+    "d3tune.errors": "UsageError: the one-line error and exit 2 the command line prints",
+}
+
+
+def test_the_command_line_imports_only_the_api():
+    graph = import_graph()
+    below = {m: sorted(graph[m] - set(CLI_ALLOWED)) for m in graph
+             if m == "d3tune.cli" or m.startswith("d3tune.cli.")}
+    assert below and not any(below.values()), f"cli modules importing below the API: {below}"
+
+
+# --- the layer table ----------------------------------------------------------------------------
+
+PAGE = ROOT.parent / "docs" / "architecture.md"
+# (importer, imported) -> why the upward import is allowed. Empty: every layer holds.
+UPWARD_EXCEPTIONS: dict[tuple[str, str], str] = {}
+
+
+def layer_table(text: str) -> list[tuple[str, list[str]]]:
+    """(layer, module patterns), top layer first, from the page's marked table."""
+    import re
+
+    body = text.split("<!-- layers: the test parses this table -->", 1)[1].strip()
+    rows = []
+    for line in body.splitlines()[2:]:  # header and rule
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.append((cells[0], re.findall(r"`([^`]+)`", cells[1])))
+    return rows
+
+
+def layer_of(module: str, table: list[tuple[str, list[str]]]) -> list[int]:
+    """The table rows (0 = top) whose patterns cover ``module``."""
+    def covers(pattern: str) -> bool:
+        if pattern.endswith("*"):
+            stem = pattern[:-1]
+            return module == stem or module.startswith(stem + ".")
+        return module == pattern
+    return [i for i, (_, patterns) in enumerate(table) if any(covers(p) for p in patterns)]
+
+
+def test_every_module_has_one_place_in_the_layer_table():
+    table = layer_table(PAGE.read_text())
+    assert [name for name, _ in table][:2] == ["cli", "api"] and table[-1][0] == "base"
+    placed = {m: layer_of(m, table) for m in modules()}
+    missing = sorted(m for m, rows in placed.items() if not rows)
+    twice = sorted(m for m, rows in placed.items() if len(rows) > 1)
+    assert not missing, f"modules docs/architecture.md's layer table does not place: {missing}"
+    assert not twice, f"modules the layer table places twice: {twice}"
+
+
+def upward_imports(graph: dict[str, set[str]], table: list[tuple[str, list[str]]]
+                   ) -> list[tuple[str, str]]:
+    """(importer, imported) pairs where the imported module sits on a higher layer."""
+    layer = {m: layer_of(m, table)[0] for m in graph}
+    return sorted((m, dep) for m, deps in graph.items() for dep in deps
+                  if layer[dep] < layer[m] and (m, dep) not in UPWARD_EXCEPTIONS)
+
+
+def test_no_import_runs_up_the_layers():
+    table = layer_table(PAGE.read_text())
+    graph = import_graph()
+    layer = {m: layer_of(m, table)[0] for m in graph}
+    upward = upward_imports(graph, table)
+    detail = [f"{m} ({table[layer[m]][0]}) -> {d} ({table[layer[d]][0]})" for m, d in upward]
+    assert not upward, "imports that run up the layers:\n" + "\n".join(detail)
+    stale = [pair for pair in UPWARD_EXCEPTIONS if pair[1] not in graph.get(pair[0], set())]
+    assert not stale, f"exceptions for imports that no longer exist: {stale}"
+
+
+def test_the_layer_check_can_fail():
+    """A base module importing the API is caught; a module the table misses is reported."""
+    table = layer_table(PAGE.read_text())
+    base, api = layer_of("d3tune.errors", table)[0], layer_of("d3tune.api", table)[0]
+    assert api < base  # row 0 is the top: an import from base to api runs upward
+    assert layer_of("d3tune.nowhere", table) == []
+    assert layer_of("d3tune.search.tuner", table) == layer_of("d3tune.reports.html", table)
+    graph = {**import_graph(), "d3tune.metrics": {"d3tune.train", "d3tune.search.tuner"}}
+    assert upward_imports(graph, table) == [("d3tune.metrics", "d3tune.search.tuner")]
+
+
+# --- a readable public surface ---------------------------------------------------------------
+
+# Ray Tune's hooks: a callback's, searcher's or scheduler's override is documented by the
+# interface it implements (ray.tune.Callback, Searcher, TrialScheduler, Stopper).
+TUNE_HOOKS = {"on_trial_start", "on_trial_result", "on_checkpoint", "on_trial_save",
+              "on_experiment_end", "on_trial_complete", "on_trial_error", "setup", "suggest",
+              "stop_all", "set_search_properties"}
+
+
+def test_every_public_function_of_the_upper_layers_says_what_it_does():
+    """api.py, specs/, search/ and reports/: every public function, class and method has a
+    docstring (Tune's hook overrides aside)."""
+    files = [ROOT / "api.py", *sorted((ROOT / "specs").glob("*.py")),
+             *sorted((ROOT / "search").glob("*.py")), *sorted((ROOT / "reports").glob("*.py"))]
+    missing = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                if not ast.get_docstring(node):
+                    missing.append(f"{path.name}:{node.name}")
+                if isinstance(node, ast.ClassDef):
+                    missing += [f"{path.name}:{node.name}.{m.name}" for m in node.body
+                                if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")
+                                and m.name not in TUNE_HOOKS and not ast.get_docstring(m)]
+    assert not missing, f"public names without a docstring: {missing}"

@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from d3tune.search.runstate import KILL_ENV  # noqa: E402
+from d3tune.runstate import KILL_ENV  # noqa: E402
 
 BASE = """
 base:
@@ -168,7 +168,7 @@ def test_an_unreadable_restored_checkpoint_starts_the_trial_over(tmp_path, conte
     import torch
     from ray import tune
 
-    from d3tune.search.runstate import CHECKPOINT_FILE, read_restored
+    from d3tune.runstate import CHECKPOINT_FILE, read_restored
 
     if content is not None:
         (tmp_path / CHECKPOINT_FILE).write_bytes(content)

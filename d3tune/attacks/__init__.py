@@ -34,7 +34,7 @@ from torch import nn
 
 from d3tune.data import Dataset
 from d3tune.errors import UsageError
-from d3tune.registry import Registry
+from d3tune.registry import Registry, import_builtins
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]
 STATE_PREFIX = "attack."  # cache-entry tensors with this prefix are the trigger's state
@@ -327,15 +327,4 @@ def seed_from(generator: torch.Generator) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
 
-from d3tune.attacks import (  # noqa: E402,F401  (importing registers)
-    badnets,
-    blended,
-    bpp,
-    imported,
-    input_aware,
-    lc,
-    lf,
-    sig,
-    trojan,
-    wanet,
-)
+import_builtins(__name__, __path__)  # each module registers its method: one file each

@@ -20,16 +20,6 @@ log = logging.getLogger("d3tune")
 # Shared pieces
 
 
-def _kv(text: str) -> tuple[str, Any]:
-    """--set a.b=value: the value is read as YAML (numbers, booleans, null, lists)."""
-    from d3tune.yamlio import parse_yaml
-
-    if "=" not in text:
-        raise UsageError(f"--set {text!r}: expected KEY=VALUE, e.g. defense.eps=0.2")
-    key, raw = text.split("=", 1)
-    return key.strip(), parse_yaml(raw, f"--set {key}") if raw.strip() else None
-
-
 # `d3tune run` flags that set one trial field each (argparse dest -> dotted field). Every spec
 # kind must be able to set these fields too, or refuse them on purpose (tests/test_spec_fields.py).
 RUN_FLAG_FIELDS = {"dataset": "data.name", "data_dir": "data.data_dir",
@@ -40,46 +30,14 @@ RUN_FLAG_FIELDS = {"dataset": "data.name", "data_dir": "data.data_dir",
 
 
 def trial_dict_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """--config file, then the named flags, then --set overrides (last wins)."""
-    from d3tune.config import flatten, unflatten
-    from d3tune.yamlio import load_yaml
+    """--config file, then the named flags, then --set overrides (last wins), then the record
+    of --attack-result (``d3tune.api.trial_fields``)."""
+    from d3tune.api import trial_fields
 
-    base: dict[str, Any] = {}
-    if args.config:
-        loaded = load_yaml(args.config)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UsageError(f"{args.config}: expected a mapping of trial fields at the top")
-        base = flatten(loaded or {})
-    flags = {path: getattr(args, dest) for dest, path in RUN_FLAG_FIELDS.items()}
-    base.update({k: v for k, v in flags.items() if v is not None})
-    if getattr(args, "eval_full", False):
-        base["eval.subset"] = 0  # every epoch on the full test sets
-        base["eval.every"] = 1
-    base.update(dict(_kv(s) for s in args.set or []))
-    if getattr(args, "attack_result", None):
-        base.update(_imported_fields(args.attack_result, base))
-    return unflatten(base)
-
-
-def _imported_fields(path: str, base: dict[str, Any]) -> dict[str, Any]:
-    """--attack-result PATH: the BackdoorBench record's attack; its dataset and architecture
-    unless given (a mismatch is reported by the input check that follows); without
-    --data-dir, the folder the record says its clean data came from, where it can be found."""
-    from d3tune.attacks.imported import NAME
-    from d3tune.data import DATASETS
-    from d3tune.specs.records import record_data_dir, record_fields
-
-    if base.get("attack.name", NAME) != NAME:
-        raise UsageError(f"--attack-result: the record brings its own attack; drop --attack "
-                         f"{base['attack.name']}")
-    fields, data_path = record_fields(path)
-    out = {k: v for k, v in fields.items() if k not in base or k.startswith("attack.")}
-    dataset = base.get("data.name", fields["data.name"])
-    if ("data.data_dir" not in base and dataset == fields["data.name"]
-            and DATASETS[dataset].needs_data_dir):
-        out["data.data_dir"] = record_data_dir(fields["attack.result"], dataset, data_path,
-                                               "--data-dir")
-    return out
+    return trial_fields(config_file=args.config,
+                        flags={path: getattr(args, dest) for dest, path in RUN_FLAG_FIELDS.items()},
+                        sets=args.set or [], attack_result=getattr(args, "attack_result", None),
+                        eval_full=getattr(args, "eval_full", False))
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -102,29 +60,24 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from d3tune import runner
-    from d3tune.config import resolve, trial_config
+    from d3tune import api
 
-    cfg = resolve(trial_config(trial_dict_from_args(args)))
-    return runner.run_and_log(cfg, out_dir=args.out, cache_dir=args.cache_dir,
-                              use_cache=not args.no_cache, experiment=args.experiment,
-                              use_mlflow=not args.no_mlflow, threads=args.threads)
+    return api.run(trial_dict_from_args(args), out=args.out, cache_dir=args.cache_dir,
+                   use_cache=not args.no_cache, experiment=args.experiment,
+                   use_mlflow=not args.no_mlflow, threads=args.threads)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from d3tune.attacks import ATTACKS
-    from d3tune.data import DATASETS
-    from d3tune.defenses import DEFENSES
-    from d3tune.models import MODELS
-    from d3tune.plugins import ensure_plugins
+    from d3tune import api
 
-    kinds = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS}
+    kinds = {"attacks": api.list_attacks, "defenses": api.list_defenses,
+             "models": api.list_models, "datasets": api.list_datasets}
     for kind in [args.kind] if args.kind else kinds:
-        print(f"{kind}: {', '.join(kinds[kind].names(args.pattern))}")
+        print(f"{kind}: {', '.join(kinds[kind](args.pattern))}")
     if args.kind == "defenses":  # one line each: the paper, from the registry entry
-        for name in DEFENSES.names(args.pattern):
-            print(f"  {name}: {DEFENSES[name].citation or '(no citation registered)'}")
-    loaded = ensure_plugins().loaded  # a skipped plugin was reported in its warning line
+        for name, citation in api.defense_citations(args.pattern).items():
+            print(f"  {name}: {citation or '(no citation registered)'}")
+    loaded = api.loaded_plugins()  # a skipped plugin was reported in its warning line
     if loaded and not args.kind:
         print(f"plugins: {', '.join(loaded)}")
     return 0

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from d3tune.errors import UsageError
-
-
 def add_data_dir_flag(p: argparse.ArgumentParser) -> None:
     """``--data-dir``, as ``d3tune run`` has it, for a population's datasets."""
     p.add_argument("--data-dir", action="append", metavar="[DATASET=]DIR",
@@ -26,15 +23,17 @@ def add_replicates_flag(p: argparse.ArgumentParser) -> None:
 def data_dir_flags(values: Sequence[str] | None) -> dict[str, str] | str | None:
     """``--data-dir DIR`` (the population's one dataset) or ``--data-dir NAME=DIR`` (repeated),
     as the API's ``data_dir``."""
-    from d3tune.data import DATASETS
+    from d3tune.api import list_datasets
+    from d3tune.errors import UsageError
 
+    datasets = list_datasets()
     if not values:
         return None
     named: dict[str, str] = {}
     plain = []
     for value in values:
         name, sep, folder = value.partition("=")
-        if sep and name in DATASETS.names():
+        if sep and name in datasets:
             if name in named:
                 raise UsageError(f"--data-dir {value}: {name} is given twice")
             named[name] = folder
@@ -42,47 +41,36 @@ def data_dir_flags(values: Sequence[str] | None) -> dict[str, str] | str | None:
             plain.append(value)
     if plain and (named or len(plain) > 1):
         raise UsageError(f"--data-dir {plain[0]}: with several --data-dir, name each one's "
-                         f"dataset (DATASET=DIR; datasets: {', '.join(DATASETS.names())})")
+                         f"dataset (DATASET=DIR; datasets: {', '.join(datasets)})")
     return plain[0] if plain else named
 
 
 def cmd_robust(args: argparse.Namespace) -> int:
-    from d3tune.api import adjusted_robust, robust
+    from d3tune import api
 
     paths = {"storage": args.storage, "cache_dir": args.cache_dir, "experiment": args.experiment}
+    common = {"budget": args.budget, "time_budget_s": args.time_budget_s, "resume": args.resume,
+              "address": args.address, "data_dir": data_dir_flags(args.data_dir), **paths}
     if args.leave_one_attack_out:
-        return _leave_one_attack_out(args, lambda spec: adjusted_robust(
-            spec, args.budget, args.time_budget_s, args.resume, paths))
-    robust(args.spec, budget=args.budget, time_budget_s=args.time_budget_s, resume=args.resume,
-           address=args.address, out=args.out, data_dir=data_dir_flags(args.data_dir),
-           replicates=args.replicates, **paths)
+        return _leave_one_attack_out(args, common)
+    api.robust(args.spec, out=args.out, replicates=args.replicates, **common)
     return 0
 
 
-def _leave_one_attack_out(args: argparse.Namespace, adjusted) -> int:
+def _leave_one_attack_out(args: argparse.Namespace, common: dict) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from d3tune.api import leave_one_attack_out
     from d3tune.errors import UsageError
-    from d3tune.search.robust_loo import (
-        load_leave_one_attack_out,
-        run_leave_one_attack_out,
-    )
-    from d3tune.specs.inputs import check_members
 
     if args.out:
         raise UsageError("--out: with --leave-one-attack-out each search writes "
                          "d3tune_results/robust/NAME-without-ATTACK.yaml")
-    from d3tune.api import data_dirs
-
-    specs = [(family, adjusted(spec)) for family, spec in load_leave_one_attack_out(
-        args.spec, data_dirs(data_dir_flags(args.data_dir)))]
-    if args.replicates is not None or any(spec.replicates > 1 for _, spec in specs):
+    if args.replicates is not None:
         raise UsageError("--replicates: --leave-one-attack-out runs one search per attack "
                          "family; replicated leave-one-attack-out searches are not supported")
-    for _, spec in specs:
-        check_members(spec)
-    table = run_leave_one_attack_out(specs, resume=args.resume, address=args.address)
+    table = leave_one_attack_out(args.spec, **common)
     shown = Table(title="leave-one-attack-out: each attack confirmed by a search that never "
                   "saw it (holdout seeds)")
     for col in table.columns:
@@ -94,12 +82,9 @@ def _leave_one_attack_out(args: argparse.Namespace, adjusted) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from d3tune.api import adopt
 
-    from d3tune.search.adopt import adopt
-
-    entry = adopt(args.run, dataset=args.dataset, path=Path(args.file) if args.file else None,
-                  force=args.force)
+    entry = adopt(args.run, dataset=args.dataset, file=args.file, force=args.force)
     print(f"adopted for {entry.dataset}: {entry.defense} "
           + ", ".join(f"{k} {v}" for k, v in entry.knobs.items()))
     proc = entry.provenance.get("procedure")

@@ -5,32 +5,30 @@ import argparse
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from d3tune.search.sweeps import run_plan
-    from d3tune.specs.inputs import check_inputs
-    from d3tune.specs.sweep import load_plan
+    from d3tune.api import sweep
 
-    plan = load_plan(args.spec, "sweep", num_samples=args.num_samples)
-    plan = _with_overrides(plan, args)
-    check_inputs(plan)
-    run_plan(plan, resume=args.resume, address=args.address)
+    sweep(args.spec, num_samples=args.num_samples, resume=args.resume, address=args.address,
+          **_overrides(args))
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from d3tune.search.sweeps import run_plan
-    from d3tune.specs.inputs import check_inputs
-    from d3tune.specs.sweep import load_plan
+    from d3tune.api import ablate
 
-    plan = _with_overrides(load_plan(args.spec, "ablation"), args)
-    check_inputs(plan)
-    run_plan(plan, resume=args.resume, address=args.address)
+    ablate(args.spec, resume=args.resume, address=args.address, **_overrides(args))
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from d3tune.reports.sweep import make_report
+def _overrides(args: argparse.Namespace) -> dict[str, str | None]:
+    """--dataset/--data-dir/--storage/--cache-dir/--experiment: every trial of a spec."""
+    return {"dataset": args.dataset, "data_dir": args.data_dir, "storage": args.storage,
+            "cache_dir": args.cache_dir, "experiment": args.experiment}
 
-    out = make_report(args.run, args.out)
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from d3tune.api import report
+
+    out = report(args.run, args.out)
     print(f"report written to {out / 'report.md'} and {out / 'report.html'} (self-contained; "
           "also logged to the parent run under report/: open report.html in the MLflow UI's "
           "Artifacts tab)")
@@ -38,9 +36,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_defaults(args: argparse.Namespace) -> int:
-    from d3tune.reports.sweep import find_defaults
+    from d3tune.api import defaults
 
-    res, importance = find_defaults(args.runs, args.max_acc_drop, args.out)
+    res, importance = defaults(args.runs, max_acc_drop=args.max_acc_drop, out=args.out)
     b = res.best
     print(f"robust default ({res.admissible} of {res.considered} settings keep mean ACC drop "
           f"<= {args.max_acc_drop:.3f}):")
@@ -56,32 +54,6 @@ def cmd_defaults(args: argparse.Namespace) -> int:
         print(f"Optuna importance ({run}): " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items()))
     print(f"wrote {args.out}: use it with `d3tune run --config {args.out}` or as a spec's base")
     return 0
-
-
-def _with_overrides(plan, args: argparse.Namespace):
-    """--data-dir/--dataset/--storage/--cache-dir apply to every trial of a spec."""
-    from dataclasses import replace
-
-    from d3tune.config import flatten, trial_config, unflatten
-    from d3tune.errors import UsageError
-    from d3tune.specs.sweep import absolute
-
-    base = flatten(plan.base)
-    if args.dataset:
-        base["data.name"] = args.dataset
-    if args.data_dir:
-        base["data.data_dir"] = absolute(args.data_dir)
-    try:
-        trial_config(unflatten(base))
-    except UsageError as exc:
-        raise UsageError(f"--dataset/--data-dir: {exc}") from None
-    return replace(plan, base=unflatten(base), **path_overrides(args))
-
-
-def path_overrides(args: argparse.Namespace) -> dict[str, str]:
-    from d3tune.specs.inputs import path_changes
-
-    return path_changes(args.storage, args.cache_dir, args.experiment)
 
 
 def _shared(p: argparse.ArgumentParser) -> None:

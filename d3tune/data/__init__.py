@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from d3tune.errors import UsageError
-from d3tune.registry import Registry
+from d3tune.registry import Registry, import_builtins
 
 
 @dataclass(frozen=True)
@@ -181,5 +181,4 @@ def from_uint8_arrays(name: str, x_train, y_train, x_test, y_test, *, num_classe
                    num_classes, tuple(float(m) for m in mean), tuple(float(s) for s in std), hflip)
 
 
-# Importing the modules registers them (one line per dataset).
-from d3tune.data import cifar10, digits, fashion_mnist, gtsrb, synthetic, tiny_imagenet  # noqa: E402,F401
+import_builtins(__name__, __path__)  # each module registers its method: one file each

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from d3tune.registry import Registry
+from d3tune.registry import Registry, import_builtins
 from d3tune.train import Augment
 
 
@@ -65,7 +65,9 @@ class DefenseEntry:
     param that overrides it (``d3tune.defend`` on a foreign model needs one or the other).
     ``citation``: the paper, one line. ``cost``: seconds of one member evaluation relative to
     D3's, as measured on digits (docs/results/leaderboard_b2): a leaderboard without a
-    ``defenses`` list runs the method first, then the cheapest first."""
+    ``defenses`` list runs the method first, then the cheapest first. ``fast``: ``Params``
+    knobs that make the method cheap while every step of it still runs (its smoke tests use
+    them, so a new defense brings its own and no test needs an edit)."""
 
     run: DefenseFn
     params: type = NoParams
@@ -74,6 +76,7 @@ class DefenseEntry:
     head_knob: str | None = None
     citation: str = ""
     cost: float = 1.0
+    fast: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 DEFENSES: Registry[DefenseEntry] = Registry("defense")
@@ -90,12 +93,12 @@ FINETUNE_SPACE: Mapping[str, Any] = MappingProxyType({
 
 def register(name: str, params: type = NoParams, *, space: Mapping[str, Any] | None = None,
              uses_head: bool = False, head_knob: str | None = None, citation: str = "",
-             cost: float = 1.0):
+             cost: float = 1.0, fast: Mapping[str, Any] | None = None):
     def add(run: DefenseFn) -> DefenseFn:
         DEFENSES.add(name, DefenseEntry(run, params, MappingProxyType(dict(space))
                                         if space is not None else None,
                                         uses_head or head_knob is not None, head_knob,
-                                        citation, cost))
+                                        citation, cost, MappingProxyType(dict(fast or {}))))
         return run
 
     return add
@@ -112,4 +115,4 @@ def params_of(cfg: DefenseConfig) -> Any:
     return cfg.params if cfg.params is not None else DEFENSES[cfg.name].params()
 
 
-from d3tune.defenses import anp, d3, fp, fst, ft, ft_sam, ibau, nad, sau  # noqa: E402,F401  (importing registers)
+import_builtins(__name__, __path__)  # each module registers its method: one file each

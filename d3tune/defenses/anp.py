@@ -145,7 +145,8 @@ SPACE = {"defense.eps": {"uniform": [0.1, 0.6]},
 CITATION = "Wu, Wang: Adversarial Neuron Pruning Purifies Backdoored Deep Models, NeurIPS 2021"
 
 
-@register("anp", Params, space=SPACE, citation=CITATION, cost=10.4)
+@register("anp", Params, space=SPACE, citation=CITATION, cost=10.4,
+          fast={"nb_iter": 6})
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

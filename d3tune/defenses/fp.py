@@ -174,7 +174,8 @@ SPACE = {**FINETUNE_SPACE, "defense.acc_ratio": {"uniform": [0.02, 0.3]},
 CITATION = "Liu, Dolan-Gavitt, Garg: Fine-Pruning, RAID 2018"
 
 
-@register("fp", Params, space=SPACE, uses_head=True, citation=CITATION, cost=0.65)
+@register("fp", Params, space=SPACE, uses_head=True, citation=CITATION, cost=0.65,
+          fast={"acc_ratio": 0.5, "prune_step": 0.1})
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

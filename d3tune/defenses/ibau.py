@@ -123,7 +123,8 @@ CITATION = ("Zeng et al.: Adversarial Unlearning of Backdoors via Implicit"
             " Hypergradient (I-BAU), ICLR 2022")
 
 
-@register("ibau", Params, space=SPACE, citation=CITATION, cost=0.74)
+@register("ibau", Params, space=SPACE, citation=CITATION, cost=0.74,
+          fast={"n_rounds": 3, "k": 2})
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

@@ -146,7 +146,8 @@ SPACE = {**FINETUNE_SPACE, "defense.te_epochs": {"int": [5, 20]},
 CITATION = "Li et al.: Neural Attention Distillation, ICLR 2021"
 
 
-@register("nad", Params, space=SPACE, citation=CITATION, cost=0.88)
+@register("nad", Params, space=SPACE, citation=CITATION, cost=0.88,
+          fast={"te_epochs": 1})
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

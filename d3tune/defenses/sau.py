@@ -129,7 +129,8 @@ SPACE = {"defense.adam_lr": {"loguniform": [0.00002, 0.001]},
 CITATION = "Wei et al.: Shared Adversarial Unlearning, NeurIPS 2023"
 
 
-@register("sau", Params, space=SPACE, citation=CITATION, cost=4.5)
+@register("sau", Params, space=SPACE, citation=CITATION, cost=4.5,
+          fast={"adv_steps": 2})
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

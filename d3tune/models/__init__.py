@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from d3tune.registry import Registry
+from d3tune.registry import Registry, import_builtins
 
 
 class Normalize(nn.Module):
@@ -68,4 +68,4 @@ def build_model(name: str, spec: ModelSpec) -> nn.Module:
     return model
 
 
-from d3tune.models import cnn, preactresnet, vgg, vit  # noqa: E402,F401  (importing registers)
+import_builtins(__name__, __path__)  # each module registers its method: one file each

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from d3tune import stats
-from d3tune.reports.html import fmt as html_fmt
+from d3tune.numbers import fmt as html_fmt
 from d3tune.reports.layout import METRICS, Layout, levels, select
 
 

@@ -18,30 +18,9 @@ from typing import Any
 
 import pandas as pd
 
+from d3tune.numbers import fmt
+
 Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"table"|"img", payload)
-
-
-def fmt(v: Any) -> str:
-    """Integers as integers (32, not 32.0), floats as short decimals that stay recognisably
-    floats (a radius of 2.0), missing as an empty cell."""
-    if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
-        return ""
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int) or (hasattr(v, "dtype") and getattr(v.dtype, "kind", "") in "iu"):
-        return str(int(v))
-    if isinstance(v, float) or hasattr(v, "dtype"):
-        text = f"{float(v):.4g}"
-        return text if any(c in text for c in ".enai") else text + ".0"  # 2.0 stays a float
-    return str(v)
-
-
-def fixed(v: Any, digits: int = 3) -> str:
-    """A figure with a fixed number of decimals (0.903), missing as '-': the robust and
-    leaderboard reports' tables."""
-    if v is None or v is pd.NA or (isinstance(v, float) and v != v):
-        return "-"
-    return f"{v:.{digits}f}"
 
 
 def _cells(table: pd.DataFrame) -> list[list[str]]:

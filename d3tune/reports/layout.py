@@ -73,6 +73,7 @@ def levels(df: pd.DataFrame, col: str) -> list[Any]:
 
 
 def select(df: pd.DataFrame, cols: list[str], key: tuple) -> pd.DataFrame:
+    """The rows of ``df`` whose ``cols`` equal ``key`` (NaN matching NaN)."""
     mask = np.ones(len(df), dtype=bool)
     for c, v in zip(cols, key):
         mask &= (df[c].isna() if v is None or v is pd.NA or (isinstance(v, float) and v != v)
@@ -98,6 +99,7 @@ def discretise(df: pd.DataFrame, knobs: list[str], max_levels: int = 8,
 
 @dataclass(frozen=True)
 class Layout:
+    """How a sweep report arranges its tables: which columns are settings, members and metrics."""
     x: str | None             # most important knob (by variance of the metric it explains)
     y: str | None             # second most important
     panels: list[str]         # one panel per combination: population members, knobs that matter

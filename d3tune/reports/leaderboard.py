@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.reports.html import fixed, markdown_page
+from d3tune.numbers import fixed
+from d3tune.reports.html import markdown_page
 from d3tune.specs.leaderboard import DEFAULT_REFERENCE, LeaderboardSpec
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,11 @@ COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tu
 
 @dataclass
 class LeaderboardOutcome:
+    """What a leaderboard returns: the table (one row per defense, read back from MLflow), the
+    per-member spread, its MLflow parent and report folder, and for replicated leaderboards
+    P(A > B) per pair and each defense's procedure."""
     spec: LeaderboardSpec
-    table: pd.DataFrame  # one row per defense, read back from MLflow (leaderboard_report)
+    table: pd.DataFrame  # one row per defense, read back from MLflow (read_back)
     members: pd.DataFrame  # one row per (defense, row, holdout member): the per-member spread
     parent_run_id: str | None
     seconds: float  # wall time of this invocation
@@ -369,6 +373,7 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
 
 
 def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) -> None:
+    """The leaderboard's table on the console."""
     first = spec.searches[0]
     t = Table(title=f"{spec.name}: holdout seeds {sorted({m.seed for m in first.holdout})}, "
               f"budget {first.budget} settings per defense")

@@ -18,7 +18,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from d3tune.reports.html import fixed
+from d3tune.numbers import fixed
 from d3tune.stats import INTERVAL_KIND, Ahead, mean_interval
 
 def draws(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -119,6 +119,8 @@ def interval(p: Any) -> str:
 
 
 def procedure_lines(outcome: Any, provenance: Mapping[str, Any]) -> list[str]:
+    """The replicated search's report as Markdown lines: the procedure with its interval, every
+    draw, each replicate's chosen setting, the settings' spread, compute and provenance."""
     spec, proc = outcome.spec, outcome.procedure
     lines = [f"# {spec.name}: {spec.replicates} replicated searches ({spec.defense})", "",
              f"Each replicate is a whole search (budget {spec.budget}, its own sampler seed and "
@@ -174,10 +176,12 @@ def _setting(setting: Mapping[str, Any] | None) -> str:
 
 
 def write_replicated_report(outcome: Any, provenance: Mapping[str, Any]) -> None:
+    """Write ``procedure_lines`` to the outcome's report path."""
     outcome.report_path.write_text("\n".join(procedure_lines(outcome, provenance)) + "\n")
 
 
 def print_procedure(outcome: Any, console: Console) -> None:
+    """The procedure's table on the console, and where its files are."""
     t = Table(title=f"{outcome.spec.name}: {outcome.spec.replicates} replicates x holdout seeds "
               f"({INTERVAL_KIND})")
     for col in ("row", "expected worst DER", "95 % interval", "draws", "mean ACC drop",
@@ -212,6 +216,7 @@ class ReplicatedBoard:
     metrics: dict[str, float]
 
     def print(self, console: Console) -> None:
+        """The replicated leaderboard's two tables (procedures, pairs) on the console."""
         t = Table(title=f"replicated: expected holdout worst-case DER ({INTERVAL_KIND})")
         for col in ("defense", "row", "expected", "95 % interval", "draws", "ACC drop", "spread"):
             t.add_column(col, justify="right")

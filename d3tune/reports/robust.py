@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from d3tune import tracking
-from d3tune.reports.html import fixed, markdown_page
+from d3tune.numbers import fixed
+from d3tune.reports.html import markdown_page
 from d3tune.search.robust_rules import admissible, population_ceiling, tradeoff
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ def _plots(outcome: Any, out: Path) -> list[Path]:
 
 
 def markdown(outcome: Any, images: list[Path]) -> str:
+    """The robust search's report as Markdown (population, settings, chosen row, holdout rows,
+    trade-off, plots)."""
     spec, search, hold = outcome.spec, outcome.search, outcome.holdout
     pop = outcome.population
     excluded = list(pop.loc[pop["excluded"], "member"])
@@ -199,6 +202,7 @@ def ceilings(pop: Any) -> dict[str, tuple[float, str]]:
 
 
 def ceiling_lines(pop: Any) -> list[str]:
+    """The DER ceiling the population puts on every setting, per phase, as report lines."""
     found = ceilings(pop)
     if not found:
         return []
@@ -208,6 +212,7 @@ def ceiling_lines(pop: Any) -> list[str]:
 
 
 def write_report(outcome: Any, out: Path) -> Path:
+    """Write the report (Markdown, HTML, plots) into ``out``; returns the folder."""
     out.mkdir(parents=True, exist_ok=True)
     images = _plots(outcome, out)
     text = markdown(outcome, images)
@@ -221,6 +226,8 @@ def write_report(outcome: Any, out: Path) -> Path:
 
 
 def finish_parent(callback: Any, outcome: Any) -> None:
+    """Pruning, timing and chosen-row metrics, the report and the defaults YAML on the robust
+    search's parent run, then FINISHED."""
     if callback.client is None or callback.parent_id is None:
         return
     from mlflow.entities import Metric
@@ -244,6 +251,7 @@ def finish_parent(callback: Any, outcome: Any) -> None:
 
 
 def print_summary(outcome: Any, console: Console, callback: Any) -> None:
+    """The holdout rows, the chosen setting and what pruning saved, on the console."""
     hold = outcome.holdout
     if not hold.empty:
         t = Table(title=f"{outcome.spec.name}: finalists and references on holdout seeds "

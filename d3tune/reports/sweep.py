@@ -86,6 +86,7 @@ def _number(value: str) -> Any:
 
 
 def children_frame(client: Any, parent: Any) -> pd.DataFrame:
+    """One row per child run of a sweep's or ablation's parent: params, tags and final metrics."""
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                               max_results=50_000)
@@ -282,6 +283,8 @@ def make_report(ref: str, out_dir: str | Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Choice:
+    """One setting's figures over the trials it ran: worst-case and mean DER, mean ACC drop,
+    trial count."""
     setting: dict[str, Any]
     worst_der: float
     mean_der: float
@@ -291,6 +294,8 @@ class Choice:
 
 @dataclass(frozen=True)
 class Defaults:
+    """The robust default ``find_defaults`` found, the runner-up and the margin between them,
+    and how many settings kept the budget."""
     best: Choice
     runner_up: Choice | None
     margin: float | None  # best worst-case DER minus the runner-up's
@@ -332,6 +337,8 @@ def _plain(v: Any) -> Any:
 
 
 def optuna_importance(client: Any, parent: Any) -> dict[str, float] | None:
+    """Optuna's fANOVA importance of the sweep's knobs for its first objective (None for an
+    ablation or too few trials)."""
     storage = parent.data.tags.get("d3tune.optuna_storage")
     study_name = parent.data.tags.get("d3tune.study")
     if not storage or not study_name:
@@ -349,6 +356,9 @@ def optuna_importance(client: Any, parent: Any) -> dict[str, float] | None:
 
 
 def find_defaults(refs: list[str], max_acc_drop: float, out: str | Path) -> tuple[Defaults, dict]:
+    """The setting with the best worst-case DER over the runs' trials within ``max_acc_drop``,
+    written to ``out`` as trial fields; returns it and each run's knob importance. Raises
+    UsageError when no setting keeps the budget."""
     from d3tune.config import unflatten
     from d3tune.yamlio import dump_yaml
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from d3tune.config import resolve, trial_config
 from d3tune.errors import UsageError
-from d3tune.search.runstate import (
+from d3tune.runstate import (
     CHECKPOINT_FILE,
     FINAL,
     OPTUNA_DB,
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_due(last: float | None, now: float, every_s: float) -> bool:
+    """Whether a trial should checkpoint now: never yet, or ``every_s`` seconds since the last
+    (0: every epoch)."""
     return every_s <= 0 or (last is not None and now - last >= every_s)
 
 
@@ -124,6 +126,8 @@ def max_epochs(plan: RunPlan) -> int:
 
 
 def make_searcher(plan: RunPlan):
+    """The plan's Tune searcher: resumable Optuna TPE (single or multi-objective, with
+    constraints) for a sweep, None for an ablation grid."""
     from ray.tune.search import ConcurrencyLimiter
 
     if plan.kind == "ablation":
@@ -153,6 +157,8 @@ def rung_epochs(plan: RunPlan) -> tuple[float, ...]:
 
 
 def make_scheduler(plan: RunPlan):
+    """The plan's Tune scheduler: ASHA on its metric (rungs the trial evaluates on the full test
+    sets), or FIFO when the spec turns it off."""
     if plan.scheduler.name == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
@@ -164,6 +170,8 @@ def make_scheduler(plan: RunPlan):
 
 
 def param_space(plan: RunPlan) -> dict[str, Any]:
+    """Tune's ``param_space``: the grid's cells for an ablation, the space's domains for a sweep
+    without Optuna, else empty (Optuna samples)."""
     from ray import tune
 
     if plan.kind == "ablation":
@@ -187,6 +195,9 @@ def replay_table(plan: RunPlan) -> dict[str, dict[str, Any]]:
 
 
 def trainable_for(plan: RunPlan, replay: dict[str, dict[str, Any]] | None = None):
+    """The function trainable a plan's trials run (one ``run_trial`` per config, reporting each
+    evaluated epoch); ``replay``: recorded final results of trials already ended, reported
+    again instead of re-run."""
     from ray import tune
 
     threads = max(1, int(plan.resources.cpu))

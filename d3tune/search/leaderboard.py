@@ -12,7 +12,7 @@ Order of work (resumable: ``--resume`` continues with the defense it was in):
    parallel (the model cache then serves every defense's searches);
 2. per defense, in spec order: a robust search with one reference row (``default``); a defense
    whose search finished is marked done in the leaderboard's state and never re-run;
-3. the table is read back from MLflow (``leaderboard_report.read_back``), then the plot, the
+3. the table is read back from MLflow (``reports.leaderboard.read_back``), then the plot, the
    Markdown/CSV table and the tuned settings' YAML (one per defense).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from d3tune import tracking
 from d3tune.errors import UsageError
 from d3tune.reports.leaderboard import LeaderboardOutcome
 from d3tune.search import tuner
-from d3tune.search.runstate import write_json
+from d3tune.runstate import write_json
 from d3tune.specs.inputs import input_paths
 from d3tune.specs.leaderboard import LeaderboardSpec
 

@@ -33,7 +33,7 @@ from ray.tune import Callback
 
 from d3tune import tracking
 from d3tune.config import flatten, to_dict
-from d3tune.search.runstate import (
+from d3tune.runstate import (
     FINAL,
     RunPaths,
     kill_point,
@@ -62,6 +62,8 @@ def trial_params(plan: RunPlan, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_ledger(state_dir: Path) -> dict[str, Any]:
+    """The run ledger in ``state_dir`` (trial key -> Tune trial, child run, recorded end), empty
+    when none was written."""
     state = {"parent": None, "children": {}, "steps": {}, "done": [], "failed": [], "results": {},
              "keys": {}, "closing": {}}
     path = state_dir / STATE_FILE
@@ -111,12 +113,15 @@ class MlflowTuneCallback(Callback):
     # -- what the runs record (subclasses) ---------------------------------------------------
 
     def parent_params(self) -> dict[str, Any]:
+        """Params for the parent run (overridden by each kind of run)."""
         return {}
 
     def parent_tags(self) -> dict[str, str]:
+        """Tags for the parent run: the spec it ran and the machine's thread count."""
         return {"d3tune.spec": self.source, "d3tune.tune_dir": str(self.exp_dir)}
 
     def child_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Params for a trial's child run, from its Tune config."""
         return {}
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -142,6 +147,7 @@ class MlflowTuneCallback(Callback):
             return None
 
     def connect(self) -> None:
+        """Open the MLflow client and the experiment (done lazily, in the process that logs)."""
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
@@ -150,6 +156,8 @@ class MlflowTuneCallback(Callback):
 
     @property
     def parent_id(self) -> str | None:
+        """The parent run's id, created on first use and kept in the ledger (None while MLflow
+        is unreachable)."""
         return self.state.get("parent")
 
     # -- Tune hooks --------------------------------------------------------------------------
@@ -189,6 +197,8 @@ class MlflowTuneCallback(Callback):
         return True
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log ``params`` on run ``run_id`` in batches MLflow accepts; a failure is a warning,
+        never a lost trial."""
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in tracking.params_for_mlflow(params).items()]
@@ -367,6 +377,7 @@ class MlflowSweepCallback(MlflowTuneCallback):
         self.plan = plan
 
     def parent_params(self) -> dict[str, Any]:
+        """The plan's base fields, search space and scheduler as params."""
         params = {f"base.{k}": v for k, v in flatten(self.plan.base).items()}
         params.update({"kind": self.plan.kind, "metric": ",".join(self.plan.metric),
                        "mode": ",".join(self.plan.mode), "num_samples": self.plan.num_samples,
@@ -374,6 +385,7 @@ class MlflowSweepCallback(MlflowTuneCallback):
         return params
 
     def parent_tags(self) -> dict[str, str]:
+        """The parent's tags: sweep or ablation, and the spec."""
         tags = {"d3tune.kind": self.plan.kind, **super().parent_tags()}
         if self.plan.kind == "sweep":
             tags.update({"d3tune.study": self.plan.name,
@@ -381,4 +393,5 @@ class MlflowSweepCallback(MlflowTuneCallback):
         return tags
 
     def child_params(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The trial's sampled or grid fields as params."""
         return trial_params(self.plan, config)

@@ -32,7 +32,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
-from d3tune.search.runstate import FINAL, TRIAL_KEY, kill_point, recorded_result
+from d3tune.runstate import FINAL, TRIAL_KEY, kill_point, recorded_result
 from d3tune.specs.sweep import constraint_values
 
 log = logging.getLogger(__name__)
@@ -234,9 +234,11 @@ class ResumableOptunaSearch(OptunaSearch):
         kill_point(f"told:{'finished' if state == TrialState.COMPLETE else state.name.lower()}")
 
     def constraint_values(self, result: dict) -> dict[str, float]:
+        """The trial's constraint values (<= 0: within), from its final result."""
         return constraint_values(self._constraints, result)
 
     def stop_note(self, result: dict) -> str:
+        """Why a trial stopped early, for its Optuna user attributes."""
         return f"stopped early by the scheduler at epoch {result.get('epoch')}"
 
     # -- resume ------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from d3tune.reports.replicates import (
     draws,
     procedure,
 )
-from d3tune.search.runstate import write_json
+from d3tune.runstate import write_json
 from d3tune.specs.robust import RobustSpec
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,22 @@ def summarize(outcome: Any, replicate: int) -> dict[str, Any]:
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """The replicated search's state file (replicate count, finished summaries, parent run id);
+    a fresh state when none exists."""
     return json.loads(path.read_text()) if path.exists() else {"replicates": None, "done": {},
                                                                 "parent": None}
 
 
 def save_state(path: Path, state: Mapping[str, Any]) -> None:
+    """Write the state atomically."""
     write_json(path, dict(state), indent=1, default=str)
 
 
 @dataclass
 class ReplicatedOutcome:
+    """What a replicated search returns: each replicate's summary, the procedure's figures
+    (chosen rows and each reference), the replicate ``d3tune adopt`` takes, and where its
+    files and MLflow parent are."""
     spec: RobustSpec
     summaries: list[dict[str, Any]]  # one per replicate (``summarize``)
     procedure: Procedure  # the chosen rows' draws

@@ -44,7 +44,7 @@ from d3tune.search.robust_rules import (
     pruning_savings,
     tradeoff_extras,
 )
-from d3tune.search.runstate import OPTUNA_DB, write_json
+from d3tune.runstate import OPTUNA_DB, write_json
 from d3tune.specs.inputs import input_paths
 from d3tune.specs.robust import (
     Member,
@@ -64,6 +64,9 @@ PRUNED_FILE = "pruned.json"
 
 @dataclass
 class RobustOutcome:
+    """What a robust search returns: its population, the settings searched, the holdout rows,
+    the chosen setting (the rank-1 finalist), what pruning saved, timings and where its files
+    and MLflow parent are."""
     spec: RobustSpec
     population: pd.DataFrame  # one row per member (search, then holdout): before, excluded
     search: pd.DataFrame  # one row per setting tried
@@ -127,6 +130,7 @@ def _warn_excluded(member: str, asr: float, min_asr: float) -> None:
 
 
 def kept(members: tuple[Member, ...], population: pd.DataFrame) -> tuple[Member, ...]:
+    """The members whose backdoor planted (ASR before >= min_asr), in spec order."""
     out = set(population.loc[~population["excluded"], "member"])
     return tuple(m for m in members if m.id in out)
 
@@ -252,6 +256,7 @@ def trial_numbers(state: Path) -> dict[str, int]:
 
 def holdout_task(spec: RobustSpec, members: tuple[Member, ...], setting: dict[str, Any],
                  reference: Reference | None, threads: int) -> list[dict[str, Any]]:
+    """A Ray task: one candidate setting on the holdout members; returns one row per member."""
     from d3tune.search.robust_tune import run_members
 
     return run_members(spec, members, setting, reference, threads=threads)
@@ -346,6 +351,8 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
 
 
 def candidates_of(spec: RobustSpec, search: pd.DataFrame) -> list[dict[str, Any]]:
+    """The rows the holdout confirms: the finalists (search order), the trade-off extras and
+    every reference."""
     rows = search.to_dict("records") if not search.empty else []
     picked = finalists(rows, spec.top_k, spec.max_acc_drop)
     extras = tradeoff_extras(rows, picked, spec.tradeoff_budgets)

@@ -117,4 +117,6 @@ def run_leave_one_attack_out(specs: list[tuple[str, RobustSpec]], *, resume: boo
 
 def with_paths(specs: list[tuple[str, RobustSpec]], **changes: Any
                ) -> list[tuple[str, RobustSpec]]:
+    """The leave-one-attack-out specs with the same path changes (storage, cache, experiment)
+    applied to each."""
     return [(f, replace(s, **changes)) for f, s in specs]

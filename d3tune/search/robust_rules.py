@@ -32,6 +32,7 @@ class Finished:
 
 
 def admissible(mean_acc_drop: float, max_acc_drop: float) -> bool:
+    """Whether a mean ACC drop keeps the budget (a tolerance of 1e-12 for float sums)."""
     return mean_acc_drop <= max_acc_drop + EPS
 
 

@@ -32,7 +32,7 @@ from d3tune.search.robust_rules import (
     should_prune,
     worst_and_drop,
 )
-from d3tune.search.runstate import FINAL, TRIAL_KEY, now_ms, read_restored, trial_overrides
+from d3tune.runstate import FINAL, TRIAL_KEY, now_ms, read_restored, trial_overrides
 from d3tune.specs.robust import (
     Member,
     Reference,
@@ -163,6 +163,7 @@ def population_trainable(config: dict[str, Any], *, spec: RobustSpec,
 
 
 def complete(result: Mapping[str, Any] | None) -> bool:
+    """Whether a trial's result covers every member (a pruned or cut trial does not)."""
     return bool(result) and result.get("members_done") == result.get("members_total") \
         and "worst_der" in result
 
@@ -222,9 +223,12 @@ class RobustOptunaSearch(ResumableOptunaSearch):
         self._settings_done: dict[str, dict[str, Any]] = {}
 
     def constraint_values(self, result: dict) -> dict[str, float]:
+        """The ACC-budget constraint of a complete setting (<= 0: within); none for a pruned
+        one."""
         return {"max_acc_drop": float(result["mean_acc_drop"]) - self._max_acc_drop}
 
     def stop_note(self, result: dict) -> str:
+        """Why a setting stopped before its last member (pruned or cut), for Optuna."""
         return (f"stopped after {result.get('members_done')} of {result.get('members_total')} "
                 "members (exact pruning or the search's time budget)")
 
@@ -271,6 +275,7 @@ class ComputeBudget(Stopper):
 
     @staticmethod
     def cost(result: Mapping[str, Any]) -> float:
+        """A trial result's member-seconds so far (the sum of its members' own times)."""
         return float(sum(v for k, v in result.items()
                          if k.startswith("seconds.") and isinstance(v, (int, float))))
 
@@ -289,6 +294,7 @@ class ComputeBudget(Stopper):
         return False
 
     def spent(self) -> float:
+        """Member-seconds spent by every setting so far, this invocation and earlier ones."""
         return sum({**self._ended_before(), **self._spent}.values())
 
     def stop_all(self) -> bool:
@@ -311,12 +317,15 @@ class RobustMlflowCallback(MlflowTuneCallback):
         self.extra_tags = dict(extra_tags or {})  # e.g. a leaderboard's mlflow.parentRunId
 
     def parent_params(self) -> dict[str, Any]:
+        """The base fields and the search's size as params of the parent run."""
         params = {f"base.{k}": v for k, v in flatten(self.spec.base).items()}
         params.update({"kind": "robust", "metric": "worst_der", "mode": "max",
                        "num_samples": self.spec.budget, "cells": 0})
         return params
 
     def parent_tags(self) -> dict[str, str]:
+        """The parent's tags: robust, the defense, study, datasets, Optuna storage, population
+        and holdout seeds (and a leaderboard's nesting)."""
         return {"d3tune.kind": "robust", **super().parent_tags(),
                 "d3tune.defense": self.spec.defense, "d3tune.study": self.spec.name,
                 "d3tune.datasets": ",".join(datasets_of(self.spec)),
@@ -354,6 +363,7 @@ class RobustMlflowCallback(MlflowTuneCallback):
                               {"d3tune.trial_id": trial.trial_id, "d3tune.phase": "search"}, params)
 
     def log_member(self, run_id: str, step: int, result: Mapping[str, Any]) -> None:
+        """Log a setting's newest member figures on its child run, step = members done."""
         from mlflow.entities import Metric
 
         ms = now_ms()

@@ -23,7 +23,7 @@ from rich.table import Table
 from d3tune import tracking
 from d3tune.search import engine, tuner
 from d3tune.search.mlflow_callback import MlflowSweepCallback
-from d3tune.search.runstate import FINAL, kill_point, trial_overrides
+from d3tune.runstate import FINAL, kill_point, trial_overrides
 from d3tune.specs.inputs import input_paths
 from d3tune.specs.sweep import RunPlan
 
@@ -151,6 +151,8 @@ def _optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
 
 def finish_parent(cb: MlflowSweepCallback, plan: RunPlan, df: pd.DataFrame,
                   best: pd.DataFrame, plots: list[Path], out: Path) -> None:
+    """Summary metrics, the report's files and the final status on a sweep's or ablation's
+    parent run."""
     if cb.client is None or cb.parent_id is None:
         return
     from mlflow.entities import Metric
@@ -174,6 +176,9 @@ def finish_parent(cb: MlflowSweepCallback, plan: RunPlan, df: pd.DataFrame,
 
 def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
              console: Console | None = None) -> pd.DataFrame:
+    """Run a sweep or ablation plan on Ray Tune (fresh or ``resume``), log it to MLflow, print
+    its best rows; returns one row per trial. Raises UsageError for an existing run without
+    ``resume`` (or none with it)."""
     import ray
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)

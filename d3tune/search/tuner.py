@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from d3tune.errors import UsageError
-from d3tune.search.runstate import RunPaths
+from d3tune.runstate import RunPaths
 
 log = logging.getLogger(__name__)
 

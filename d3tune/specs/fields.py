@@ -20,6 +20,8 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 
 @dataclass(frozen=True)
 class Dist:
+    """One searched knob: a dotted trial field and its distribution (``kind``, ``args``),
+    sampled by Optuna (define-by-run) or given to Tune as a domain."""
     path: str  # dotted trial field, e.g. defense.lr
     kind: str
     args: tuple[Any, ...]
@@ -42,6 +44,8 @@ class Dist:
         return trial.suggest_categorical(name, list(a))
 
     def tune_domain(self):
+        """The knob as a Ray Tune search domain (``tune.uniform``, ``tune.choice``, ...); int
+        bounds are inclusive, as in the spec."""
         from ray import tune
 
         if self.kind == "uniform":
@@ -55,21 +59,28 @@ class Dist:
         return tune.choice(list(self.args))
 
     def extremes(self) -> list[Any]:
+        """The values a spec check tries: every choice, or the two bounds of a range."""
         return list(self.args) if self.kind == "choice" else [self.args[0], self.args[1]]
 
 
 @dataclass(frozen=True)
 class ResourceSpec:
+    """CPUs and GPUs per trial (a GPU fraction packs several trials on one GPU); the trial runs
+    torch at ``cpu`` threads."""
     cpu: float = field(default=1.0, metadata={"gt": 0.0})
     gpu: float = field(default=0.0, metadata={"ge": 0.0})  # fractions pack several trials/GPU
 
 
 def expect(cond: bool, where: str, what: str) -> None:
+    """Raise ``UsageError('WHERE: WHAT')`` (one line naming the spec field) unless ``cond``
+    holds."""
     if not cond:
         raise UsageError(f"{where}: {what}")
 
 
 def integer(value: Any, where: str, low: int) -> int:
+    """``value`` as an integer >= ``low``; raises UsageError naming ``where`` otherwise
+    (booleans are not integers)."""
     expect(isinstance(value, int) and not isinstance(value, bool) and value >= low, where,
             f"expected an integer >= {low}, got {value!r}")
     return value
@@ -85,6 +96,7 @@ def check_override(base: dict[str, Any], overrides: Mapping[str, Any], where: st
 
 
 def finite(x: int | float) -> bool:
+    """Whether ``x`` is a finite number (an integer beyond float range is not)."""
     try:
         return math.isfinite(x)
     except OverflowError:  # an integer beyond float range
@@ -92,6 +104,8 @@ def finite(x: int | float) -> bool:
 
 
 def parse_dist(path: str, raw: Any, where: str) -> Dist:
+    """A ``{kind: args}`` mapping as a ``Dist`` for trial field ``path``; raises UsageError
+    naming ``where`` for an unknown kind, bad bounds or a log range that reaches 0."""
     expect(isinstance(raw, Mapping) and len(raw) == 1, where,
             f"expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {raw!r}")
     (kind, args), = raw.items()
@@ -156,4 +170,6 @@ PATH_FIELDS = ("data.data_dir", "attack.result")  # trial fields naming local fi
 
 
 def absolute(value: Any) -> Any:
+    """A local path as an absolute one (relative to the working directory, ``~`` expanded);
+    anything else unchanged."""
     return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value else value

@@ -37,6 +37,9 @@ EXPERIMENT = "d3tune-leaderboard"
 
 @dataclass(frozen=True)
 class LeaderboardSpec:
+    """A validated leaderboard: its defenses, one robust spec per defense (same population,
+    holdout, budget and protocol; only the defense and its space differ), where its state and
+    MLflow runs go, and the pairs P(A > B) is reported for."""
     name: str
     source: str
     defenses: tuple[str, ...]
@@ -48,14 +51,18 @@ class LeaderboardSpec:
 
     @property
     def replicates(self) -> int:
+        """How many replicated searches each defense gets (the same for all)."""
         return self.searches[0].replicates
 
     def with_replicates(self, replicates: int) -> "LeaderboardSpec":
+        """The leaderboard with K replicates per defense; raises UsageError as a spec's
+        ``replicates`` would."""
         return replace(self, searches=tuple(s.with_replicates(replicates)
                                             for s in self.searches))
 
     @property
     def budget(self) -> int:
+        """Settings per defense (equal for all, by construction)."""
         return self.searches[0].budget
 
     @property
@@ -64,9 +71,12 @@ class LeaderboardSpec:
         return Path(self.storage).expanduser().resolve() / f"{self.name}.leaderboard"
 
     def search_of(self, defense: str) -> RobustSpec:
+        """The robust spec of ``defense`` (one of ``defenses``)."""
         return self.searches[self.defenses.index(defense)]
 
     def with_budget(self, budget: int) -> "LeaderboardSpec":
+        """The leaderboard with ``budget`` settings for every defense; raises UsageError for a
+        budget < 1."""
         return replace(self, searches=tuple(s.with_budget(budget) for s in self.searches))
 
     def with_paths(self, storage: str | None = None, cache_dir: str | None = None,

@@ -19,7 +19,7 @@ from typing import Any
 
 from d3tune.config import build, flatten, unflatten
 from d3tune.errors import UsageError, did_you_mean
-from d3tune.search.runstate import RunPaths
+from d3tune.runstate import RunPaths
 from d3tune.specs.fields import (
     Dist,
     ResourceSpec,
@@ -67,10 +67,12 @@ class Member:
 
     @property
     def fields(self) -> dict[str, Any]:
+        """The member's flat trial overrides as a dict."""
         return dict(self.overrides)
 
     @property
     def seed(self) -> int:
+        """The member's seed (its attack, clean subset, initialisation and data order)."""
         return int(self.fields["seed"])
 
 
@@ -87,6 +89,8 @@ class Reference:
 
 @dataclass(frozen=True)
 class RobustSpec:
+    """A validated robust search: its base, population and holdout members, the space, the
+    protocol (budget, ACC budget, top_k, references, replicates) and where it runs and logs."""
     name: str
     source: str
     base: dict[str, Any]  # nested trial dict without population fields; defense.name set
@@ -131,9 +135,11 @@ class RobustSpec:
 
     @property
     def defense(self) -> str:
+        """The defense searched."""
         return str(self.base["defense"]["name"])
 
     def with_budget(self, budget: int) -> "RobustSpec":
+        """The spec with ``budget`` settings; raises UsageError for a budget < 1."""
         return replace(self, budget=integer(budget, "--budget", 1))
 
     def with_replicates(self, replicates: int, where: str = "--replicates") -> "RobustSpec":

@@ -17,7 +17,7 @@ from typing import Any
 
 from d3tune.config import build, flatten, trial_config, unflatten
 from d3tune.errors import UsageError, did_you_mean
-from d3tune.search.runstate import RunPaths
+from d3tune.runstate import RunPaths
 from d3tune.specs.fields import (
     PATH_FIELDS,
     Dist,
@@ -57,6 +57,7 @@ def constraint_values(constraints: tuple[tuple[str, float], ...],
 
 @dataclass(frozen=True)
 class SchedulerSpec:
+    """ASHA's settings for a sweep or ablation (``name: none`` runs every trial to the end)."""
     name: str = field(default="asha", metadata={"choices": ("asha", "none")})
     grace_period: int = field(default=5, metadata={"ge": 1})
     reduction_factor: float = field(default=2.0, metadata={"gt": 1.0})
@@ -94,10 +95,12 @@ class RunPlan:
 
     @property
     def multi_objective(self) -> bool:
+        """Whether the plan optimises several metrics (a Pareto front) rather than one."""
         return len(self.metric) > 1
 
     @property
     def paths(self) -> RunPaths:
+        """Where the run keeps Tune's experiment and its own state (study, ledger)."""
         return RunPaths(self.name, self.storage)
 
 
@@ -182,6 +185,8 @@ def _seeds(data: Mapping[str, Any], where: str) -> list[int]:
 
 
 def sweep_plan(data: Any, source: str, num_samples: int | None = None) -> RunPlan:
+    """Validate a sweep spec given as plain data into a ``RunPlan`` (``num_samples`` overrides
+    the spec's); raises UsageError naming the field."""
     common = _common(data, source, SWEEP_KEYS)
     space_raw = data.get("space") or {}
     expect(isinstance(space_raw, Mapping) and space_raw, f"{source}: space",
@@ -223,6 +228,8 @@ def _constraints(raw: Any, where: str) -> tuple[tuple[str, float], ...]:
 
 
 def ablation_plan(data: Any, source: str) -> RunPlan:
+    """Validate an ablation (grid) spec given as plain data into a ``RunPlan`` with one cell per
+    grid point; raises UsageError naming the field."""
     common = _common(data, source, ABLATION_KEYS)
     axes_raw = data.get("axes") or {}
     expect(isinstance(axes_raw, Mapping), f"{source}: axes", "expected a mapping field -> values")
@@ -275,6 +282,8 @@ def with_absolute_paths(plan: RunPlan) -> RunPlan:
 
 
 def load_plan(path: str | Path, kind: str, num_samples: int | None = None) -> RunPlan:
+    """A sweep or ablation spec file (``kind``), validated, with its local paths made absolute;
+    raises UsageError for a missing, empty or invalid file."""
     data = load_yaml(path)
     expect(data is not None, str(path), "empty spec")
     plan = sweep_plan(data, str(path), num_samples) if kind == "sweep" \
