@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from d3tune.cache import ModelCache
     from d3tune.config import flatten, resolve, trial_config, unflatten
-    from d3tune.specs.sweep import ResourceSpec, RunPlan, SchedulerSpec
-    from d3tune.search.sweeps import run_plan
+    from d3tune.specs.sweep_spec import ResourceSpec, RunPlan, SchedulerSpec
+    from d3tune.search.sweep_driver import run_plan
     from d3tune.trial import run_trial
 
     cores = os.cpu_count() or 1

@@ -45,10 +45,10 @@ if TYPE_CHECKING:
 
     from d3tune.config import TrialConfig
     from d3tune.data import Dataset
-    from d3tune.reports.leaderboard import LeaderboardOutcome
-    from d3tune.search.replicates import ReplicatedOutcome
-    from d3tune.search.robust import RobustOutcome
-    from d3tune.specs.robust import RobustSpec
+    from d3tune.reports.leaderboard_report import LeaderboardOutcome
+    from d3tune.search.replicate_driver import ReplicatedOutcome
+    from d3tune.search.robust_driver import RobustOutcome
+    from d3tune.specs.robust_spec import RobustSpec
     from d3tune.trial import TrialResult
 
 log = logging.getLogger("d3tune.api")
@@ -360,7 +360,7 @@ def _plan(spec: Any, kind: str, num_samples: int | None = None,
           paths: Mapping[str, str | None] | None = None):
     """A validated sweep or ablation plan with the caller's overrides, its inputs checked."""
     from d3tune.specs.inputs import check_inputs
-    from d3tune.specs.sweep import (
+    from d3tune.specs.sweep_spec import (
         ablation_plan,
         load_plan,
         sweep_plan,
@@ -407,7 +407,7 @@ def sweep(spec: Any, *, num_samples: int | None = None, resume: bool = False,
     ``paths``: ``storage``, ``cache_dir``, ``experiment`` overrides. Returns one row per trial
     (its sampled fields and last metrics). Raises UsageError for bad input, before Ray
     starts."""
-    from d3tune.search.sweeps import run_plan
+    from d3tune.search.sweep_driver import run_plan
 
     return run_plan(_plan(spec, "sweep", num_samples, dataset, data_dir, paths), resume=resume,
                     address=address)
@@ -419,7 +419,7 @@ def ablate(spec: Any, *, resume: bool = False, address: str | None = None,
     """``d3tune ablate``: a grid spec (YAML path or mapping, ``name`` defaults to "ablation"),
     overrides as for ``sweep``. Returns one row per cell. Raises UsageError for bad input,
     before Ray starts."""
-    from d3tune.search.sweeps import run_plan
+    from d3tune.search.sweep_driver import run_plan
 
     return run_plan(_plan(spec, "ablation", None, dataset, data_dir, paths), resume=resume,
                     address=address)
@@ -438,10 +438,10 @@ def robust(spec: str | Path, *, budget: int | None = None, time_budget_s: float 
     whole searches and returns a ``ReplicatedOutcome`` (the procedure's expected holdout worst
     case with its interval, one summary per replicate). Raises UsageError for bad input, before
     Ray starts."""
-    from d3tune.search.replicates import run_replicated
-    from d3tune.search.robust import robust_search
+    from d3tune.search.replicate_driver import run_replicated
+    from d3tune.search.robust_driver import robust_search
     from d3tune.specs.inputs import check_members
-    from d3tune.specs.robust import load_robust, replicate_specs
+    from d3tune.specs.robust_spec import load_robust, replicate_specs
 
     search = adjusted_robust(load_robust(spec, data_dirs(data_dir)), budget, time_budget_s,
                              resume, paths)
@@ -500,10 +500,10 @@ def leaderboard(spec: str | Path, *, budget: int | None = None, resume: bool = F
     adds P(A > B) with its interval for D3 against each defense). Returns the
     ``LeaderboardOutcome``
     (``table``: one row per defense). Raises UsageError for bad input, before Ray starts."""
-    from d3tune.search.leaderboard import run_leaderboard
+    from d3tune.search.leaderboard_driver import run_leaderboard
     from d3tune.specs.inputs import check_members
-    from d3tune.specs.leaderboard import load_leaderboard
-    from d3tune.specs.robust import replicate_specs
+    from d3tune.specs.leaderboard_spec import load_leaderboard
+    from d3tune.specs.robust_spec import replicate_specs
 
     loaded = load_leaderboard(spec, data_dirs(data_dir))
     if budget is not None:
@@ -521,7 +521,7 @@ def leaderboard(spec: str | Path, *, budget: int | None = None, resume: bool = F
 def report(run: str, out: str | Path | None = None) -> Path:
     """``d3tune report``: the report of a finished sweep or ablation (its MLflow parent run id,
     or its name), written to ``out`` and logged to the parent run; returns the folder."""
-    from d3tune.reports.sweep import make_report
+    from d3tune.reports.sweep_report import make_report
 
     return make_report(run, out)
 
@@ -532,7 +532,7 @@ def defaults(runs: Sequence[str], *, max_acc_drop: float = 0.02,
     ablations (MLflow parent run ids or experiment names) within ``max_acc_drop``, written to
     ``out`` as trial fields. Returns (the ``Defaults`` found, Optuna importance per run).
     Raises UsageError when a run is missing or no setting keeps the budget."""
-    from d3tune.reports.sweep import find_defaults
+    from d3tune.reports.sweep_report import find_defaults
 
     return find_defaults(list(runs), max_acc_drop, out)
 
@@ -544,7 +544,7 @@ def adopt(run: str, *, dataset: str | None = None, file: str | Path | None = Non
     written to ``file`` (default: $D3TUNE_DEFAULTS_DIR or the package's defaults/). Returns
     the ``Adopted`` entry. Raises UsageError for a run that is not a finished robust search,
     or a replicated one whose spread exceeds its tolerance (unless ``force``)."""
-    from d3tune.search.adopt import adopt as adopt_run
+    from d3tune.search.adoption import adopt as adopt_run
 
     return adopt_run(run, dataset=dataset, path=Path(file) if file else None, force=force)
 

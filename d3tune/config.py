@@ -88,7 +88,7 @@ class EvalConfig:
 class TrialConfig:
     seed: int = field(default=0, metadata={"ge": 0})
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # adopted: defense knobs left unset come from the adopted defaults (d3tune/adopted.py)
+    # adopted: defense knobs left unset come from the adopted defaults (d3tune/adopted_defaults.py)
     # before the profile and the built-in values; builtin: skip that layer
     defaults: str = field(default="adopted", metadata={"choices": ("adopted", "builtin")})
     data: DataConfig = DataConfig()
@@ -233,7 +233,7 @@ def _with_adopted(section: Mapping[str, Any], data: Mapping[str, Any], defense: 
                   where: str) -> Mapping[str, Any]:
     """The defense section with the knobs it leaves unset taken from the adopted defaults of
     (dataset, defense); a bad adopted file or value is one line naming the file."""
-    from d3tune import adopted
+    from d3tune import adopted_defaults as adopted
 
     data_section = data.get("data")
     dataset = (data_section.get("name", DataConfig.name) if isinstance(data_section, Mapping)

@@ -188,7 +188,7 @@ def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total
              f"defense {cfg.defense.name},", f"seed {cfg.seed}"]
     for line in pack(title, width, " "):
         console.print(line, style="bold", highlight=False)
-    from d3tune.adopted import describe_for
+    from d3tune.adopted_defaults import describe_for
 
     for line in pack(describe_for(cfg.data.name, cfg.defense.name, cfg.defaults).split(" "),
                      width, " "):
@@ -210,7 +210,7 @@ def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total
 def adopted_params(cfg: TrialConfig) -> dict[str, Any]:
     """Where the run's defense defaults came from, as MLflow params (the provenance of an
     adopted setting: its robust run and file)."""
-    from d3tune.adopted import lookup
+    from d3tune.adopted_defaults import lookup
 
     entry = lookup(cfg.data.name, cfg.defense.name) if cfg.defaults == "adopted" else None
     if entry is None:

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from d3tune.errors import UsageError
-from d3tune.reports.sweep import robust_defaults, summary_table
-from d3tune.specs.sweep import load_plan
+from d3tune.reports.sweep_report import robust_defaults, summary_table
+from d3tune.specs.sweep_spec import load_plan
 
 SHIPPED = sorted(Path(__file__).resolve().parents[1].joinpath("ablations").glob("*.yaml"))
 

@@ -42,8 +42,8 @@ CHOSEN = {"name": "d3", "lr": 0.02, "epochs": 7, "eps": 0.2, "init": "near"}
 
 
 def test_adopt_writes_every_knob_with_provenance(tmp_path, monkeypatch):
-    from d3tune.search.adopt import adopt
-    from d3tune.adopted import lookup, read
+    from d3tune.search.adoption import adopt
+    from d3tune.adopted_defaults import lookup, read
 
     monkeypatch.setenv("D3TUNE_DEFAULTS_DIR", str(tmp_path / "defaults"))
     run, uri = _robust_run(tmp_path, CHOSEN)
@@ -61,8 +61,8 @@ def test_adopt_writes_every_knob_with_provenance(tmp_path, monkeypatch):
 
 
 def test_trial_configs_use_adopted_knobs_where_they_are_silent(tmp_path, monkeypatch):
-    from d3tune.adopted import describe_for, write
-    from d3tune.specs.robust import Reference, robust_plan
+    from d3tune.adopted_defaults import describe_for, write
+    from d3tune.specs.robust_spec import Reference, robust_plan
     from d3tune.runner import adopted_params
 
     monkeypatch.setenv("D3TUNE_DEFAULTS_DIR", str(tmp_path))
@@ -91,7 +91,7 @@ def test_trial_configs_use_adopted_knobs_where_they_are_silent(tmp_path, monkeyp
                         "holdout_seeds": [1], "space": {"defense.lr": {"loguniform": [0.001,
                                                                                       0.1]}},
                         "references": ["paper", "profile"]}, "x.yaml")
-    from d3tune.specs.robust import member_config
+    from d3tune.specs.robust_spec import member_config
 
     paper, profile = spec.references
     assert isinstance(paper, Reference) and paper.builtin and not profile.builtin
@@ -114,7 +114,7 @@ def test_a_bad_adopted_file_is_one_line_naming_it(tmp_path, monkeypatch, content
 
 
 def test_adopt_refuses_what_it_cannot_adopt(tmp_path, monkeypatch):
-    from d3tune.search.adopt import adopt
+    from d3tune.search.adoption import adopt
 
     monkeypatch.setenv("D3TUNE_DEFAULTS_DIR", str(tmp_path / "defaults"))
     sweep, uri = _robust_run(tmp_path / "a", CHOSEN, kind="sweep")
@@ -148,7 +148,7 @@ def test_adopt_from_the_command_line(tmp_path, monkeypatch, capsys):
 def test_shipped_digits_defaults_are_the_confirmed_robust_setting(monkeypatch):
     """What d3tune ships for D3 on digits: a robust search's confirmed setting, every knob, with
     its provenance, and what `d3tune run` resolves to when a config is silent."""
-    from d3tune.adopted import PACKAGE_DIR, lookup
+    from d3tune.adopted_defaults import PACKAGE_DIR, lookup
 
     monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "1")
     monkeypatch.delenv("D3TUNE_DEFAULTS_DIR", raising=False)
@@ -169,7 +169,7 @@ def test_shipped_digits_defaults_are_the_confirmed_robust_setting(monkeypatch):
 def test_shipped_fashion_mnist_defaults_are_the_leaderboard_search_confirmed_setting(monkeypatch):
     """D3 on Fashion-MNIST ships the setting its budget-8 leaderboard search confirmed on the
     holdout within the 3-point ACC budget (the profile's schedule lost 7 points there)."""
-    from d3tune.adopted import PACKAGE_DIR, lookup
+    from d3tune.adopted_defaults import PACKAGE_DIR, lookup
 
     monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "1")
     monkeypatch.delenv("D3TUNE_DEFAULTS_DIR", raising=False)

@@ -106,9 +106,9 @@ def test_list_verbs_read_the_registries():
 def test_robust_leaderboard_and_report_stay_verbs_after_their_modules_load():
     """They were blocked while d3tune.robust etc. were modules: importing the module would have
     replaced the verb on the package. The packages per role free the names for good."""
-    import d3tune.reports.sweep  # noqa: F401
-    import d3tune.search.leaderboard  # noqa: F401
-    import d3tune.search.robust  # noqa: F401
+    import d3tune.reports.sweep_report  # noqa: F401
+    import d3tune.search.leaderboard_driver  # noqa: F401
+    import d3tune.search.robust_driver  # noqa: F401
 
     for name in ("robust", "leaderboard", "report", "sweep", "ablate"):
         verb = getattr(d3tune, name)

@@ -333,8 +333,8 @@ def test_ablation_over_imported_models_with_relative_paths(record_and_cifar, tmp
     import textwrap
 
     from d3tune.specs.inputs import check_inputs
-    from d3tune.specs.sweep import load_plan
-    from d3tune.search.sweeps import run_plan
+    from d3tune.specs.sweep_spec import load_plan
+    from d3tune.search.sweep_driver import run_plan
 
     path, _, _, _ = record_and_cifar
     shutil.copytree(path.parent, tmp_path / "record2")

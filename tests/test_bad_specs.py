@@ -36,13 +36,13 @@ def _command(name: str) -> str:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Any attempt to start Ray or run a plan fails the test (everything must stop earlier)."""
-    import d3tune.search.sweeps
+    import d3tune.search.sweep_driver
     import d3tune.search.tuner
 
     def boom(*args, **kwargs):
         raise AssertionError("Ray was about to start for a bad spec")
 
-    monkeypatch.setattr(d3tune.search.sweeps, "run_plan", boom)
+    monkeypatch.setattr(d3tune.search.sweep_driver, "run_plan", boom)
     monkeypatch.setattr(d3tune.search.tuner, "init_ray", boom)
 
 

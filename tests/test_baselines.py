@@ -283,7 +283,7 @@ def test_a_builtin_defense_is_one_file(tmp_path, monkeypatch):
 
     import d3tune.defenses as package
     from d3tune.registry import import_builtins
-    from d3tune.specs.leaderboard import leaderboard_plan
+    from d3tune.specs.leaderboard_spec import leaderboard_plan
 
     (tmp_path / "zz_throwaway.py").write_text(
         "from d3tune.defenses import register\n"

@@ -57,8 +57,8 @@ def test_documented_command_parses_and_names_existing_specs(page, cmd):
 @pytest.mark.parametrize("page,kind", [("docs/robust.md", "robust"),
                                        ("docs/leaderboard.md", "leaderboard")])
 def test_the_example_spec_on_each_page_loads(page, kind):
-    from d3tune.specs.leaderboard import leaderboard_plan
-    from d3tune.specs.robust import robust_plan
+    from d3tune.specs.leaderboard_spec import leaderboard_plan
+    from d3tune.specs.robust_spec import robust_plan
     from d3tune.yamlio import parse_yaml
 
     text = (ROOT / page).read_text().split("## The spec", 1)[1]
@@ -73,8 +73,8 @@ def test_the_folder_and_record_examples_load(tmp_path, monkeypatch):
     from test_backdoorbench import make_record
     from test_real_datasets import write_cifar
 
-    from d3tune.specs.leaderboard import leaderboard_plan
-    from d3tune.specs.robust import robust_plan
+    from d3tune.specs.leaderboard_spec import leaderboard_plan
+    from d3tune.specs.robust_spec import robust_plan
     from d3tune.yamlio import parse_yaml
 
     monkeypatch.chdir(tmp_path)

@@ -9,8 +9,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from d3tune.specs.sweep import load_plan  # noqa: E402
-from d3tune.search.sweeps import pareto_front, run_plan  # noqa: E402
+from d3tune.specs.sweep_spec import load_plan  # noqa: E402
+from d3tune.search.sweep_driver import pareto_front, run_plan  # noqa: E402
 
 TINY_BASE = """
 base:
@@ -229,7 +229,7 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
 def test_ablation_report_numbers_equal_mlflow_metrics(local_ray, tmp_path, mlflow_db):
     from mlflow.tracking import MlflowClient
 
-    from d3tune.reports.sweep import make_report
+    from d3tune.reports.sweep_report import make_report
 
     spec = tmp_path / "abl.yaml"
     spec.write_text(textwrap.dedent(f"""

@@ -17,8 +17,8 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from d3tune.specs.sweep import load_plan  # noqa: E402
-from d3tune.search.sweeps import run_plan  # noqa: E402
+from d3tune.specs.sweep_spec import load_plan  # noqa: E402
+from d3tune.search.sweep_driver import run_plan  # noqa: E402
 
 BASE = """
 base:

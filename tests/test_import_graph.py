@@ -123,9 +123,9 @@ def test_the_checker_finds_a_cycle_and_reads_deferred_and_relative_imports(tmp_p
 CLI_ALLOWED = {
     "d3tune.api": "every verb",
     "d3tune.cli": "its own modules",
-    "d3tune.cli.robust": "its own modules (the --data-dir and --replicates flags)",
-    "d3tune.cli.leaderboard": "its own modules",
-    "d3tune.cli.sweeps": "its own modules",
+    "d3tune.cli.robust_commands": "its own modules (the --data-dir and --replicates flags)",
+    "d3tune.cli.leaderboard_commands": "its own modules",
+    "d3tune.cli.sweep_commands": "its own modules",
     "d3tune.errors": "UsageError: the one-line error and exit 2 the command line prints",
 }
 
@@ -234,3 +234,16 @@ def test_every_public_function_of_the_upper_layers_says_what_it_does():
                                 if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")
                                 and m.name not in TUNE_HOOKS and not ast.get_docstring(m)]
     assert not missing, f"public names without a docstring: {missing}"
+
+
+def test_every_module_the_architecture_page_names_exists():
+    """A `file.py` the page names is a module of the package (found under d3tune/ by its
+    path or, when the page gives only its name, by that name) or a test file."""
+    import re
+
+    named = set(re.findall(r"`([\w/]+\.py)`", PAGE.read_text()))
+    files = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.py")}
+    tests = {f"tests/{p.name}" for p in (ROOT.parent / "tests").glob("*.py")}
+    missing = [n for n in sorted(named) if n.removeprefix("d3tune/") not in files
+               and n not in tests and not any(f.endswith("/" + n) for f in files)]
+    assert named and not missing, f"docs/architecture.md names modules that do not exist: {missing}"

@@ -13,7 +13,7 @@ import pytest
 
 from d3tune.errors import UsageError
 from d3tune.defenses import DEFENSES, leaderboard_order
-from d3tune.specs.leaderboard import leaderboard_plan, load_leaderboard
+from d3tune.specs.leaderboard_spec import leaderboard_plan, load_leaderboard
 
 REPO = Path(__file__).parent.parent
 BUILT_IN = ("d3", "ft", "fp", "nad", "fst", "ft_sam", "ibau", "sau", "anp")
@@ -132,7 +132,7 @@ def test_a_defense_without_a_space_needs_one_in_the_spec():
 def test_every_search_starts_from_its_defense_defaults():
     """Equal budget, and the same first setting for all: each defense's own default, so with
     a small budget no defense's "tuned" row can lose to its default on the search members."""
-    from d3tune.specs.robust import member_config
+    from d3tune.specs.robust_spec import member_config
 
     spec = leaderboard_plan(SPEC, "lb.yaml")
     for search in spec.searches:
@@ -178,7 +178,7 @@ def _store(tmp_path, figures):
 
 
 def test_table_is_computed_from_mlflow_read_back(tmp_path):
-    from d3tune.reports.leaderboard import read_back
+    from d3tune.reports.leaderboard_report import read_back
 
     client, parent = _store(tmp_path, {
         "ft": ({"a_s3": 0.5, "b_s3": 0.9}, {"a_s3": 0.7, "b_s3": 0.95}, 2),
@@ -210,7 +210,7 @@ def test_table_is_computed_from_mlflow_read_back(tmp_path):
 def test_per_threat_model_means_answer_the_badnets_question(tmp_path):
     """The per-threat-model table averages a threat model's holdout seeds, per defense and row,
     keeps the leaderboard's order and goes into the markdown; ids with '_s' inside survive."""
-    from d3tune.reports.leaderboard import markdown, per_threat_model, read_back, threat_model
+    from d3tune.reports.leaderboard_report import markdown, per_threat_model, read_back, threat_model
 
     assert threat_model("input_aware_s12") == "input_aware"
     assert threat_model("bb-my_sweep") == "bb-my_sweep"  # no seed suffix: kept whole
@@ -234,7 +234,7 @@ def test_per_threat_model_means_answer_the_badnets_question(tmp_path):
 def test_a_holdout_run_shared_by_two_rows_counts_once_in_compute(tmp_path):
     """When the default wins its search, the default and tuned rows share one holdout run
     (tag d3tune.shared_with on the second row): compute counts its seconds once."""
-    from d3tune.reports.leaderboard import read_back
+    from d3tune.reports.leaderboard_report import read_back
 
     same = {"a_s3": 0.5, "b_s3": 0.9}
     client, parent = _store(tmp_path, {"ft": (same, same, 2)})
@@ -249,7 +249,7 @@ def test_a_holdout_run_shared_by_two_rows_counts_once_in_compute(tmp_path):
 
 
 def test_without_a_tuned_choice_the_best_finalist_is_shown_flagged_and_ranked_last(tmp_path):
-    from d3tune.reports.leaderboard import markdown, read_back
+    from d3tune.reports.leaderboard_report import markdown, read_back
 
     client, parent = _store(tmp_path, {"ft": ({"a_s3": 0.5}, {"a_s3": 0.7}, 1),
                                        "fst": ({"a_s3": 0.4}, {"a_s3": 0.6}, 1)})
@@ -271,7 +271,7 @@ def test_without_a_tuned_choice_the_best_finalist_is_shown_flagged_and_ranked_la
 def test_without_a_choice_the_shown_finalist_is_the_searchs_best_not_the_holdouts(tmp_path):
     """The flagged tuned row is the finalist the search ranked first, even when another
     finalist scored higher on the holdout (on main the holdout's best was shown)."""
-    from d3tune.reports.leaderboard import read_back
+    from d3tune.reports.leaderboard_report import read_back
 
     client, parent = _store(tmp_path, {"ft": ({"a_s3": 0.5}, {"a_s3": 0.9}, 1)})
     exp = client.get_run(parent).info.experiment_id
@@ -309,10 +309,10 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
     import optuna
     from mlflow.tracking import MlflowClient
 
-    import d3tune.search.leaderboard as lb
-    import d3tune.search.robust as robust
+    import d3tune.search.leaderboard_driver as lb
+    import d3tune.search.robust_driver as robust
     from d3tune.defenses import DEFENSES
-    from d3tune.specs.robust import member_config
+    from d3tune.specs.robust_spec import member_config
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     spec = leaderboard_plan({**SPEC, "storage": str(tmp_path / "tune"),
@@ -393,7 +393,7 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
             runs[row["tuned_label"]]["holdout_worst_der"])
         assert row["gain"] == pytest.approx(row["tuned_worst_der"] - row["default_worst_der"])
     assert sorted(table["defense"]) == ["fst", "ft"] and set(table["trials"]) == {2}
-    from d3tune.search.robust import space_dims
+    from d3tune.search.robust_driver import space_dims
 
     for search in spec.searches:
         (row,) = table[table["defense"] == search.defense].to_dict("records")
@@ -417,7 +417,7 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
 
 def test_search_dimensionality_of_the_shipped_spec():
     """The table's knobs column: D3 and NAD search 8 knobs, the fine-tuning family 4."""
-    from d3tune.search.robust import space_dims
+    from d3tune.search.robust_driver import space_dims
 
     spec = load_leaderboard(Path(__file__).parent.parent / "search_spaces" /
                             "leaderboard_digits.yaml")
@@ -430,7 +430,7 @@ def test_progress_is_best_so_far_over_trials_and_compute(tmp_path):
     within-budget worst case so far; pruned or over-budget settings never raise it."""
     from mlflow.tracking import MlflowClient
 
-    from d3tune.reports.leaderboard import plot_progress, progress
+    from d3tune.reports.leaderboard_report import plot_progress, progress
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("lb", artifact_location=str(tmp_path / "art"))

@@ -19,8 +19,8 @@ from optuna.trial import TrialState  # noqa: E402
 from d3tune.errors import UsageError  # noqa: E402
 from d3tune.search.optuna_search import ResumableOptunaSearch  # noqa: E402
 from d3tune.runstate import TRIAL_KEY  # noqa: E402
-from d3tune.specs.sweep import load_plan  # noqa: E402
-from d3tune.search.sweeps import best_rows, optuna_plots  # noqa: E402
+from d3tune.specs.sweep_spec import load_plan  # noqa: E402
+from d3tune.search.sweep_driver import best_rows, optuna_plots  # noqa: E402
 
 
 def _plan(tmp_path: Path, extra: str = ""):

@@ -13,8 +13,8 @@ from test_backdoorbench import bb_state_dict, make_record
 from test_real_datasets import write_cifar
 
 from d3tune.errors import UsageError
-from d3tune.specs.leaderboard import leaderboard_plan
-from d3tune.specs.robust import member_config, robust_plan
+from d3tune.specs.leaderboard_spec import leaderboard_plan
+from d3tune.specs.robust_spec import member_config, robust_plan
 from d3tune.yamlio import parse_yaml
 
 SPEC = """
@@ -231,7 +231,7 @@ def test_cli_missing_folder_is_one_line_exit_2(command, tmp_path, monkeypatch, c
 
 
 def test_cli_data_dir_flags():
-    from d3tune.cli.robust import data_dir_flags
+    from d3tune.cli.robust_commands import data_dir_flags
 
     assert data_dir_flags(None) is None
     assert data_dir_flags(["a=b/c"]) == "a=b/c"  # not a dataset name: a folder

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 
 from d3tune.errors import UsageError
-from d3tune.reports.replicates import adoption_pick, draw_table, procedure, setting_spread
-from d3tune.specs.robust import REPLICATE_SEED_STRIDE, replicate_specs, robust_plan
+from d3tune.reports.replicate_report import adoption_pick, draw_table, procedure, setting_spread
+from d3tune.specs.robust_spec import REPLICATE_SEED_STRIDE, replicate_specs, robust_plan
 from d3tune.yamlio import parse_yaml
 
 SPEC = """
@@ -74,7 +74,7 @@ def test_cli_replicates_out_of_range_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_leaderboard_replicates_and_pairs():
-    from d3tune.specs.leaderboard import leaderboard_plan
+    from d3tune.specs.leaderboard_spec import leaderboard_plan
 
     data = parse_yaml(textwrap.dedent("""
         name: lb
@@ -132,7 +132,7 @@ def test_procedure_over_replicates_and_holdout_seeds():
 def test_synthetic_leaderboard_verdicts():
     """A beats B by construction on every paired draw: 'A ahead'; two identical defenses:
     'not separable'."""
-    from d3tune.reports.replicates import compare_defenses
+    from d3tune.reports.replicate_report import compare_defenses
 
     worse = [[0.6, 0.62, 0.58], [0.61, 0.57, 0.6], [0.63, 0.6, 0.59]]
     sums = {"d3": [summary(r, [w + 0.2 for w in ws], {}, 0.9) for r, ws in enumerate(worse)],
@@ -146,7 +146,7 @@ def test_synthetic_leaderboard_verdicts():
 def test_replicated_leaderboard_section(tmp_path):
     from types import SimpleNamespace
 
-    from d3tune.reports.replicates import replicated_leaderboard
+    from d3tune.reports.replicate_report import replicated_leaderboard
 
     sums = {d: [summary(r, [base + 0.01 * r, base, base + 0.02], {}, 0.9, default=[0.5] * 3)
                 for r in range(3)] for d, base in (("d3", 0.9), ("ft", 0.7))}
@@ -198,7 +198,7 @@ def replicated_run(tmp_path, spread: float) -> str:
 
 def test_adopt_refuses_a_spread_beyond_the_tolerance_unless_forced(tmp_path, monkeypatch,
                                                                     capsys):
-    from d3tune.adopted import read
+    from d3tune.adopted_defaults import read
     from d3tune.cli import main
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -220,7 +220,7 @@ def test_adopt_refuses_a_spread_beyond_the_tolerance_unless_forced(tmp_path, mon
 
 
 def test_adopt_within_the_tolerance(tmp_path, monkeypatch):
-    from d3tune.search.adopt import adopt
+    from d3tune.search.adoption import adopt
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     entry = adopt(replicated_run(tmp_path, spread=0.03), path=tmp_path / "digits.yaml")

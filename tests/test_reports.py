@@ -13,7 +13,7 @@ import pytest
 from d3tune import stats
 from d3tune.numbers import fixed, fmt
 from d3tune.reports.html import markdown_page
-from d3tune.reports.sweep import build_report, discretise, heatmaps, plan_layout, tidy
+from d3tune.reports.sweep_report import build_report, discretise, heatmaps, plan_layout, tidy
 from d3tune.reports.layout import integral_knobs, levels
 
 

@@ -113,7 +113,7 @@ def _assert_invariants(tmp_path: Path, kind: str, db: Path, stdout: str, monkeyp
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from d3tune.reports.sweep import make_report
+    from d3tune.reports.sweep_report import make_report
 
     planned = PLANNED[kind]
     client = MlflowClient(f"sqlite:///{db}")

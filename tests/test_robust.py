@@ -13,7 +13,7 @@ from d3tune.errors import UsageError
 from d3tune.search.robust_rules import (Finished, choose, finalists, incumbent, member_order,
                                  tradeoff_extras,
                                  prune_threshold, pruning_savings, should_prune)
-from d3tune.specs.robust import load_robust, member_config, robust_plan
+from d3tune.specs.robust_spec import load_robust, member_config, robust_plan
 
 # ---------------------------------------------------------------------------------------------
 # Exact pruning on hand-made reports
@@ -247,7 +247,7 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
     from mlflow.tracking import MlflowClient
 
     from d3tune.config import trial_config
-    from d3tune.search.robust import robust_search
+    from d3tune.search.robust_driver import robust_search
     from d3tune.yamlio import load_yaml
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -323,7 +323,7 @@ def test_compute_budget_ends_a_real_search_early(local_ray, tmp_path, monkeypatc
     reports; the settings it cut are PRUNED in Optuna, never COMPLETE."""
     import optuna
 
-    from d3tune.search.robust import robust_search
+    from d3tune.search.robust_driver import robust_search
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = load_yaml_text(SPEC)
@@ -534,7 +534,7 @@ def test_compute_budget_counts_member_seconds_across_settings_and_a_resume(tmp_p
     import optuna
 
     from d3tune.search.optuna_search import RESULT_ATTR
-    from d3tune.specs.robust import robust_plan
+    from d3tune.specs.robust_spec import robust_plan
     from d3tune.search.robust_tune import ComputeBudget
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -624,7 +624,7 @@ def test_start_points_are_enqueued_once_even_when_the_study_is_set_up_again(tmp_
 
 
 def test_a_finalist_equal_to_a_reference_shares_its_holdout_run():
-    from d3tune.search.robust import _holdout_runs
+    from d3tune.search.robust_driver import _holdout_runs
 
     text = SPEC.replace("references:", "references:\n  - profile\n  - {name: default, setting: {}}")
     spec = robust_plan(load_yaml_text(text), "tiny.yaml")
@@ -659,7 +659,7 @@ def test_der_ceiling_bounds_every_setting_and_names_the_member():
 def test_report_states_the_ceiling_per_phase():
     import pandas as pd
 
-    from d3tune.reports.robust import ceiling_lines
+    from d3tune.reports.robust_report import ceiling_lines
 
     pop = pd.DataFrame([
         {"member": "a_s0", "phase": "search", "asr_before": 0.9, "excluded": False},

@@ -13,7 +13,7 @@ import torch
 from d3tune.data import TEST_SPLITS, load_dataset, split_test, half_indices
 from d3tune.errors import UsageError
 from d3tune.search.robust_loo import leave_one_attack_out, run_leave_one_attack_out
-from d3tune.specs.robust import member_config, robust_plan
+from d3tune.specs.robust_spec import member_config, robust_plan
 from d3tune.yamlio import parse_yaml
 
 SPEC = """

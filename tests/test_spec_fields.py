@@ -17,9 +17,9 @@ from test_backdoorbench import bb_state_dict, make_record
 from d3tune.cli import RUN_FLAG_FIELDS, build_parser
 from d3tune.config import flatten, resolve, to_dict, trial_config, unflatten
 from d3tune.errors import UsageError
-from d3tune.specs.leaderboard import leaderboard_plan
-from d3tune.specs.robust import member_config, robust_plan
-from d3tune.specs.sweep import ablation_plan, sweep_plan
+from d3tune.specs.leaderboard_spec import leaderboard_plan
+from d3tune.specs.robust_spec import member_config, robust_plan
+from d3tune.specs.sweep_spec import ablation_plan, sweep_plan
 
 # `d3tune run` options that set no single trial field of their own, and where each spec kind
 # takes the same thing instead.

@@ -27,7 +27,7 @@ from d3tune.defenses import DEFENSES, DefenseConfig
 from d3tune.errors import UsageError
 from d3tune.models import MODELS
 from d3tune.specs.fields import DISTRIBUTIONS
-from d3tune.specs.sweep import (ABLATION_KEYS, REPORTED_METRICS, SWEEP_KEYS, ablation_plan,
+from d3tune.specs.sweep_spec import (ABLATION_KEYS, REPORTED_METRICS, SWEEP_KEYS, ablation_plan,
                                 sweep_plan)
 from d3tune.yamlio import parse_yaml
 

@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 
 from d3tune.search import engine  # noqa: E402
 from d3tune.search import mlflow_callback as tracking_tune  # noqa: E402
-from d3tune.specs.sweep import load_plan  # noqa: E402
+from d3tune.specs.sweep_spec import load_plan  # noqa: E402
 
 
 @dataclass

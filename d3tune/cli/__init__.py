@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit*'")
     lst.set_defaults(func=cmd_list)
 
-    from d3tune.cli import leaderboard as cli_leaderboard
-    from d3tune.cli import robust as cli_robust
-    from d3tune.cli import sweeps as cli_sweeps
+    from d3tune.cli import leaderboard_commands as cli_leaderboard
+    from d3tune.cli import robust_commands as cli_robust
+    from d3tune.cli import sweep_commands as cli_sweeps
 
     cli_sweeps.add_commands(sub)
     cli_robust.add_commands(sub)

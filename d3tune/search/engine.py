@@ -35,7 +35,7 @@ from d3tune.runstate import (
     trial_key,
 )
 from d3tune.search.tuner import build_tuner, define_by_run, require_resumable
-from d3tune.specs.sweep import RunPlan
+from d3tune.specs.sweep_spec import RunPlan
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from d3tune.runstate import (
     trial_key,
     write_json,
 )
-from d3tune.specs.sweep import RunPlan
+from d3tune.specs.sweep_spec import RunPlan
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
 from d3tune.runstate import FINAL, TRIAL_KEY, kill_point, recorded_result
-from d3tune.specs.sweep import constraint_values
+from d3tune.specs.sweep_spec import constraint_values
 
 log = logging.getLogger(__name__)
 

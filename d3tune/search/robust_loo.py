@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from d3tune.specs.fields import expect
-from d3tune.specs.robust import RobustSpec, robust_plan
+from d3tune.specs.robust_spec import RobustSpec, robust_plan
 from d3tune.yamlio import load_yaml
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def run_leave_one_attack_out(specs: list[tuple[str, RobustSpec]], *, resume: boo
     """Run the searches in turn (each resumable on its own: a finished one is read back, not
     re-run) and write the summary table beside them. ``search`` is ``robust.robust_search``
     (a parameter so tests can count calls)."""
-    from d3tune.search.robust import robust_search
+    from d3tune.search.robust_driver import robust_search
 
     search = search or robust_search
     rows = []

@@ -33,7 +33,7 @@ from d3tune.search.robust_rules import (
     worst_and_drop,
 )
 from d3tune.runstate import FINAL, TRIAL_KEY, now_ms, read_restored, trial_overrides
-from d3tune.specs.robust import (
+from d3tune.specs.robust_spec import (
     Member,
     Reference,
     RobustSpec,

@@ -16,9 +16,9 @@ from d3tune.attacks import ATTACKS, ImportedBackdoor
 from d3tune.config import TrialConfig, flatten, resolve, trial_config, unflatten
 from d3tune.data import DATASETS
 from d3tune.errors import UsageError
-from d3tune.specs.robust import RobustSpec, member_config
+from d3tune.specs.robust_spec import RobustSpec, member_config
 from d3tune.specs.fields import PATH_FIELDS
-from d3tune.specs.sweep import RunPlan, absolute
+from d3tune.specs.sweep_spec import RunPlan, absolute
 from d3tune.trial import check_import, imported_model
 
 

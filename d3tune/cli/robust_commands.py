@@ -1,5 +1,6 @@
-"""``d3tune robust SPEC``: robust defaults by search, confirmed on holdout seeds (robust.py);
-``d3tune adopt RUN``: make a finished search's confirmed setting the defaults (adopted.py)."""
+"""``d3tune robust SPEC``: robust defaults by search, confirmed on holdout seeds
+(search/robust_driver.py); ``d3tune adopt RUN``: make a finished search's confirmed setting the
+defaults (search/adoption.py)."""
 from __future__ import annotations
 
 import argparse

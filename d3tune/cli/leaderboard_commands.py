@@ -1,5 +1,5 @@
 """``d3tune leaderboard SPEC``: every defense tuned with the same budget, default vs tuned on
-the same holdout seeds (leaderboard.py)."""
+the same holdout seeds (search/leaderboard_driver.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import argparse
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from d3tune.api import leaderboard
-    from d3tune.cli.robust import data_dir_flags
+    from d3tune.cli.robust_commands import data_dir_flags
 
     leaderboard(args.spec, budget=args.budget, resume=args.resume, address=args.address,
                 data_dir=data_dir_flags(args.data_dir), replicates=args.replicates,
@@ -24,7 +24,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "(finished defenses are not re-run; the one it was in continues)")
     p.add_argument("--address", help="join a running Ray cluster: auto or HOST:PORT")
     p.add_argument("--budget", type=int, help="settings per defense (overrides the spec)")
-    from d3tune.cli.robust import add_data_dir_flag, add_replicates_flag
+    from d3tune.cli.robust_commands import add_data_dir_flag, add_replicates_flag
 
     add_data_dir_flag(p)
     add_replicates_flag(p)

@@ -23,7 +23,7 @@ from rich.table import Table
 from d3tune import tracking
 from d3tune.numbers import fixed
 from d3tune.reports.html import markdown_page
-from d3tune.specs.leaderboard import DEFAULT_REFERENCE, LeaderboardSpec
+from d3tune.specs.leaderboard_spec import DEFAULT_REFERENCE, LeaderboardSpec
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     text = markdown(spec, table, state.get("population_seconds"), per_model)
     replicated = None
     if spec.replicates > 1:
-        from d3tune.reports.replicates import replicated_leaderboard
+        from d3tune.reports.replicate_report import replicated_leaderboard
 
         replicated = replicated_leaderboard(spec, state, done, out)
         text += "\n" + "\n".join(replicated.lines) + "\n"

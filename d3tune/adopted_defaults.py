@@ -1,7 +1,7 @@
 """Adopted defaults: a defense's every knob, per dataset, as confirmed by a robust search.
 
 Why: "finding robust defaults" should end in the defaults ``d3tune run`` uses, not in a YAML
-file beside them. ``d3tune adopt RUN`` (``d3tune/search/adopt.py``) reads a finished robust
+file beside them. ``d3tune adopt RUN`` (``d3tune/search/adoption.py``) reads a finished robust
 search from MLflow (its chosen setting, confirmed on the holdout) and writes every knob of that
 defense, resolved for the dataset, into ``<dataset>.yaml`` with where it came from (spec, run,
 search and holdout figures, date). ``trial_config`` then fills each defense knob a config

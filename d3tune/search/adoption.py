@@ -1,5 +1,5 @@
 """``d3tune adopt RUN``: a finished robust search's chosen setting becomes a dataset's adopted
-defaults (``d3tune.adopted`` reads them back for every run).
+defaults (``d3tune.adopted_defaults`` reads them back for every run).
 
 Why a module of its own: adopting reads MLflow and resolves a trial config (every knob of the
 defense, for the dataset), while reading adopted defaults is what config resolution itself
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from d3tune.adopted import PACKAGE_DIR, Adopted, folders, write
+from d3tune.adopted_defaults import PACKAGE_DIR, Adopted, folders, write
 from d3tune.errors import UsageError
 
 

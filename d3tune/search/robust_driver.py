@@ -46,7 +46,7 @@ from d3tune.search.robust_rules import (
 )
 from d3tune.runstate import OPTUNA_DB, write_json
 from d3tune.specs.inputs import input_paths
-from d3tune.specs.robust import (
+from d3tune.specs.robust_spec import (
     Member,
     Reference,
     RobustSpec,
@@ -433,7 +433,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         yaml_path.parent.mkdir(parents=True, exist_ok=True)
         dump_yaml(defaults_yaml(spec, chosen["setting"]), yaml_path)
         outcome.yaml_path = yaml_path
-    from d3tune.reports.robust import finish_parent, print_summary, write_report
+    from d3tune.reports.robust_report import finish_parent, print_summary, write_report
 
     outcome.report_dir = write_report(outcome, state / "report")
     finish_parent(callback, outcome)

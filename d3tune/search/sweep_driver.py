@@ -25,7 +25,7 @@ from d3tune.search import engine, tuner
 from d3tune.search.mlflow_callback import MlflowSweepCallback
 from d3tune.runstate import FINAL, kill_point, trial_overrides
 from d3tune.specs.inputs import input_paths
-from d3tune.specs.sweep import RunPlan
+from d3tune.specs.sweep_spec import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def results_frame(results: Any) -> pd.DataFrame:
 
 def feasible(plan: RunPlan, df: pd.DataFrame) -> pd.Series:
     """Rows within every constraint of the spec (all rows when it has none)."""
-    from d3tune.specs.sweep import constraint_values
+    from d3tune.specs.sweep_spec import constraint_values
 
     if not plan.constraints or df.empty:
         return pd.Series(True, index=df.index)

@@ -29,11 +29,11 @@ from rich.console import Console
 
 from d3tune import tracking
 from d3tune.errors import UsageError
-from d3tune.reports.leaderboard import LeaderboardOutcome
+from d3tune.reports.leaderboard_report import LeaderboardOutcome
 from d3tune.search import tuner
 from d3tune.runstate import write_json
 from d3tune.specs.inputs import input_paths
-from d3tune.specs.leaderboard import LeaderboardSpec
+from d3tune.specs.leaderboard_spec import LeaderboardSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
 def build_models(spec: LeaderboardSpec, state_dir: Path) -> float:
     """Every member's backdoored model, search and holdout, once, in parallel (Ray tasks), for
     all defenses: the searches then load them from the cache. Returns the seconds spent."""
-    from d3tune.search.robust import build_population
+    from d3tune.search.robust_driver import build_population
 
     start = time.monotonic()
     first = spec.searches[0]
@@ -98,10 +98,10 @@ def _member_seconds(robust_state: Path) -> dict[str, float]:
 def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Console) -> Any:
     """One defense's robust search, nested under the leaderboard's parent run; resumed when an
     earlier invocation had started it."""
-    from d3tune.search.robust import robust_search
+    from d3tune.search.robust_driver import robust_search
 
-    from d3tune.search.replicates import STATE_FILE as REPLICATES_STATE
-    from d3tune.search.replicates import run_replicated
+    from d3tune.search.replicate_driver import STATE_FILE as REPLICATES_STATE
+    from d3tune.search.replicate_driver import run_replicated
 
     search = spec.search_of(defense)
     out = spec.state_dir / "tuned" / f"{defense}.yaml"
@@ -126,7 +126,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from d3tune.reports.leaderboard import finish
+    from d3tune.reports.leaderboard_report import finish
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     clock = time.monotonic()

@@ -17,7 +17,7 @@ from typing import Any
 
 from d3tune.errors import did_you_mean
 from d3tune.specs.fields import expect, integer
-from d3tune.specs.robust import RobustSpec, check_top_keys, robust_plan
+from d3tune.specs.robust_spec import RobustSpec, check_top_keys, robust_plan
 from d3tune.yamlio import load_yaml
 
 LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "defenses",

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from d3tune.reports.replicates import (
+from d3tune.reports.replicate_report import (
     Procedure,
     adoption_pick,
     draw_table,
@@ -34,7 +34,7 @@ from d3tune.reports.replicates import (
     procedure,
 )
 from d3tune.runstate import write_json
-from d3tune.specs.robust import RobustSpec
+from d3tune.specs.robust_spec import RobustSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def summarize(outcome: Any, replicate: int) -> dict[str, Any]:
     setting and search figure, every confirmed row's draws, and the CPU seconds its trial
     processes spent, search and holdout apart."""
     spec: RobustSpec = outcome.spec
-    from d3tune.search.robust import HOLDOUT_FILE
+    from d3tune.search.robust_driver import HOLDOUT_FILE
 
     path = spec.paths.state_dir / HOLDOUT_FILE
     done: dict[str, list[dict[str, Any]]] = json.loads(path.read_text()) if path.exists() else {}
@@ -142,7 +142,7 @@ def _parent(client: Any, spec: RobustSpec, state: dict[str, Any], path: Path,
     from mlflow.entities import Param
 
     from d3tune import tracking
-    from d3tune.specs.robust import datasets_of
+    from d3tune.specs.robust_spec import datasets_of
 
     if state.get("parent"):
         return state["parent"]
@@ -179,9 +179,9 @@ def run_replicated(spec: RobustSpec, *, resume: bool = False, address: str | Non
     from d3tune import tracking
     from d3tune.errors import UsageError
     from d3tune.search import tuner
-    from d3tune.search.robust import robust_search
+    from d3tune.search.robust_driver import robust_search
     from d3tune.specs.inputs import input_paths
-    from d3tune.specs.robust import replicate_specs
+    from d3tune.specs.robust_spec import replicate_specs
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     state_dir = spec.paths.state_dir
@@ -237,8 +237,8 @@ def _finish(spec: RobustSpec, summaries: list[dict[str, Any]], client: Any, pare
             state_dir: Path, out: str | Path | None, console: Any) -> ReplicatedOutcome:
     from mlflow.entities import Metric, RunTag
 
-    from d3tune.reports.replicates import print_procedure, write_replicated_report
-    from d3tune.specs.robust import defaults_yaml
+    from d3tune.reports.replicate_report import print_procedure, write_replicated_report
+    from d3tune.specs.robust_spec import defaults_yaml
     from d3tune.yamlio import dump_yaml
 
     proc = procedure(summaries)
