@@ -1,6 +1,6 @@
 """d3tune: the D3 backdoor defense, baselines, and a Ray Tune / Optuna / MLflow sweep engine.
 
-From Python (README "From Python"; the input contract is in ``d3tune.api``)::
+From Python (docs/python.md; the input contract is in ``d3tune.api``)::
 
     import d3tune
     defended = d3tune.defend(model, clean_x, clean_y, defense="d3", seed=0, epochs=20)

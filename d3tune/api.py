@@ -579,7 +579,7 @@ def defense_citations(pattern: str = "*") -> dict[str, str | None]:
 
 
 def loaded_plugins() -> list[str]:
-    """The plugin modules loaded into the registries (entry points and D3TUNE_PLUGINS)."""
+    """The plugin modules loaded into the registries (the ``d3tune.plugins`` entry-point group)."""
     from d3tune.plugins import ensure_plugins
 
     return list(ensure_plugins().loaded)

@@ -346,3 +346,25 @@ def test_sweep_over_two_nodes_builds_each_model_once_in_a_shared_cache(two_nodes
     assert len(list(shared.rglob("model.safetensors"))) == 1
     assert sum(r["cache_builds"] for r in last) == 1  # built once across both nodes
     print(f"\ntwo-node sweep (shared cache): {wall:.1f} s, nodes {sorted(nodes)}")
+
+
+@pytest.mark.slow
+def test_adopted_defaults_reach_the_worker_node(two_nodes, tmp_path):
+    """The driver's D3TUNE_DEFAULTS_DIR (adopted defaults on shared storage) is what a trial on
+    the worker node reads, though that node's Ray was started without it."""
+    env = {**ray_env(two_nodes["token"], tmp_path / "cache"),
+           "D3TUNE_DEFAULTS_DIR": str(tmp_path / "shared_defaults")}
+    code = (
+        "import os, ray\n"
+        "from d3tune.search.tuner import init_ray\n"
+        f"init_ray({two_nodes['address']!r})\n"
+        "@ray.remote(num_cpus=0, resources={'worker_node': 0.01})\n"
+        "def probe():\n"
+        "    from d3tune.adopted_defaults import folders\n"
+        "    return [str(p) for p in folders()]\n"
+        "print('FOLDERS', ray.get(probe.remote()))\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("FOLDERS"))
+    assert str(tmp_path / "shared_defaults") in line, line

@@ -104,3 +104,35 @@ def test_relative_links_resolve(page):
               if not t.startswith(("http://", "https://", "mailto:"))
               and not (page.parent / t).exists()]
     assert not broken, f"{page.name}: links to missing files {broken}"
+
+
+# Words and paths a reader outside the team cannot place. "its own session of processes" is
+# POSIX's process session (cluster.md), not ours.
+INSIDER = re.compile(r"\bthe issue\b|\b[Ii]ssue \d+|\bsessions?\b|device call|timeout_s")
+MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|root|tmp/pytest)/")
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "benchmarks" / "README.md",
+                                  *sorted((ROOT / "docs").rglob("*.md"))],
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_pages_use_no_insider_words_or_machine_paths(page):
+    bad = []
+    for i, line in enumerate(page.read_text().splitlines(), 1):
+        clean = line.replace("its own session of processes", "")
+        bad += [f"{i}: {m.group(0)!r}" for rx in (INSIDER, MACHINE_PATH)
+                for m in rx.finditer(clean)]
+    assert not bad, f"{page.relative_to(ROOT)}: {bad}"
+
+
+def test_the_insider_check_can_fail():
+    assert INSIDER.search("as issue 17 asked") and INSIDER.search("to fit the session")
+    assert MACHINE_PATH.search("in /work/runs/x") and not MACHINE_PATH.search("d3tune/work/x")
+
+
+def test_every_shipped_spec_is_named_on_a_page():
+    """A spec in search_spaces/ or ablations/ that no page names is one a user cannot find."""
+    text = "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+    specs = sorted(p.relative_to(ROOT).as_posix() for folder in ("search_spaces", "ablations")
+                   for p in (ROOT / folder).glob("*.yaml"))
+    unnamed = [s for s in specs if s not in text]
+    assert specs and not unnamed, f"shipped specs no page names: {unnamed}"

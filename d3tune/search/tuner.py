@@ -177,6 +177,18 @@ def require_on_every_node(inputs: Mapping[str, str], timeout_s: float = 60.0) ->
                          f"check of the input folders within {timeout_s:.0f} s")
 
 
+# What decides a trial's config and so must be the driver's on every node of a cluster: which
+# adopted defaults fill the knobs a spec leaves unset. A worker on another node is started by
+# that node's raylet, not by the driver, and would read its own environment. (The model cache
+# and precision stay per node: they are properties of the machine, not of the experiment.)
+FORWARDED_ENV = ("D3TUNE_DEFAULTS_DIR", "D3TUNE_SHIPPED_DEFAULTS")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's values of ``FORWARDED_ENV`` that are set."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
 def init_ray(address: str | None, inputs: Mapping[str, str] | None = None) -> bool:
     """Connect to (address) or start a local Ray; True when this call started it. On a cluster
     (``address``), every node must see ``inputs`` (path -> the trial field naming it)."""
@@ -195,7 +207,9 @@ def init_ray(address: str | None, inputs: Mapping[str, str] | None = None) -> bo
             except (ImportError, AttributeError):  # pragma: no cover - other Ray versions
                 pass
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            env = forwarded_env()
+            ray.init(address=address, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": env} if env else None)
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             why = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise UsageError(f"--address {address}: could not join the Ray cluster ({why}); "
