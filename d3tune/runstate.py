@@ -136,3 +136,16 @@ def write_json(path: Path, data: Any, **dump: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, **dump))
     os.replace(tmp, path)
+
+
+def check_resume(exists: bool, resume: bool, where: Path, what: str, name: str) -> None:
+    """``--resume`` needs an interrupted run of this name at ``where``; a new run must not
+    overwrite one (UsageError, one line, either way)."""
+    from d3tune.errors import UsageError
+
+    if resume and not exists:
+        raise UsageError(f"--resume: no interrupted {what} at {where} (spec name {name!r})")
+    if not resume and exists:
+        raise UsageError(f"{where} already holds a {what} named {name!r}: pass --resume to "
+                         "continue it, or change the spec's name/storage")
+

@@ -28,10 +28,9 @@ from typing import Any
 from rich.console import Console
 
 from d3tune import tracking
-from d3tune.errors import UsageError
 from d3tune.reports.leaderboard_report import LeaderboardOutcome
 from d3tune.search import tuner
-from d3tune.runstate import write_json
+from d3tune.runstate import check_resume, write_json
 from d3tune.specs.inputs import input_paths
 from d3tune.specs.leaderboard_spec import LeaderboardSpec
 
@@ -132,12 +131,8 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     clock = time.monotonic()
     state_dir = spec.state_dir
     path = state_dir / STATE_FILE
-    if resume and not path.exists():
-        raise UsageError(f"--resume: no interrupted leaderboard at {state_dir} "
-                         f"(spec name {spec.name!r})")
-    if not resume and state_dir.exists():
-        raise UsageError(f"{state_dir} already holds a leaderboard named {spec.name!r}: pass "
-                         "--resume to continue it, or change the spec's name/storage")
+    check_resume(path.exists() if resume else state_dir.exists(), resume, state_dir,
+                 "leaderboard", spec.name)
     state_dir.mkdir(parents=True, exist_ok=True)
     state = _load(path)
     write_json(path, state, indent=1)

@@ -33,7 +33,7 @@ from d3tune.reports.replicate_report import (
     draws,
     procedure,
 )
-from d3tune.runstate import write_json
+from d3tune.runstate import check_resume, write_json
 from d3tune.specs.robust_spec import RobustSpec
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,7 @@ def run_replicated(spec: RobustSpec, *, resume: bool = False, address: str | Non
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     state_dir = spec.paths.state_dir
     path = state_dir / STATE_FILE
-    if resume and not path.exists():
-        raise UsageError(f"--resume: no interrupted replicated search at {state_dir} "
-                         f"(spec name {spec.name!r})")
-    if not resume and path.exists():
-        raise UsageError(f"{state_dir} already holds a replicated search named {spec.name!r}: "
-                         "pass --resume to continue it, or change the spec's name/storage")
+    check_resume(path.exists(), resume, state_dir, "replicated search", spec.name)
     state_dir.mkdir(parents=True, exist_ok=True)
     state = load_state(path)
     if state["replicates"] not in (None, spec.replicates):
