@@ -49,6 +49,11 @@ class Adopted:
         drop = p.get("holdout_mean_acc_drop")
         if isinstance(drop, (int, float)):
             figures += f", holdout ACC drop {drop * 100:.1f} points"
+        proc = p.get("procedure")
+        if isinstance(proc, dict) and isinstance(proc.get("expected_worst_der"), (int, float)):
+            low, high = proc.get("interval") or (float("nan"), float("nan"))
+            figures += (f"; {len(p.get('replicates') or [])} replicates: expected holdout worst "
+                        f"DER {proc['expected_worst_der']:.3f} [{low:.3f}, {high:.3f}]")
         return (f"{self.defense} defaults adopted for {self.dataset} from robust run "
                 f"{p.get('robust_run', '?')} ({p.get('spec', '?')}; {figures}; "
                 f"{p.get('adopted_on', '?')}) in {self.path}")

@@ -192,7 +192,7 @@ def print_summary(console: Console, cfg: TrialConfig, result: TrialResult, total
 
     for line in pack(describe_for(cfg.data.name, cfg.defense.name, cfg.defaults).split(" "),
                      width, " "):
-        console.print(line, highlight=False, overflow="fold")
+        console.print(line, highlight=False, overflow="fold", markup=False)  # "[d3]" is text
     record = getattr(cfg.attack.params, "result", None)
     if record:  # an imported model: its file, whole (soft-wrapped, so it copies as one path)
         console.print(f"model from {record}", soft_wrap=True, highlight=False)

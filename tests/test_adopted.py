@@ -146,8 +146,9 @@ def test_adopt_from_the_command_line(tmp_path, monkeypatch, capsys):
 
 
 def test_shipped_digits_defaults_are_the_confirmed_robust_setting(monkeypatch):
-    """What d3tune ships for D3 on digits: a robust search's confirmed setting, every knob, with
-    its provenance, and what `d3tune run` resolves to when a config is silent."""
+    """What d3tune ships for D3 on digits: the setting every replicate of a replicated search
+    chose, every knob, with its provenance (the procedure's interval within its tolerance), and
+    what `d3tune run` resolves to when a config is silent."""
     from d3tune.adopted_defaults import PACKAGE_DIR, lookup
 
     monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "1")
@@ -155,8 +156,12 @@ def test_shipped_digits_defaults_are_the_confirmed_robust_setting(monkeypatch):
     entry = lookup("digits", "d3")
     assert entry is not None and entry.path == PACKAGE_DIR / "digits.yaml"
     p = entry.provenance
-    assert p["spec"] == "search_spaces/robust_d3_digits.yaml" and p["holdout_seeds"] == "3,4"
-    assert p["holdout_mean_acc_drop"] <= p["max_acc_drop"]  # confirmed within its ACC budget
+    assert p["spec"].startswith("docs/results/leaderboard_digits_replicated/spec.yaml")
+    assert p["replicated"] and p["holdout_seeds"] == [3, 4, 5] and len(p["replicates"]) == 3
+    proc = p["procedure"]
+    assert proc["holdout_spread"] <= proc["adopt_tolerance"] and not proc["forced"]
+    assert proc["interval"][0] <= proc["expected_worst_der"] <= proc["interval"][1]
+    assert "3 replicates: expected holdout worst DER 0.888 [0.874, 0.899]" in entry.describe()
     cfg = resolve(trial_config({}))
     assert cfg.defense.epochs == entry.knobs["epochs"] and cfg.defense.batch_size == 16
     assert cfg.defense.params.eps == pytest.approx(entry.knobs["eps"])
