@@ -97,13 +97,46 @@ def test_the_folder_and_record_examples_load(tmp_path, monkeypatch):
         str(tmp_path / "elsewhere")}
 
 
-@pytest.mark.parametrize("page", [*PAGES, ROOT / "CONTRIBUTING.md"],
+@pytest.mark.parametrize("page", LINKED_PAGES := [*PAGES, ROOT / "CONTRIBUTING.md",
+                                                   ROOT / "benchmarks" / "README.md",
+                                                   *sorted((ROOT / "docs" / "results").rglob("*.md"))],
                          ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_relative_links_resolve(page):
     broken = [t for t in re.findall(r"\]\(([^)#\s]+)", page.read_text())
               if not t.startswith(("http://", "https://", "mailto:"))
               and not (page.parent / t).exists()]
     assert not broken, f"{page.name}: links to missing files {broken}"
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """Both slugs a heading may get: GitHub's (each space a hyphen) and MkDocs' (runs of
+    spaces and hyphens collapsed), so a link works on either site."""
+    out, fence = set(), False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        elif not fence and re.match(r"^#{1,6} ", line):
+            text = re.sub(r"[^\w\s-]", "", line.lstrip("#").strip().replace("`", "")).lower()
+            out |= {text.replace(" ", "-"), re.sub(r"[-\s]+", "-", text).strip("-")}
+    return out
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_to_headings_find_them(page):
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", page.read_text()):
+        if target.startswith(("http://", "https://")):
+            continue
+        path = page if not target else page.parent / target
+        if path.suffix == ".md" and path.is_file() and anchor not in heading_anchors(
+                path.read_text()):
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{page.relative_to(ROOT)}: links to missing headings {broken}"
+
+
+def test_the_heading_check_can_fail():
+    anchors = heading_anchors("# Top\n## Three seeds: D3 vs FT-SAM\n```\n# not a heading\n```")
+    assert "three-seeds-d3-vs-ft-sam" in anchors and "not-a-heading" not in anchors
 
 
 # Words and paths a reader outside the team cannot place. "its own session of processes" is
@@ -136,3 +169,41 @@ def test_every_shipped_spec_is_named_on_a_page():
                    for p in (ROOT / folder).glob("*.yaml"))
     unnamed = [s for s in specs if s not in text]
     assert specs and not unnamed, f"shipped specs no page names: {unnamed}"
+
+
+def test_readme_names_every_attack_and_defense_with_its_paper():
+    """A registered method missing from the README's table is one a reader cannot cite."""
+    from d3tune.attacks import ATTACKS
+    from d3tune.defenses import DEFENSES
+
+    section = (ROOT / "README.md").read_text().split("## Attacks and defenses", 1)[1].split(
+        "\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", section, flags=re.M))
+    builtin = {name for reg in (ATTACKS, DEFENSES) for name in reg  # plugins document themselves
+               if (reg[name].make if reg is ATTACKS else reg[name].run).__module__.startswith(
+                   "d3tune.")}
+    missing = sorted(builtin - set(rows))
+    assert not missing, f"README's attack/defense table lacks {missing}"
+    assert all(len(paper) > 20 for paper in rows.values())
+
+
+@pytest.mark.slow
+def test_the_site_renders_its_tables_and_images(tmp_path):
+    """The built site opened in headless Chromium: tables became tables and every image
+    decoded (docs/results/site/site_check.py; its screenshots are committed beside it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    mkdocs = shutil.which("mkdocs") or str(ROOT / ".venv-docs" / "bin" / "mkdocs")
+    if not shutil.which("chromium"):
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    if not Path(mkdocs).exists():
+        pytest.skip("mkdocs is not installed (.ci/run puts it in .venv-docs)")
+    done = subprocess.run([sys.executable, str(ROOT / "docs/results/site/site_check.py"),
+                           str(tmp_path), "--mkdocs", mkdocs], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" ok") == 2
+    assert (tmp_path / "home.png").stat().st_size > 10_000
+    assert (tmp_path / "leaderboard.png").stat().st_size > 10_000

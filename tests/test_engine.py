@@ -265,4 +265,12 @@ def test_ablation_report_numbers_equal_mlflow_metrics(local_ray, tmp_path, mlflo
         row = summary[summary["defense.radius"] == radius].iloc[0]
         assert row["der_mean"] == pytest.approx(r.data.metrics["der"])
         assert row["asr_after_mean"] == pytest.approx(r.data.metrics["asr_after"])
+    # the spec's name finds the same parent run as its experiment does; a name that is
+    # neither is one line naming RUN
+    from d3tune.errors import UsageError
+    from d3tune.reports.sweep_report import find_parent
+
+    assert find_parent(client, "abl").info.run_id == parent.info.run_id
+    with pytest.raises(UsageError, match="RUN 'nope': neither an MLflow run id, an experiment"):
+        find_parent(client, "nope")
 

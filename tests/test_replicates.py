@@ -164,6 +164,10 @@ def test_replicated_leaderboard_section(tmp_path):
     assert "95 % percentile bootstrap" in text
     assert (tmp_path / "pairs.csv").read_text().startswith("a,b,p_a_ahead,low,high")
     assert len((tmp_path / "replicated_draws.csv").read_text().splitlines()) == 1 + 4 * 9
+    from PIL import Image
+
+    with Image.open(tmp_path / "replicated.png") as img:  # the draws' plot, linked from the text
+        assert img.size[0] > 400 and "![replicated draws](replicated.png)" in text
 
 
 # --- adopting from a replicated search --------------------------------------------------------

@@ -1,4 +1,4 @@
-"""LF, the low-frequency trigger (Zeng, Park, Mok, Jia, "Rethinking the Backdoor Attacks'
+"""LF, the low-frequency trigger (Zeng, Park, Mao, Jia, "Rethinking the Backdoor Attacks'
 Triggers: A Frequency Perspective", ICCV 2021).
 
 Why: high-frequency triggers (patches, noise) leave artefacts in the spectrum that detectors and

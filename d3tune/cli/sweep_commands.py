@@ -77,7 +77,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _shared(ablate)
     ablate.set_defaults(func=cmd_ablate)
     report = sub.add_parser("report", help="tables and plots of a sweep or ablation from MLflow")
-    report.add_argument("run", help="MLflow parent run id, or an experiment name (latest parent)")
+    report.add_argument("run", help="MLflow parent run id, an experiment name or a spec name (latest parent)")
     report.add_argument("--out", help="output folder (default d3tune_results/reports/NAME)")
     report.set_defaults(func=cmd_report)
     defaults = sub.add_parser("defaults", help="robust defaults: best worst-case DER across "

@@ -202,6 +202,40 @@ def ahead_lines(comparisons: Sequence[Ahead]) -> list[str]:
     return lines
 
 
+def plot_draws(table: pd.DataFrame, out: Any) -> Any:
+    """Per defense and row, every (replicate, holdout seed) draw's worst-case DER (one colour
+    per replicate) beside the expected value and its interval: the reader sees at once whether
+    a row's interval is wide because replicates disagree or because holdout seeds do."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(table.groupby(["defense", "kind"], sort=False))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 1.0 * len(groups)), 4.2))
+    colours = plt.get_cmap("tab10")
+    for x, ((defense, kind), g) in enumerate(groups):
+        for r, rg in g.groupby("replicate"):
+            ax.scatter([x - 0.3 + 0.08 * (int(r) % 4)] * len(rg), rg["worst_der"],
+                       color=colours(int(r) % 10),
+                       s=16, alpha=0.75, label=f"replicate {r}" if x == 0 else None)
+        mean, low, high, _ = mean_interval(g["worst_der"])
+        ax.errorbar([x + 0.18], [mean], yerr=[[mean - low], [high - mean]], fmt="o",
+                    color="black" if kind == "tuned" else "tab:gray", capsize=4,
+                    label=("expected, 95 % interval" if x == 0 else None))
+    ax.set_xticks(range(len(groups)), [f"{d}\n{k}" for (d, k), _ in groups])
+    ax.set_ylabel("holdout worst-case DER per draw")
+    ax.set_title("Replicated: dots, every (replicate, holdout seed) draw;\n"
+                 "bar, their mean with its 95 % percentile bootstrap interval", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out / "replicated.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 DEFAULT_ROW = "ref-default"  # the leaderboard's default reference (specs.leaderboard)
 
 
@@ -276,7 +310,9 @@ def replicated_leaderboard(spec: Any, state: Mapping[str, Any], done: Sequence[s
             tables.append(draw_table(sums, label).assign(defense=defense, kind=row))
     comparisons = compare_defenses(summaries, spec.pairs)
     if tables:
-        pd.concat(tables, ignore_index=True).to_csv(out / "replicated_draws.csv", index=False)
+        table = pd.concat(tables, ignore_index=True)
+        table.to_csv(out / "replicated_draws.csv", index=False)
+        plot_draws(table, out)
     pd.DataFrame([{"a": c.a, "b": c.b, "p_a_ahead": c.p, "low": c.low, "high": c.high,
                    "pairs": c.n, "verdict": c.verdict} for c in comparisons]).to_csv(
         out / "pairs.csv", index=False)
@@ -294,6 +330,8 @@ def replicated_leaderboard(spec: Any, state: Mapping[str, Any], done: Sequence[s
               f"{fixed(p.holdout_spread)} | {p.search_cpu_s:.0f} | {p.holdout_cpu_s:.0f} |"
               for (d, row), p in procedures.items()]
     lines += ["", *ahead_lines(comparisons)]
+    if tables:
+        lines += ["", "![replicated draws](replicated.png)"]
     metrics: dict[str, float] = {}
     for (d, row), p in procedures.items():
         metrics.update({f"{row}_expected_worst_der.{d}": p.expected_worst_der,
@@ -307,5 +345,5 @@ def replicated_leaderboard(spec: Any, state: Mapping[str, Any], done: Sequence[s
 
 __all__ = ["draws", "chosen_draws", "draw_table", "setting_spread", "Procedure", "procedure",
            "adoption_pick", "procedure_lines", "write_replicated_report", "print_procedure", "ahead_lines",
-           "interval", "CITATION", "compare_defenses", "replicated_leaderboard",
+           "interval", "CITATION", "compare_defenses", "replicated_leaderboard", "plot_draws",
            "ReplicatedBoard"]

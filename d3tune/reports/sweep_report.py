@@ -57,21 +57,38 @@ def _client():
 
 
 def find_parent(client: Any, ref: str) -> Any:
-    """A parent run by id, or the latest sweep/ablation parent run of an experiment by name."""
+    """A parent run by id; the latest sweep/ablation parent run of an experiment by name; or,
+    because a user remembers the spec rather than its experiment, the latest parent run named
+    after a spec (its ``name:``)."""
     try:
         return client.get_run(ref)
     except Exception:
         pass
     exp = client.get_experiment_by_name(ref)
     if exp is None:
-        raise UsageError(f"RUN {ref!r}: neither an MLflow run id nor an experiment name in "
-                         f"{tracking.tracking_uri()}")
+        named = _latest_parent_named(client, ref)
+        if named is not None:
+            return named
+        raise UsageError(f"RUN {ref!r}: neither an MLflow run id, an experiment name nor a "
+                         f"sweep/ablation spec name in {tracking.tracking_uri()}")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`d3tune.kind` != 'run'",
                               order_by=["attributes.start_time DESC"], max_results=50)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     if not parents:
         raise UsageError(f"RUN {ref!r}: experiment has no sweep or ablation parent run")
     return parents[0]
+
+
+def _latest_parent_named(client: Any, name: str) -> Any:
+    from mlflow.entities import ViewType
+
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    if not exps or "'" in name:  # a spec name holding a quote cannot go into MLflow's filter
+        return None
+    runs = client.search_runs(exps, filter_string=f"attributes.run_name = '{name}'",
+                              order_by=["attributes.start_time DESC"], max_results=50)
+    return next((r for r in runs if "mlflow.parentRunId" not in r.data.tags
+                 and r.data.tags.get("d3tune.kind") in ("sweep", "ablation")), None)
 
 
 def _number(value: str) -> Any:

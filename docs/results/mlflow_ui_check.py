@@ -1,4 +1,4 @@
-"""Documented check (issue 21): a report logged to a parent run opens from the MLflow UI.
+"""Documented check: a report logged to a parent run opens from the MLflow UI.
 
     python docs/results/mlflow_ui_check.py TRACKING_DB PARENT_RUN_ID OUT.png
 
