@@ -130,6 +130,7 @@ def _free_port() -> int:
 def test_mlflow_store_lost_mid_sweep_keeps_results_and_completes(local_ray, tmp_path, monkeypatch,
                                                                  caplog):
     monkeypatch.setattr("d3tune.search.mlflow_callback.FLUSH_EVERY_S", 0.0)  # the outage waits for steps
+    monkeypatch.setattr("d3tune.search.mlflow_callback.FINAL_PATIENCE_S", 0.0)  # it stays down
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

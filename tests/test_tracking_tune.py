@@ -248,3 +248,75 @@ def test_the_ledger_records_a_trial_end_while_mlflow_is_down_and_runs_follow_lat
         status = con.execute("select status from runs where run_uuid=?",
                              (cb.state["children"]["t2"],)).fetchone()[0]
     assert status == "FINISHED"
+
+
+def test_what_mlflow_missed_in_an_outage_is_told_once_it_answers(tmp_path, monkeypatch):
+    """Epochs reported, a child run to make and a trial end to record while the store is down
+    all reach it once it answers again: every epoch once, every run FINISHED, none RUNNING."""
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_tune, "FLUSH_EVERY_S", 0.0)
+    cb = _callback(tmp_path)
+    real = cb.client
+    outage = {"on": False}
+
+    class Flaky:  # the real client, failing every call while the outage lasts
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(real, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if outage["on"]:
+                    raise ConnectionError("tracking server down")
+                return method(*args, **kwargs)
+            return call
+
+    cb.client = Flaky()
+    running = FakeTrial("t1", config={"d3tune.trial": 0})
+    cb.on_trial_start(0, [], running)
+    cb.on_trial_result(0, [], running, _result(1))
+    outage["on"] = True
+    cb.on_trial_result(0, [], running, _result(2))
+    cb.on_trial_result(0, [], running, _result(3))
+    late = FakeTrial("t2", config={"d3tune.trial": 1}, last_result=_result(2))
+    cb.on_trial_start(0, [], late)  # its child run cannot be made now
+    cb.on_trial_result(0, [], late, _result(1))
+    cb.on_trial_result(0, [], late, _result(2))
+    cb.on_trial_complete(0, [], late)  # it ends during the outage
+    assert cb.owed and "t2" not in cb.state["children"] and cb.state["closing"] == {
+        "t2": "FINISHED"}
+    assert tracking_tune.load_ledger(cb.state_dir)["done"] == ["t2"]  # the ledger has it
+    outage["on"] = False  # the server is back; the next event tells MLflow what it missed
+    cb.down_until = 0.0
+    running.last_result = _result(4)
+    cb.on_trial_result(0, [], running, _result(4))
+    cb.on_trial_complete(0, [], running)
+    cb.on_experiment_end([])
+    assert not cb.owed and cb.state["closing"] == {} and not cb.pending
+    steps = _steps(db)
+    assert steps[cb.state["children"]["t1"]] == [1, 2, 3, 4]  # each epoch once, none lost
+    assert steps[cb.state["children"]["t2"]] == [1, 2]
+    with sqlite3.connect(db) as con:
+        statuses = dict(con.execute("select run_uuid, status from runs"))
+    assert statuses[cb.state["children"]["t1"]] == "FINISHED"
+    assert statuses[cb.state["children"]["t2"]] == "FINISHED"
+    assert "RUNNING" not in {s for r, s in statuses.items() if r != cb.parent_id}
+
+
+def test_at_the_end_an_mlflow_still_down_leaves_its_debt_in_the_ledger(tmp_path, monkeypatch,
+                                                                       caplog):
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setattr(tracking_tune, "FINAL_PATIENCE_S", 0.0)
+    cb = _callback(tmp_path)
+    trial = FakeTrial("t1", config={"d3tune.trial": 0}, last_result=_result(2))
+    cb.on_trial_start(0, [], trial)
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("tracking server down")
+
+    monkeypatch.setattr(cb.client, "set_terminated", down)
+    cb.on_trial_complete(0, [], trial)
+    with caplog.at_level("WARNING"):
+        cb.on_experiment_end([])
+    assert tracking_tune.load_ledger(cb.state_dir)["closing"] == {"t1": "FINISHED"}
+    assert any("still owed" in r.getMessage() for r in caplog.records)

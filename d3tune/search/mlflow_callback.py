@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_state.json"
 RETRY_AFTER_S = 30
+# At a sweep's end, how long to keep trying an MLflow that is down (a server restarting).
+FINAL_PATIENCE_S = float(os.environ.get("D3TUNE_MLFLOW_PATIENCE_S", "120"))
 FLUSH_EVERY_S = 5.0  # per-epoch metrics reach MLflow at most this late while a trial runs
 BATCH_ROWS = 100  # epochs per log_batch (MLflow takes at most 1000 metrics per call)
 EPOCH_METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist")
@@ -109,6 +111,8 @@ class MlflowTuneCallback(Callback):
         self.pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # trial -> (ms, row)
         self.flushed_at: dict[str, float] = {}
         self.seen: set[str] = set()  # trials started by this driver (vs. before a kill)
+        self.known: dict[str, Any] = {}  # trial id -> Tune trial, to make a child run late
+        self.owed = False  # an MLflow call failed: something is still to be told (catch_up)
 
     # -- what the runs record (subclasses) ---------------------------------------------------
 
@@ -133,18 +137,48 @@ class MlflowTuneCallback(Callback):
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one MLflow call; on failure warn, and skip calls for a while (a store that is
         down would otherwise cost its full retry/timeout on every epoch of every trial)."""
+        return self.attempt(what, fn)[1]
+
+    def attempt(self, what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        """``call``, saying whether the call was made and answered: a write that did not reach
+        MLflow stays owed and is made again once MLflow answers (``catch_up``)."""
         if time.monotonic() < self.down_until:
             self.skipped += 1
-            return None
+            self.owed = True
+            return False, None
         try:
-            return fn()
+            return True, fn()
         except Exception as exc:  # keep the sweep going; Tune's storage keeps the results
             self.failures += 1
+            self.owed = True
             self.down_until = time.monotonic() + RETRY_AFTER_S
             log.warning("MLflow %s failed (%s); results stay in %s; retrying MLflow in %d s",
                         what, str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                         self.exp_dir, RETRY_AFTER_S)
-            return None
+            return False, None
+
+    def catch_up(self, patience_s: float = 0.0) -> bool:
+        """After an outage, tell MLflow what it missed: child runs not made, epochs not
+        written, trial ends not recorded. True when nothing is owed any more. With
+        ``patience_s``, keep trying that long (the sweep's end: what is still owed after it
+        stays in the ledger and Tune's results, and a warning says so)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            if time.monotonic() >= self.down_until and self._ready():
+                self.owed = False
+                for tid, trial in list(self.known.items()):
+                    if tid not in self.state["children"]:
+                        self._child(trial)
+                for tid in list(self.pending):
+                    self.flush(tid)
+                for tid, status in list(self.state["closing"].items()):
+                    self._close_child(tid, status)
+                if not self.owed:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(5.0, max(0.5, self.down_until - time.monotonic())))
+            self.down_until = 0.0
 
     def connect(self) -> None:
         """Open the MLflow client and the experiment (done lazily, in the process that logs)."""
@@ -248,6 +282,9 @@ class MlflowTuneCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_setup()
         tid = trial.trial_id
+        self.known[tid] = trial
+        if self.owed:
+            self.catch_up()
         before = tid in self.state["children"] or (
             self.state["keys"].get(trial_key(trial.config or {})) in self.state["children"])
         run_id = self._child(trial)
@@ -262,10 +299,14 @@ class MlflowTuneCallback(Callback):
                         **info: Any) -> None:
         self._ensure_setup()
         tid = trial.trial_id
+        self.known[tid] = trial
+        if self.owed:
+            self.catch_up()
         step = int(result.get("epoch", 0))
         buffered = self.pending.get(tid)
         last = buffered[-1][1]["epoch"] if buffered else self.state["steps"].get(tid, 0)
-        if self._child(trial) is None or step <= last:
+        self._child(trial)  # None while MLflow is down: the epoch waits in the buffer
+        if step <= last:
             return  # a retried trial re-reports epochs already logged or buffered
         row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
         self.pending.setdefault(tid, []).append((now_ms(), row))
@@ -278,18 +319,29 @@ class MlflowTuneCallback(Callback):
         kill_point(f"result:{step}")
 
     def flush(self, tid: str) -> None:
-        """Write a trial's buffered epochs; the run map records them as logged."""
+        """Write a trial's buffered epochs; the run map records the ones MLflow took. Epochs
+        MLflow did not take (no child run yet, or an outage) stay buffered for ``catch_up``."""
         rows = self.pending.pop(tid, [])
         self.flushed_at[tid] = time.monotonic()
         run_id = self.state["children"].get(tid)
-        if not rows or run_id is None:
+        if run_id is None:
+            if rows:
+                self.pending[tid] = rows
+                self.owed = True
             return
+        logged = 0
         for i in range(0, len(rows), BATCH_ROWS):
             metrics = [m for ms, row in rows[i:i + BATCH_ROWS]
                        for m in tracking.metric_batch([row], timestamp_ms=ms)]
-            self.call("metrics", lambda m=metrics: self.client.log_batch(run_id, metrics=m))
-        self.state["steps"][tid] = rows[-1][1]["epoch"]
-        self.save()
+            if not self.attempt("metrics", lambda m=metrics: self.client.log_batch(
+                    run_id, metrics=m))[0]:
+                break
+            logged = min(len(rows), i + BATCH_ROWS)
+        if logged < len(rows):
+            self.pending[tid] = rows[logged:]
+        if logged:
+            self.state["steps"][tid] = rows[logged - 1][1]["epoch"]
+            self.save()
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
                       **info: Any) -> None:
@@ -304,6 +356,11 @@ class MlflowTuneCallback(Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         for tid in list(self.pending):
             self.flush(tid)
+        if self.owed and not self.catch_up(patience_s=FINAL_PATIENCE_S):
+            log.warning("MLflow did not take everything before the end (%d trials' epochs, %d "
+                        "trial ends still owed); the results are in %s, and `--resume` tells "
+                        "MLflow the trial ends it missed", len(self.pending),
+                        len(self.state["closing"]), self.exp_dir)
 
     def _finish(self, trial: Any, status: str) -> None:
         """The ledger first (the trial ended, with this result), then MLflow. The ledger is
@@ -311,6 +368,7 @@ class MlflowTuneCallback(Callback):
         finished trial again, and an MLflow outage must not cost that."""
         self._ensure_setup()
         tid = trial.trial_id
+        self.known[tid] = trial
         self._child(trial)  # None while MLflow is down: the ledger is written all the same
         if self._ended(tid) or (status != "FINISHED" and tid in self.state["failed"]):
             return
@@ -335,19 +393,23 @@ class MlflowTuneCallback(Callback):
         run_id = self.state["children"].get(tid)
         last = self.state["results"].get(tid, {})
         if run_id is None or self.client is None:
+            self.owed = True  # told once the child run exists (catch_up, or the next --resume)
             return
         metrics = [Metric(name, float(last[k]), now_ms(), 0) for k, name in FINAL_KEYS.items()
                    if isinstance(last.get(k), (int, float)) and not isinstance(last.get(k), bool)]
         stopped = status == "FINISHED" and last.get(FINAL) is False
         tags = [RunTag("d3tune.last_epoch", str(last.get("epoch", ""))),
                 RunTag("d3tune.node_id", str(last.get("node_id", ""))),
+                RunTag("d3tune.node_ip", str(last.get("node_ip", ""))),
                 # users filter on it: tags.`d3tune.stopped_early` = 'false' (ran to its end)
                 RunTag("d3tune.stopped_early", "true" if stopped else "false")]
-        self.call("final metrics", lambda: self.client.log_batch(run_id, metrics=metrics,
-                                                                   tags=tags))
-        self.call("status", lambda: self.client.set_terminated(run_id, status))
-        self.state["closing"].pop(tid, None)
-        self.save()
+        told = self.attempt("final metrics", lambda: self.client.log_batch(
+            run_id, metrics=metrics, tags=tags))[0]
+        told = told and self.attempt("status", lambda: self.client.set_terminated(
+            run_id, status))[0]
+        if told:  # else still owed: catch_up, or the next --resume, tells it
+            self.state["closing"].pop(tid, None)
+            self.save()
 
     def close_unfinished(self) -> int:
         """After a sweep ends, a child run whose trial never finished (killed with the driver

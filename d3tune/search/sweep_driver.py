@@ -30,7 +30,7 @@ from d3tune.specs.sweep_spec import RunPlan
 log = logging.getLogger(__name__)
 
 SUMMARY_COLUMNS = ("acc", "asr", "ra", "der", "epoch", "acc_before", "asr_before")
-HIDDEN_COLUMNS = ("node_id", "error", "acc_before", "asr_before", "cache_builds", "stopped_early")
+HIDDEN_COLUMNS = ("node_id", "node_ip", "error", "acc_before", "asr_before", "cache_builds", "stopped_early")
 
 
 def pareto_front(df: pd.DataFrame, metrics: tuple[str, ...], modes: tuple[str, ...]) -> pd.DataFrame:
@@ -53,7 +53,7 @@ def results_frame(results: Any) -> pd.DataFrame:
         overrides = trial_overrides(r.config or {})
         rows.append({"trial_id": r.metrics.get("trial_id"), **overrides,
                      **{k: r.metrics.get(k) for k in SUMMARY_COLUMNS},
-                     "node_id": r.metrics.get("node_id"),
+                     "node_id": r.metrics.get("node_id"), "node_ip": r.metrics.get("node_ip"),
                      "cache_builds": r.metrics.get("cache_builds", 0), "error": bool(r.error),
                      "stopped_early": r.metrics.get(FINAL) is False})
     return pd.DataFrame(rows)
