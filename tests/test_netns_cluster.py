@@ -204,3 +204,84 @@ def test_a_sigkilled_driver_resumes_and_the_ablation_finishes(workers_up):
     done = ablate(c, spec, "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     check_complete(c, name, cells=6, epochs=epochs)
+
+
+ROBUST = """
+defense: d3
+base:
+  train: {epochs: 3}
+  defense: {epochs: 8}
+population:
+  attacks: [badnets, blended]
+  seeds: [0]
+holdout_seeds: [1]
+budget: 4
+top_k: 1
+max_acc_drop: 0.9
+min_asr: 0.0
+search_seed: 0
+space:
+  defense.lr: {loguniform: [0.005, 0.05]}
+  defense.eps: {uniform: [0.0, 0.3]}
+resources: {cpu: 1}
+max_concurrent: 2
+max_failures: 2
+"""
+
+
+def robust(c: cluster_harness.Cluster, name: str, fault=None) -> tuple[dict, list[dict]]:
+    """A small robust search on the cluster; ``fault(c, name)`` runs while it does. Returns
+    the chosen defaults and the search's per-setting rows."""
+    spec = c.root / f"{name}.yaml"
+    spec.write_text(f"name: {name}\nexperiment: {name}\nstorage: {c.root / 'runs'}\n"
+                    f"cache_dir: {c.root / 'models'}\n" + textwrap.dedent(ROBUST))
+    chosen = c.root / f"{name}.chosen.yaml"
+    driver = c.popen(f"driver-{name}", "head", [
+        sys.executable, "-m", "d3tune", "robust", str(spec), "--address", c.address,
+        "--out", str(chosen)])
+    if fault is not None:
+        fault(c, name, driver)
+    assert driver.wait(timeout=1200) == 0, c.log(f"driver-{name}")[-4000:]
+    import yaml
+
+    search = next((c.root / "runs").rglob(f"{name}*/**/search.json"))
+    return yaml.safe_load(chosen.read_text()), json.loads(search.read_text())
+
+
+def test_a_worker_lost_in_a_robust_search_keeps_its_decisions_exact(workers_up):
+    """The same search with and without a worker lost mid-way: the retried member evaluations
+    give the same figures (trials are deterministic given config, seed and thread count), so
+    the chosen setting is the same, and every setting pruned was provably behind it."""
+    c = workers_up
+    reference, ref_rows = robust(c, "robust_ref")
+    victim = c.nodes["worker-1"].ip
+
+    def lose_worker(c, name, driver):
+        deadline = time.monotonic() + 600
+        while not any(r.get("node_ip") == victim and r.get("members_done", 0) >= 1
+                      for trial in trial_rows_any(c, name) for r in trial):
+            assert time.monotonic() < deadline and driver.poll() is None, c.log(f"driver-{name}")
+            time.sleep(0.3)
+        c.kill_worker("worker-1")
+
+    faulted, rows = robust(c, "robust_fault", lose_worker)
+    assert faulted["defense"] == reference["defense"]
+    both = {victim, c.nodes["worker-2"].ip}
+    assert any({r["node_ip"] for r in trial} == both
+               for trial in trial_rows_any(c, "robust_fault")), "a setting was retried"
+    by_setting = {json.dumps(r["setting"], sort_keys=True): r for r in ref_rows}
+    best = max(r["worst_der"] for r in rows if r["complete"])
+    for r in rows:
+        ref = by_setting[json.dumps(r["setting"], sort_keys=True)]  # same settings sampled
+        for member, der in r["ders"].items():  # every member evaluated: the same figure
+            assert der == pytest.approx(ref["ders"][member], abs=1e-9), (member, r["setting"])
+        if r["pruned"]:  # stopped only when already behind the best complete setting
+            assert r["worst_der"] <= best
+
+
+def trial_rows_any(c: cluster_harness.Cluster, name: str) -> list[list[dict]]:
+    """Result rows of every trial under the search's storage (its Tune folders)."""
+    out = []
+    for result in (c.root / "runs").glob(f"{name}*/*/result.json"):
+        out.append([json.loads(x) for x in result.read_text().splitlines() if x])
+    return out
