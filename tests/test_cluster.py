@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import pytest
 import yaml
 
 ray = pytest.importorskip("ray")
+
+from cluster_harness import stop_group  # noqa: E402  (by process group, never `ray stop`)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = """
@@ -62,43 +63,6 @@ def write_spec(folder: Path, name: str, num_samples: int, **fields: str) -> Path
 
 # ---------------------------------------------------------------------------------------------
 # Processes this module starts: each in its own session, stopped by process group.
-
-
-def _group_alive(pgid: int) -> bool:
-    """Any non-zombie process left in the group (zombies may never be reaped in a container)."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
-
-
-def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap our own child
-        if not _group_alive(proc.pid):
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group we started (start_new_session), then SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        if _wait_group(proc, wait):
-            break
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

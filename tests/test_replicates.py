@@ -111,6 +111,27 @@ def summary(r: int, worsts: list[float], setting: dict, search_worst: float,
             "search_cpu_s": 10.0, "holdout_cpu_s": {k: 2.0 for k in draws}}
 
 
+def test_a_replicate_that_kept_no_setting_counts_the_default_not_nothing():
+    """A search that kept no setting within the ACC budget delivers the defense's default:
+    its draws are the default's, so the procedure is not judged on its successes alone."""
+    from d3tune.reports.replicate_report import compare_defenses, delivered_row
+
+    failed = summary(2, [0.0, 0.0, 0.0], {}, 0.0, default=[0.5, 0.4, 0.45])
+    failed.update(chosen=None, setting=None, search_worst_der=None)
+    failed["draws"].pop("trial-1")
+    sums = [summary(r, [0.9, 0.8, 0.85], {"defense.lr": 0.01}, 0.88, default=[0.5, 0.4, 0.45])
+            for r in (0, 1)] + [failed]
+    assert delivered_row(failed) == "ref-default"
+    table = draw_table(sums)
+    assert len(table) == 9 and list(table["row"])[-3:] == ["ref-default"] * 3
+    assert procedure(sums).expected_worst_der == pytest.approx((2 * 2.55 + 1.35) / 9)
+    other = [summary(r, [0.6, 0.6, 0.6], {}, 0.6) for r in range(3)]
+    pair = compare_defenses({"a": sums, "b": other}, [("a", "b")])[0]
+    assert pair.n == 9  # every replicate paired, the failed one included
+    nothing = dict(failed, draws={})
+    assert delivered_row(nothing) is None and len(draw_table([nothing])) == 0
+
+
 def test_procedure_over_replicates_and_holdout_seeds():
     sums = [summary(0, [0.90, 0.80, 0.85], {"defense.lr": 0.01, "defense.p": 1}, 0.88),
             summary(1, [0.70, 0.75, 0.72], {"defense.lr": 0.03, "defense.p": 1}, 0.91),

@@ -21,6 +21,19 @@ from rich.table import Table
 from d3tune.numbers import fixed
 from d3tune.stats import INTERVAL_KIND, Ahead, mean_interval
 
+DEFAULT_ROW = "ref-default"  # the leaderboard's default reference (specs.leaderboard)
+
+
+def delivered_row(summary: Mapping[str, Any]) -> str | None:
+    """The row a replicate's tuning delivers: its chosen setting; when its search kept no
+    setting within the ACC budget, the defense's default, which is what a user of that search
+    is left with. Dropping such a replicate instead would count only the searches that
+    succeeded, and flatter the procedure. None when neither was scored."""
+    if summary.get("chosen"):
+        return summary["chosen"]
+    return DEFAULT_ROW if summary.get("draws", {}).get(DEFAULT_ROW) else None
+
+
 def draws(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per holdout seed, from one row's holdout member results (member, seed, der, acc_drop):
     the worst-case DER over that seed's members, their mean DER and mean ACC drop."""
@@ -37,15 +50,16 @@ def draws(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chosen_draws(summary: Mapping[str, Any], label: str | None = None) -> list[dict[str, Any]]:
-    """A replicate's draws for ``label`` (default: its chosen row); [] when it has none."""
-    label = label or summary.get("chosen")
+    """A replicate's draws for ``label`` (default: the row its tuning delivers,
+    ``delivered_row``); [] when it has none."""
+    label = label or delivered_row(summary)
     return list(summary["draws"].get(label, [])) if label else []
 
 
 def draw_table(summaries: Sequence[Mapping[str, Any]], label: str | None = None) -> pd.DataFrame:
     """One row per (replicate, holdout seed): worst-case DER, mean DER, mean ACC drop of the
     replicate's chosen row (or of ``label``, e.g. the default reference)."""
-    rows = [{"replicate": s["replicate"], "row": label or s.get("chosen"), **d}
+    rows = [{"replicate": s["replicate"], "row": label or delivered_row(s), **d}
             for s in summaries for d in chosen_draws(s, label)]
     return pd.DataFrame(rows, columns=["replicate", "row", "seed", "worst_der", "mean_der",
                                        "mean_acc_drop", "members"])
@@ -90,11 +104,11 @@ def procedure(summaries: Sequence[Mapping[str, Any]], label: str | None = None) 
     compute spent (CPU seconds of the trial processes)."""
     table = draw_table(summaries, label)
     mean, low, high, n = mean_interval(table["worst_der"])
-    worsts = [s["holdout_worst_der"][label or s["chosen"]] for s in summaries
-              if (label or s.get("chosen")) in s.get("holdout_worst_der", {})]
+    worsts = [s["holdout_worst_der"][label or delivered_row(s)] for s in summaries
+              if (label or delivered_row(s)) in s.get("holdout_worst_der", {})]
     settings = [s["setting"] for s in summaries if s.get("setting")] if label is None else []
-    holdout_cpu = sum(float(s["holdout_cpu_s"].get(label or s.get("chosen"), 0.0))
-                      for s in summaries if (label or s.get("chosen")))
+    holdout_cpu = sum(float(s["holdout_cpu_s"].get(label or delivered_row(s), 0.0))
+                      for s in summaries if (label or delivered_row(s)))
     return Procedure(mean, low, high, n, len(summaries),
                      max(worsts) - min(worsts) if worsts else math.nan,
                      float(table["mean_acc_drop"].mean()) if n else math.nan,
@@ -130,7 +144,8 @@ def procedure_lines(outcome: Any, provenance: Mapping[str, Any]) -> list[str]:
              f"{INTERVAL_KIND} ({CITATION}).", "",
              "| row | expected holdout worst-case DER [95 % interval] | mean ACC drop | "
              "replicates' holdout worst cases spread |", "|---|---|---|---|",
-             f"| chosen (each replicate's rank-1 setting) | {interval(proc)} | "
+             f"| chosen (each replicate's rank-1 setting; its default where the search kept "
+             f"none within the budget) | {interval(proc)} | "
              f"{fixed(proc.mean_acc_drop)} | {fixed(proc.holdout_spread)} |"]
     lines += [f"| {label} | {interval(p)} | {fixed(p.mean_acc_drop)} | "
               f"{fixed(p.holdout_spread)} |" for label, p in outcome.references.items()]
@@ -152,6 +167,12 @@ def procedure_lines(outcome: Any, provenance: Mapping[str, Any]) -> list[str]:
                      f"{fixed(s['holdout_worst_der'].get(label)) if label else '-'} | "
                      f"{'-' if label is None else 'yes' if s['holdout_admissible'] else 'no'} | "
                      f"{_setting(s.get('setting'))} |")
+    fallback = [s["replicate"] for s in outcome.summaries
+                if not s.get("chosen") and delivered_row(s) == DEFAULT_ROW]
+    if fallback:
+        lines += ["", f"Replicate(s) {', '.join(map(str, fallback))}: the search kept no setting "
+                  "within the ACC budget, so the procedure delivers the defense's default "
+                  "there, and its draws are the default's (counted, not dropped)."]
     lines += ["", "How far apart the chosen settings land: " + (", ".join(
         f"{k.removeprefix('defense.')} {v}" for k, v in proc.settings.items()) or "-") + ".",
         "", f"Compute (CPU seconds of the trial processes): search {proc.search_cpu_s:.0f} s, "
@@ -236,9 +257,6 @@ def plot_draws(table: pd.DataFrame, out: Any) -> Any:
     return path
 
 
-DEFAULT_ROW = "ref-default"  # the leaderboard's default reference (specs.leaderboard)
-
-
 @dataclass
 class ReplicatedBoard:
     """A replicated leaderboard's answer: per (defense, row) the procedure's figures, P(A > B)
@@ -272,7 +290,7 @@ def paired_worst(summaries: Sequence[Mapping[str, Any]], label: str | None = Non
     """(replicate, holdout seed) -> worst-case DER of the chosen row (or ``label``)."""
     out = {}
     for s in summaries:
-        row = label or s.get("chosen")
+        row = label or delivered_row(s)
         for d in s["draws"].get(row, []) if row else []:
             out[(int(s["replicate"]), int(d["seed"]))] = float(d["worst_der"])
     return out
@@ -329,6 +347,13 @@ def replicated_leaderboard(spec: Any, state: Mapping[str, Any], done: Sequence[s
     lines += [f"| {d} | {row} | {interval(p)} | {fixed(p.mean_acc_drop)} | "
               f"{fixed(p.holdout_spread)} | {p.search_cpu_s:.0f} | {p.holdout_cpu_s:.0f} |"
               for (d, row), p in procedures.items()]
+    for defense, sums in summaries.items():
+        fallback = [str(s["replicate"]) for s in sums
+                    if not s.get("chosen") and delivered_row(s) == DEFAULT_ROW]
+        if fallback:
+            lines += ["", f"{defense}: replicate(s) {', '.join(fallback)} kept no setting within "
+                      "the ACC budget; the tuned row counts the default's draws there (what "
+                      "that search delivers), rather than dropping them."]
     lines += ["", *ahead_lines(comparisons)]
     if tables:
         lines += ["", "![replicated draws](replicated.png)"]
@@ -346,4 +371,5 @@ def replicated_leaderboard(spec: Any, state: Mapping[str, Any], done: Sequence[s
 __all__ = ["draws", "chosen_draws", "draw_table", "setting_spread", "Procedure", "procedure",
            "adoption_pick", "procedure_lines", "write_replicated_report", "print_procedure", "ahead_lines",
            "interval", "CITATION", "compare_defenses", "replicated_leaderboard", "plot_draws",
+           "delivered_row", "DEFAULT_ROW",
            "ReplicatedBoard"]
