@@ -23,12 +23,10 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 METRICS = ("acc", "asr", "ra", "der", "loss", "loss_clean", "loss_dist", "epoch_s")
@@ -104,25 +102,20 @@ def measure(uri: str, writers: int, runs: int, epochs: int) -> dict:
             * len(METRICS), "written": written, "found": count_rows(uri, exp_id)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ui_helpers():
+    """free_port and wait_http, shared with the documented MLflow UI check."""
+    import importlib.util
 
-
-def wait_http(url: str, timeout: float) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            urllib.request.urlopen(url, timeout=3).read()
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"no answer from {url}")
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "mlflow_ui_check.py"
+    spec = importlib.util.spec_from_file_location("mlflow_ui_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.free_port, module.wait_http
 
 
 def postgres_server(tmp: Path) -> tuple[str, list[subprocess.Popen]]:
     """PostgreSQL in ``tmp`` (as the postgres user) and an MLflow server on it."""
+    free_port, wait_http = _ui_helpers()
     pg_bin = max(Path("/usr/lib/postgresql").glob("*/bin"))
     data = tmp / "pg" / "data"
     data.parent.mkdir(parents=True)
