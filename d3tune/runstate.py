@@ -24,9 +24,8 @@ CHECKPOINT_FILE = "defense_state.pt"
 TRIAL_KEY = "d3tune.trial"  # a sweep trial's Optuna number, carried in its Tune config
 FINAL = "final"  # reported with every epoch: True at the trial's last planned epoch
 KILL_ENV = "D3TUNE_TEST_KILL_AT"  # tests: SIGKILL the driver at this named point
-# Tune fills these in every result; they say nothing about the trial's outcome.
-# Tune's own keys; "node_ip" (Tune fills it: the address of the node the trial ran on) is kept,
-# because the trial's MLflow run records it (tag d3tune.node_ip).
+# Tune fills these in every result; they say nothing about the trial's outcome. Tune's
+# "node_ip" (the node the trial ran on) is not among them: the trial's MLflow run records it.
 TUNE_KEYS = {"trial_id", "timestamp", "time_this_iter_s", "done", "training_iteration", "date",
              "time_total_s", "pid", "hostname", "time_since_restore",
              "iterations_since_restore", "checkpoint_dir_name", "should_checkpoint",

@@ -89,16 +89,22 @@ def sweep_stale() -> None:
             _teardown_network(owner)
 
 
+def _kill_namespace(ns: str) -> int:
+    """SIGKILL every process in a network namespace at once; how many there were."""
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    return len(pids)
+
+
 def _teardown_network(owner: str) -> None:
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.strip() else ""
         if name.startswith(f"{PREFIX}{owner}-"):
-            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,
-                                      text=True).stdout.split():
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
+            _kill_namespace(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
         name = line.split(":")[1].strip().split("@")[0] if ":" in line else ""
@@ -296,7 +302,10 @@ class Cluster:
         self.wait_for(f"ray-{name}", lambda: "Ray runtime started" in self.log(f"ray-{name}"))
 
     def kill_worker(self, name: str) -> None:
-        """Every Ray process of a worker at once (SIGKILL): a node lost mid-run."""
+        """Every process of a worker node at once (SIGKILL): a machine lost mid-run. Killing
+        the ``ray start`` process group is not enough: Ray's worker processes leave that group
+        and, with their raylet gone, go on reporting to the driver for seconds."""
+        assert _kill_namespace(self.nodes[name].ns) > 0, f"no process ran on {name}"
         stop_group(self.procs.pop(f"ray-{name}"), first=signal.SIGKILL, grace=5)
 
     def alive_nodes(self) -> list[str]:

@@ -106,11 +106,22 @@ def runs(c: cluster_harness.Cluster, experiment: str) -> tuple[list[dict], list[
     return parents, [r for r in rows if "mlflow.parentRunId" in r["tags"]]
 
 
-def trial_rows(c: cluster_harness.Cluster, name: str) -> dict[str, list[dict]]:
-    out = {}
-    for result in (c.root / "runs" / name).glob("*/result.json"):
-        out[result.parent.name] = [json.loads(x) for x in result.read_text().splitlines() if x]
-    return out
+def result_files(c: cluster_harness.Cluster, experiment: str, live: bool = False) -> list[Path]:
+    """Each trial's result.json. The copy in storage lags: Tune syncs it from the driver's
+    staging folder at its experiment snapshots, which can come after a trial has ended. A test
+    that must act while a trial runs reads the staging folder on the head instead (``live``)."""
+    if live:
+        return sorted((c.root / "ray" / "h").glob(
+            f"session_*/artifacts/*/{experiment}/driver_artifacts/*/result.json"))
+    return sorted((c.root / "runs").glob(f"{experiment}/*/result.json"))
+
+
+def read_rows(result: Path) -> list[dict]:
+    return [json.loads(x) for x in result.read_text().splitlines() if x]
+
+
+def trial_rows(c: cluster_harness.Cluster, name: str, live: bool = False) -> dict[str, list[dict]]:
+    return {result.parent.name: read_rows(result) for result in result_files(c, name, live)}
 
 
 def ledger(c: cluster_harness.Cluster, name: str) -> dict:
@@ -159,8 +170,9 @@ def test_a_worker_lost_mid_ablation_has_its_trials_retried_on_the_other(workers_
     driver = start_ablate(c, spec, f"driver-{name}")
     victim = c.nodes["worker-1"].ip
     deadline = time.monotonic() + 600
-    while not any(r.get("node_ip") == victim and r.get("epoch", 0) >= 2
-                  for trial in trial_rows(c, name).values() for r in trial):
+    # a trial of the victim is mid-run: past its second epoch, with epochs still to go
+    while not any(trial[-1].get("node_ip") == victim and 2 <= trial[-1].get("epoch", 0) < epochs - 2
+                  for trial in trial_rows(c, name, live=True).values() if trial):
         assert time.monotonic() < deadline and driver.poll() is None, c.log(f"driver-{name}")
         time.sleep(0.5)
     c.kill_worker("worker-1")  # every Ray process of that node, at once
@@ -169,7 +181,8 @@ def test_a_worker_lost_mid_ablation_has_its_trials_retried_on_the_other(workers_
     survivor = c.nodes["worker-2"].ip
     rows = trial_rows(c, name)
     moved = [t for t, trial in rows.items() if {r["node_ip"] for r in trial} == {victim, survivor}]
-    assert moved, "a trial of the lost worker finished on the other one"
+    assert moved, ("no trial of the lost worker finished on the other one", victim, {
+        t: " ".join(f'{r.get("epoch")}@{r.get("node_ip")}' for r in trial) for t, trial in rows.items()})
     assert {ch["tags"]["d3tune.node_ip"] for ch in children} <= {victim, survivor}
 
 
@@ -179,7 +192,7 @@ def test_mlflow_down_for_30_s_mid_ablation_misses_nothing(workers_up):
     spec = write_spec(c, name, [0.5, 1.0, 1.5, 2.0], epochs=epochs)
     driver = start_ablate(c, spec, f"driver-{name}")
     deadline = time.monotonic() + 600
-    while not trial_rows(c, name):
+    while not trial_rows(c, name, live=True):
         assert time.monotonic() < deadline and driver.poll() is None, c.log(f"driver-{name}")
         time.sleep(0.5)
     c.stop_mlflow()  # the tracking server goes away mid-ablation ...
@@ -261,7 +274,7 @@ def test_a_worker_lost_in_a_robust_search_keeps_its_decisions_exact(workers_up):
         # a setting on the victim with some of its members done and some still to do
         while not any(trial[-1].get("node_ip") == victim
                       and 1 <= trial[-1].get("members_done", 0) < trial[-1]["members_total"]
-                      for trial in trial_rows_any(c, name) if trial):
+                      for trial in trial_rows_any(c, name, live=True) if trial):
             assert time.monotonic() < deadline and driver.poll() is None, c.log(f"driver-{name}")
             time.sleep(0.3)
         c.kill_worker("worker-1")
@@ -281,9 +294,6 @@ def test_a_worker_lost_in_a_robust_search_keeps_its_decisions_exact(workers_up):
             assert r["worst_der"] <= best
 
 
-def trial_rows_any(c: cluster_harness.Cluster, name: str) -> list[list[dict]]:
-    """Result rows of every trial under the search's storage (its Tune folders)."""
-    out = []
-    for result in (c.root / "runs").glob(f"{name}*/*/result.json"):
-        out.append([json.loads(x) for x in result.read_text().splitlines() if x])
-    return out
+def trial_rows_any(c: cluster_harness.Cluster, name: str, live: bool = False) -> list[list[dict]]:
+    """Result rows of every trial of the search (its Tune experiments are named ``name*``)."""
+    return [read_rows(result) for result in result_files(c, f"{name}*", live)]

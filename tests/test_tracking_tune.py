@@ -320,3 +320,28 @@ def test_at_the_end_an_mlflow_still_down_leaves_its_debt_in_the_ledger(tmp_path,
         cb.on_experiment_end([])
     assert tracking_tune.load_ledger(cb.state_dir)["closing"] == {"t1": "FINISHED"}
     assert any("still owed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trial_end_told_twice_logs_its_final_metrics_once(tmp_path, monkeypatch):
+    """A driver killed between a trial's final metrics and its status leaves the end owed;
+    the next driver tells it again, and the final metrics (same time, same values) stay one
+    row each."""
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    cb = _callback(tmp_path)
+    trial = FakeTrial("t1", config={"d3tune.trial": 0}, last_result=_result(4))
+    cb.on_trial_start(0, [], trial)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the driver died here")
+
+    monkeypatch.setattr(cb.client, "set_terminated", killed)
+    cb.on_trial_complete(0, [], trial)
+    assert cb.state["closing"] == {"t1": "FINISHED"}  # metrics written, status still owed
+    cb2 = tracking_tune.MlflowSweepCallback(cb.plan)
+    cb2.setup()
+    assert cb2.state["closing"] == {}
+    with sqlite3.connect(db) as con:
+        rows = con.execute("select count(*) from metrics where key='der' and step=0 and "
+                           "run_uuid=?", (cb.state["children"]["t1"],)).fetchone()[0]
+    assert rows == 1

@@ -67,7 +67,7 @@ def load_ledger(state_dir: Path) -> dict[str, Any]:
     """The run ledger in ``state_dir`` (trial key -> Tune trial, child run, recorded end), empty
     when none was written."""
     state = {"parent": None, "children": {}, "steps": {}, "done": [], "failed": [], "results": {},
-             "keys": {}, "closing": {}}
+             "keys": {}, "closing": {}, "ended_ms": {}}
     path = state_dir / STATE_FILE
     if path.exists():
         state.update(json.loads(path.read_text()))
@@ -111,7 +111,7 @@ class MlflowTuneCallback(Callback):
         self.pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # trial -> (ms, row)
         self.flushed_at: dict[str, float] = {}
         self.seen: set[str] = set()  # trials started by this driver (vs. before a kill)
-        self.known: dict[str, Any] = {}  # trial id -> Tune trial, to make a child run late
+        self.known: dict[str, Any] = {}  # trials whose child run MLflow has not made yet
         self.owed = False  # an MLflow call failed: something is still to be told (catch_up)
 
     # -- what the runs record (subclasses) ---------------------------------------------------
@@ -167,8 +167,8 @@ class MlflowTuneCallback(Callback):
             if time.monotonic() >= self.down_until and self._ready():
                 self.owed = False
                 for tid, trial in list(self.known.items()):
-                    if tid not in self.state["children"]:
-                        self._child(trial)
+                    if self._child(trial) is not None:
+                        del self.known[tid]
                 for tid in list(self.pending):
                     self.flush(tid)
                 for tid, status in list(self.state["closing"].items()):
@@ -268,6 +268,14 @@ class MlflowTuneCallback(Callback):
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def _child_or_owe(self, trial: Any) -> str | None:
+        """``_child``; while MLflow cannot make the run, the trial is kept for ``catch_up``
+        (only then: a sweep of thousands of trials holds no reference to the ended ones)."""
+        run_id = self._child(trial)
+        if run_id is None:
+            self.known[trial.trial_id] = trial
+        return run_id
+
     def _ended(self, tid: str) -> bool:
         """Whether the ledger holds this trial's end (under this or an earlier Tune id)."""
         run_id = self.state["children"].get(tid)
@@ -282,12 +290,11 @@ class MlflowTuneCallback(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ensure_setup()
         tid = trial.trial_id
-        self.known[tid] = trial
         if self.owed:
             self.catch_up()
         before = tid in self.state["children"] or (
             self.state["keys"].get(trial_key(trial.config or {})) in self.state["children"])
-        run_id = self._child(trial)
+        run_id = self._child_or_owe(trial)
         if before and tid not in self.seen and not self._ended(tid) and run_id:
             self.call("resume tag", lambda: self.client.set_tag(
                 run_id, "d3tune.resumed", "in flight when the driver was killed; run again "
@@ -299,13 +306,12 @@ class MlflowTuneCallback(Callback):
                         **info: Any) -> None:
         self._ensure_setup()
         tid = trial.trial_id
-        self.known[tid] = trial
         if self.owed:
             self.catch_up()
         step = int(result.get("epoch", 0))
         buffered = self.pending.get(tid)
         last = buffered[-1][1]["epoch"] if buffered else self.state["steps"].get(tid, 0)
-        self._child(trial)  # None while MLflow is down: the epoch waits in the buffer
+        self._child_or_owe(trial)  # None while MLflow is down: the epoch waits in the buffer
         if step <= last:
             return  # a retried trial re-reports epochs already logged or buffered
         row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
@@ -368,8 +374,7 @@ class MlflowTuneCallback(Callback):
         finished trial again, and an MLflow outage must not cost that."""
         self._ensure_setup()
         tid = trial.trial_id
-        self.known[tid] = trial
-        self._child(trial)  # None while MLflow is down: the ledger is written all the same
+        self._child_or_owe(trial)  # None while MLflow is down: the ledger is written all the same
         if self._ended(tid) or (status != "FINISHED" and tid in self.state["failed"]):
             return
         self.flush(tid)
@@ -379,6 +384,9 @@ class MlflowTuneCallback(Callback):
         self.state["results"][tid] = recorded_result(trial.last_result)
         self.state["done" if status == "FINISHED" else "failed"].append(tid)
         self.state["closing"][tid] = status
+        # the time the final metrics carry: fixed here, so telling MLflow again after a kill
+        # writes the same rows, which MLflow keeps once
+        self.state["ended_ms"][tid] = now_ms()
         self.save()
         outcome = "failed" if status != "FINISHED" else (
             "finished" if self.state["results"][tid].get(FINAL, True) else "stopped")
@@ -395,7 +403,8 @@ class MlflowTuneCallback(Callback):
         if run_id is None or self.client is None:
             self.owed = True  # told once the child run exists (catch_up, or the next --resume)
             return
-        metrics = [Metric(name, float(last[k]), now_ms(), 0) for k, name in FINAL_KEYS.items()
+        ended = self.state.get("ended_ms", {}).get(tid) or now_ms()
+        metrics = [Metric(name, float(last[k]), ended, 0) for k, name in FINAL_KEYS.items()
                    if isinstance(last.get(k), (int, float)) and not isinstance(last.get(k), bool)]
         stopped = status == "FINISHED" and last.get(FINAL) is False
         tags = [RunTag("d3tune.last_epoch", str(last.get("epoch", ""))),
