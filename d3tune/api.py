@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
     from d3tune.config import TrialConfig
     from d3tune.data import Dataset
-    from d3tune.reports.leaderboard_report import LeaderboardOutcome
+    from d3tune.search.leaderboard_driver import LeaderboardOutcome
     from d3tune.search.replicate_driver import ReplicatedOutcome
     from d3tune.search.robust_driver import RobustOutcome
     from d3tune.specs.robust_spec import RobustSpec

@@ -307,3 +307,66 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
                **{f"{k}_after": v for k, v in after.items()},
                "der": der(before["acc"], before["asr"], after["acc"], after["asr"])}
     return TrialResult(metrics, history, seconds, key, origin == "cache_load", model, stopped)
+
+
+def batchable(a: TrialConfig, b: TrialConfig) -> bool:
+    """Can the two trials' defenses train side by side (they differ in attack and seed only)?"""
+    return (a.defense == b.defense and a.model == b.model and a.data == b.data
+            and a.device == b.device and DEFENSES[a.defense.name].batched is not None)
+
+
+def run_trials_batched(cfgs: Sequence[TrialConfig], cache: ModelCache | None = None,
+                       data: Dataset | None = None) -> list[TrialResult]:
+    """Trials that differ only in attack and seed (one setting's members), their defenses
+    trained as one batched computation (the defense's ``batched``; d3tune/batched.py). No
+    per-epoch evaluation or report: what a robust search reads is each trial's final metrics,
+    scored on the full sets as ``run_trial`` scores its last epoch. ``seconds`` are the
+    group's, shared by its trials."""
+    first = cfgs[0]
+    entry = DEFENSES[first.defense.name]
+    if entry.batched is None:
+        raise UsageError(f"defense.name: {first.defense.name} has no batched form")
+    if not all(batchable(first, c) for c in cfgs):
+        raise ValueError("batched trials must share the defense, model, data and device")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - clock
+        clock = now
+
+    device = pick_device(first.device)
+    if data is None:
+        data = load_dataset(first.data.name, first.data.data_dir, first.data.train_size)
+    elif first.data.train_size is not None:
+        data = subset_train(data, first.data.train_size)
+    data = data.to(device)
+    lap("load")
+    models, all_sets, befores, xs, ys, keys, hits = [], [], [], [], [], [], []
+    for cfg in cfgs:
+        model, test_sets, key, origin = backdoored_model(cfg, data, device, cache, None)
+        lap(origin)
+        sets = test_sets()
+        lap("poison")
+        befores.append(evaluate(model, sets))
+        lap("evaluate")
+        x, y = clean_subset(cfg, data)
+        models.append(model), all_sets.append(sets), xs.append(x), ys.append(y)
+        keys.append(key), hits.append(origin == "cache_load")
+    ctxs = [DefenseContext(num_classes=data.num_classes, head=MODELS[first.model.arch].head,
+                           aug=Augment(hflip=data.hflip), generator=generator(c.seed, "defense"),
+                           device=device, on_epoch=lambda epoch, logs: False) for c in cfgs]
+    entry.batched(models, xs, ys, first.defense, ctxs)
+    lap("defense")
+    out = []
+    for model, sets, before, key, hit in zip(models, all_sets, befores, keys, hits):
+        after = evaluate(model, sets)
+        metrics = {**{f"{k}_before": v for k, v in before.items()},
+                   **{f"{k}_after": v for k, v in after.items()},
+                   "der": der(before["acc"], before["asr"], after["acc"], after["asr"])}
+        row = {"epoch": first.defense.epochs, **after, "der": metrics["der"], "eval_full": 1.0}
+        out.append(TrialResult(metrics, [row], seconds, key, hit, model))
+    lap("evaluate")
+    return out

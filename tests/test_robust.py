@@ -50,7 +50,8 @@ def _search(settings, top_k, max_drop, prune):
     ``ExactPruning`` scheduler: the finalists and how many member evaluations ran."""
     from ray.tune.schedulers import TrialScheduler
 
-    from d3tune.search.robust_tune import ExactPruning, complete, summary
+    from d3tune.search.robust_pruning import ExactPruning
+    from d3tune.search.robust_trainable import complete, summary
 
     scheduler = ExactPruning(top_k, max_drop)
     trials, evaluated, rows = [], 0, []
@@ -435,7 +436,7 @@ def test_pruning_scheduler_stops_only_settings_that_cannot_win(tmp_path):
 
     from ray.tune.schedulers import TrialScheduler
 
-    from d3tune.search.robust_tune import ExactPruning
+    from d3tune.search.robust_pruning import ExactPruning
 
     record = tmp_path / "pruned.json"
     sched = ExactPruning(top_k=1, max_acc_drop=0.03, record=str(record))
@@ -460,7 +461,7 @@ def _robust_searcher(ids, max_acc_drop=0.03):
     import optuna
 
     from d3tune.search.tuner import define_by_run
-    from d3tune.search.robust_tune import RobustOptunaSearch
+    from d3tune.search.optuna_search import RobustOptunaSearch
     from d3tune.specs.fields import Dist
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -472,7 +473,7 @@ def _robust_searcher(ids, max_acc_drop=0.03):
 
 
 def test_searcher_orders_members_and_stores_the_constraint():
-    from d3tune.search.robust_tune import ORDER_KEY
+    from d3tune.search.robust_trainable import ORDER_KEY
 
     ids = ["badnets_s0", "blended_s0", "wanet_s0"]
     search = _robust_searcher(ids)
@@ -494,7 +495,7 @@ def test_pruned_and_cut_settings_reach_optuna_as_pruned_without_a_constraint():
     import optuna
     from optuna.trial import TrialState
 
-    from d3tune.search.robust_tune import summary
+    from d3tune.search.robust_trainable import summary
 
     ids = ["a_s0", "b_s0", "c_s0"]
     search = _robust_searcher(ids)
@@ -535,7 +536,7 @@ def test_compute_budget_counts_member_seconds_across_settings_and_a_resume(tmp_p
 
     from d3tune.search.optuna_search import RESULT_ATTR
     from d3tune.specs.robust_spec import robust_plan
-    from d3tune.search.robust_tune import ComputeBudget
+    from d3tune.search.compute_budget import ComputeBudget
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -598,7 +599,7 @@ def test_start_points_are_enqueued_once_even_when_the_study_is_set_up_again(tmp_
     import optuna
 
     from d3tune.search.tuner import define_by_run
-    from d3tune.search.robust_tune import RobustOptunaSearch
+    from d3tune.search.optuna_search import RobustOptunaSearch
     from d3tune.specs.fields import Dist
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -345,3 +345,64 @@ def test_a_trial_end_told_twice_logs_its_final_metrics_once(tmp_path, monkeypatc
         rows = con.execute("select count(*) from metrics where key='der' and step=0 and "
                            "run_uuid=?", (cb.state["children"]["t1"],)).fetchone()[0]
     assert rows == 1
+
+
+def test_a_robust_search_tells_mlflow_the_members_an_outage_missed_once(tmp_path, monkeypatch):
+    """The robust search's callback shares the sweeps' ledger and catch-up: a member reported
+    while the store is down, and the setting's end, reach MLflow once it answers; every member
+    figure once, the run FINISHED with its pruning and admissibility tags."""
+    from d3tune.search.robust_mlflow import RobustMlflowCallback
+    from d3tune.search.robust_trainable import summary
+    from d3tune.specs.robust_spec import robust_plan
+
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    spec = robust_plan({
+        "name": "rob", "defense": "d3", "storage": str(tmp_path / "runs"), "budget": 1,
+        "space": {"defense.lr": {"loguniform": [0.01, 0.05]}},
+        "population": {"attacks": ["badnets", "blended", "wanet"], "datasets": ["digits"],
+                       "seeds": [0]},
+        "holdout_seeds": [1]}, "test")
+    cb = RobustMlflowCallback(spec)
+    cb.setup()
+    real, outage = cb.client, {"on": False}
+
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(real, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if outage["on"]:
+                    raise ConnectionError("tracking server down")
+                return method(*args, **kwargs)
+            return call
+
+    cb.client = Flaky()
+    ids = [m.id for m in spec.members]
+    rows = [{"member": m, "seed": 0, "der": 0.9 - i / 10, "acc_drop": 0.01, "acc_after": 0.95,
+             "asr_after": 0.05, "ra_after": 0.9, "seconds": 1.0, "cpu_seconds": 1.0}
+            for i, m in enumerate(ids)]
+    trial = FakeTrial("r1", config={"d3tune.trial": 0, "defense.lr": 0.02})
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_result(0, [], trial, summary(rows[:1], 3))
+    outage["on"] = True
+    cb.on_trial_result(0, [], trial, summary(rows[:2], 3))  # lost to the outage ...
+    outage["on"] = False
+    cb.down_until = 0.0
+    trial.last_result = summary(rows, 3)
+    cb.on_trial_result(0, [], trial, trial.last_result)  # ... and told with the next one
+    cb.on_trial_complete(0, [], trial)
+    cb.on_trial_complete(0, [], trial)  # told twice (a driver kill): logged once
+    assert not cb.owed and cb.state["closing"] == {} and cb.state["done"] == ["r1"]
+    run = cb.state["children"]["r1"]
+    with sqlite3.connect(db) as con:
+        counts = dict(con.execute("select key, count(*) from metrics where run_uuid=? "
+                                  "group by key", (run,)))
+        steps = [s for (s,) in con.execute("select step from metrics where run_uuid=? and "
+                                           "key='worst_der' order by step", (run,))]
+        status = con.execute("select status from runs where run_uuid=?", (run,)).fetchone()[0]
+        tags = dict(con.execute("select key, value from tags where run_uuid=?", (run,)))
+    assert all(counts[f"der.{m}"] == 1 for m in ids), counts
+    assert steps == [0, 1, 3]  # running worst case after members 1 and 3, and the final one
+    assert status == "FINISHED" and tags["d3tune.pruned"] == "false"
+    assert tags["d3tune.admissible"] == "true" and tags["d3tune.phase"] == "search"

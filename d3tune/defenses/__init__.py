@@ -6,7 +6,7 @@ to Tune and stop early. Defense-specific knobs live in the module's frozen ``Par
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -51,6 +51,10 @@ class DefenseContext:
 
 
 DefenseFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, DefenseConfig, DefenseContext], None]
+# The same defense on M members at once (d3tune/batched.py): models, clean sets and contexts
+# one per member, trained in place, each as ``run`` would train it alone.
+BatchedDefenseFn = Callable[[Sequence[nn.Module], Sequence[torch.Tensor], Sequence[torch.Tensor],
+                             DefenseConfig, Sequence[DefenseContext]], None]
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,9 @@ class DefenseEntry:
     D3's, as measured on digits (docs/results/leaderboard_b2): a leaderboard without a
     ``defenses`` list runs the method first, then the cheapest first. ``fast``: ``Params``
     knobs that make the method cheap while every step of it still runs (its smoke tests use
-    them, so a new defense brings its own and no test needs an edit)."""
+    them, so a new defense brings its own and no test needs an edit). ``batched``: the method
+    on several members as one batched computation, where it has one (robust searches'
+    ``member_batch``)."""
 
     run: DefenseFn
     params: type = NoParams
@@ -77,6 +83,7 @@ class DefenseEntry:
     citation: str = ""
     cost: float = 1.0
     fast: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    batched: BatchedDefenseFn | None = None
 
 
 DEFENSES: Registry[DefenseEntry] = Registry("defense")
@@ -93,12 +100,14 @@ FINETUNE_SPACE: Mapping[str, Any] = MappingProxyType({
 
 def register(name: str, params: type = NoParams, *, space: Mapping[str, Any] | None = None,
              uses_head: bool = False, head_knob: str | None = None, citation: str = "",
-             cost: float = 1.0, fast: Mapping[str, Any] | None = None):
+             cost: float = 1.0, fast: Mapping[str, Any] | None = None,
+             batched: BatchedDefenseFn | None = None):
     def add(run: DefenseFn) -> DefenseFn:
         DEFENSES.add(name, DefenseEntry(run, params, MappingProxyType(dict(space))
                                         if space is not None else None,
                                         uses_head or head_knob is not None, head_knob,
-                                        citation, cost, MappingProxyType(dict(fast or {}))))
+                                        citation, cost, MappingProxyType(dict(fast or {})),
+                                        batched))
         return run
 
     return add

@@ -8,12 +8,14 @@ Every step below is numbered as in ../shared/D3_SPEC.md (the authors' code).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d3tune.batched import fit_batched, member_norms, stack
 from d3tune.defenses import DefenseConfig, DefenseContext, params_of, register
 from d3tune.errors import UsageError
 from d3tune.train import fit, make_sgd
@@ -71,8 +73,10 @@ def distance(weights: list[torch.Tensor], w0: list[torch.Tensor], p: float) -> t
 
 
 def d3_loss(logits: torch.Tensor, y: torch.Tensor, l_dist: torch.Tensor, prm: Params):
-    """Step 4: lmd * mean(relu(CE - eps)) - distance, divided by (lmd + 1) when lmd > 1."""
-    l_clean = F.relu(F.cross_entropy(logits, y, reduction="none") - prm.eps).mean()
+    """Step 4: lmd * mean(relu(CE - eps)) - distance, divided by (lmd + 1) when lmd > 1.
+    Stacked members (logits [M, B, K], y [M, B], l_dist [M]) give one loss per member."""
+    ce = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
+    l_clean = F.relu(ce - prm.eps).mean(-1)
     loss = prm.lmd * l_clean - l_dist
     if prm.lmd > 1:
         loss = loss / (prm.lmd + 1)
@@ -100,8 +104,49 @@ SPACE = {
 CITATION = "Wei, Liu, Zha: Distance-Driven Detoxification (D3), ICCV 2025"
 
 
+def run_batched(models: Sequence[nn.Module], xs: Sequence[torch.Tensor],
+                ys: Sequence[torch.Tensor], cfg: DefenseConfig,
+                ctxs: Sequence[DefenseContext]) -> None:
+    """``run`` on several members as one batched computation (d3tune/batched.py). Steps 1-2
+    run per member, each warm-up drawing from the member's own generator; steps 4-5 reduce
+    over each member's own weights."""
+    prm: Params = params_of(cfg)
+    layer = prm.select_layer or ctxs[0].head
+    per_member, names = [], []
+    for model, ctx in zip(models, ctxs):
+        by_id = {id(w): n for n, w in model.named_parameters()}
+        weights = [m.weight for m in selected_modules(model, layer)]
+        w0 = [w.detach().clone() for w in weights]
+        initialise(weights, w0, prm.init, prm.p, ctx.generator)
+        per_member.append(w0)
+        names = [by_id[id(w)] for w in weights]
+    w0 = [torch.stack(module) for module in zip(*per_member)]  # one [M, ...] per module
+    norms = [prm.radius * member_norms(init, prm.p) for init in w0]
+    net = stack(models)
+    weights = [net.params[n] for n in names]
+
+    def loss_fn(logits: torch.Tensor, yb: torch.Tensor):
+        l_dist = torch.stack([member_norms(w - init, prm.p) for w, init in zip(weights, w0)]).sum(0)
+        loss, l_clean = d3_loss(logits, yb, l_dist, prm)
+        return loss, {"loss": loss.detach().mean(), "loss_clean": l_clean.detach().mean(),
+                      "loss_dist": l_dist.detach().mean()}
+
+    @torch.no_grad()
+    def project_members() -> None:  # step 5, each member onto its own sphere
+        for w, target in zip(weights, norms):
+            scale = target / member_norms(w, prm.p).clamp_min(1e-12)
+            w.mul_(scale.view(-1, *[1] * (w.dim() - 1)))
+
+    opt, sched = make_sgd(list(net.params.values()), cfg.lr, cfg.momentum, cfg.weight_decay,
+                          cfg.epochs)
+    fit_batched(net, xs, ys, epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=opt,
+                scheduler=sched, aug=ctxs[0].aug, generators=[c.generator for c in ctxs],
+                loss_fn=loss_fn, after_step=project_members)
+    net.write_back(models)
+
+
 @register("d3", Params, space=SPACE, head_knob="select_layer", citation=CITATION,
-          cost=1.0)
+          cost=1.0, batched=run_batched)
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DefenseConfig,
         ctx: DefenseContext) -> None:
     prm: Params = params_of(cfg)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +36,14 @@ COLUMNS = ("defense", "default_worst_der", "default_acc_drop", "default_ok", "tu
 
 
 @dataclass
-class LeaderboardOutcome:
-    """What a leaderboard returns: the table (one row per defense, read back from MLflow), the
-    per-member spread, its MLflow parent and report folder, and for replicated leaderboards
-    P(A > B) per pair and each defense's procedure."""
-    spec: LeaderboardSpec
-    table: pd.DataFrame  # one row per defense, read back from MLflow (read_back)
-    members: pd.DataFrame  # one row per (defense, row, holdout member): the per-member spread
-    parent_run_id: str | None
-    seconds: float  # wall time of this invocation
-    out_dir: Path
-    # replicated leaderboards: P(A > B) per pair, and (defense, row) -> the procedure's figures
-    comparisons: list[Any] = field(default_factory=list)
-    procedures: dict[tuple[str, str], Any] = field(default_factory=dict)
+class LeaderboardReport:
+    """A leaderboard's report as written: the table (one row per defense, read back from
+    MLflow), the per-member spread, the folder of its files, and for replicated leaderboards
+    the replicated section (P(A > B) per pair, each defense's procedure)."""
+    table: pd.DataFrame
+    members: pd.DataFrame
+    out: Path
+    replicated: Any = None
 
 
 def _per_member(metrics: dict[str, float], key: str) -> dict[str, float]:
@@ -316,12 +311,11 @@ def plot(table: pd.DataFrame, members: pd.DataFrame, out: Path) -> Path:
     return path
 
 
-def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any],
-           seconds: float, console: Console) -> Any:
-    """Table from MLflow, plot, files and artifacts, parent metrics, console output."""
-    from mlflow.entities import Metric
-
-
+def write_report(spec: LeaderboardSpec, client: Any, parent: str,
+                 state: dict[str, Any]) -> LeaderboardReport:
+    """Table from MLflow, the per-member spread and per-threat-model means, plots, the replicated
+    section, as Markdown, HTML and CSV files in the leaderboard's report folder. Reads MLflow,
+    writes nothing there."""
     done = [d for d in spec.defenses if state["defenses"].get(d, {}).get("done")]
     table, members = read_back(client, parent, done)
     out = spec.state_dir / "report"
@@ -344,32 +338,31 @@ def finish(spec: LeaderboardSpec, client: Any, parent: str, state: dict[str, Any
     if not prog.empty:
         plot_progress(prog, out)
     (out / "leaderboard.html").write_text(markdown_page(text, out, f"leaderboard {spec.name}"))
-    for path in sorted(out.iterdir()):
-        client.log_artifact(parent, str(path), "report")
-    tuned = spec.state_dir / "tuned"
-    if tuned.exists():
-        for path in sorted(tuned.glob("*.yaml")):
-            client.log_artifact(parent, str(path), "tuned")
-    metrics = [Metric(f"compute_s.{r['defense']}", float(r["compute_s"]), 0, 0)
-               for _, r in table.iterrows()]
-    metrics += [Metric(f"tuned_worst_der.{r['defense']}", float(r["tuned_worst_der"]), 0, 0)
-                for _, r in table.iterrows() if not math.isnan(r["tuned_worst_der"])]
-    if replicated is not None:
-        metrics += [Metric(k, v, 0, 0) for k, v in replicated.metrics.items() if v == v]
-    client.log_batch(parent, metrics=metrics)
-    client.set_terminated(parent, "FINISHED")
-    print_table(spec, table, console)
-    if replicated is not None:
-        replicated.print(console)
-    console.print(f"report: {out / 'leaderboard.md'}; tuned settings: {tuned}/<defense>.yaml; "
-                  f"this invocation {seconds:.0f} s")
-    uri = tracking.tracking_uri()
+    return LeaderboardReport(table, members, out, replicated)
+
+
+def parent_metrics(report: LeaderboardReport) -> dict[str, float]:
+    """What the leaderboard's parent run records: compute and tuned worst case per defense, and
+    the replicated figures."""
+    table = report.table
+    metrics = {f"compute_s.{r['defense']}": float(r["compute_s"]) for _, r in table.iterrows()}
+    metrics.update({f"tuned_worst_der.{r['defense']}": float(r["tuned_worst_der"])
+                    for _, r in table.iterrows() if not math.isnan(r["tuned_worst_der"])})
+    if report.replicated is not None:
+        metrics.update({k: v for k, v in report.replicated.metrics.items() if v == v})
+    return metrics
+
+
+def print_report(spec: LeaderboardSpec, report: LeaderboardReport, tuned: Path, seconds: float,
+                 parent: str, exp_id: str, console: Console) -> None:
+    """The table, the replicated answers and where everything is, on the console."""
+    print_table(spec, report.table, console)
+    if report.replicated is not None:
+        report.replicated.print(console)
+    console.print(f"report: {report.out / 'leaderboard.md'}; tuned settings: "
+                  f"{tuned}/<defense>.yaml; this invocation {seconds:.0f} s")
     console.print(f"MLflow parent run {parent} in experiment {spec.experiment!r}")
-    console.print(tracking.ui_hint(uri, client.get_run(parent).info.experiment_id),
-                  soft_wrap=True)
-    return LeaderboardOutcome(spec, table, members, parent, seconds, out,
-                              replicated.comparisons if replicated is not None else [],
-                              replicated.procedures if replicated is not None else {})
+    console.print(tracking.ui_hint(tracking.tracking_uri(), exp_id), soft_wrap=True)
 
 
 def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) -> None:
@@ -396,4 +389,5 @@ def print_table(spec: LeaderboardSpec, table: pd.DataFrame, console: Console) ->
 
 
 __all__ = ["read_back", "per_threat_model", "progress", "plot_progress", "threat_model",
-           "markdown", "plot", "finish", "print_table"]
+           "markdown", "plot", "write_report", "parent_metrics", "print_report", "print_table",
+           "LeaderboardReport"]

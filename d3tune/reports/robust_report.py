@@ -225,31 +225,6 @@ def write_report(outcome: Any, out: Path) -> Path:
     return out
 
 
-def finish_parent(callback: Any, outcome: Any) -> None:
-    """Pruning, timing and chosen-row metrics, the report and the defaults YAML on the robust
-    search's parent run, then FINISHED."""
-    if callback.client is None or callback.parent_id is None:
-        return
-    from mlflow.entities import Metric
-
-    pid = callback.parent_id
-    metrics = {"pruning_skipped": outcome.skipped, "pruning_total": outcome.total,
-               "seconds_total": outcome.seconds.get("total", 0.0)}
-    if outcome.chosen is not None:
-        metrics.update({k: outcome.chosen[k] for k in ("holdout_worst_der", "holdout_mean_der",
-                                                        "holdout_mean_acc_drop",
-                                                        "search_worst_der")})
-    callback.call("parent metrics", lambda: callback.client.log_batch(
-        pid, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()]))
-    for path in sorted(outcome.report_dir.iterdir()):
-        callback.call("report artifact", lambda p=path: callback.client.log_artifact(
-            pid, str(p), "report"))
-    if outcome.yaml_path is not None:
-        callback.call("defaults artifact", lambda: callback.client.log_artifact(
-            pid, str(outcome.yaml_path), "defaults"))
-    callback.call("parent status", lambda: callback.client.set_terminated(pid, "FINISHED"))
-
-
 def print_summary(outcome: Any, console: Console, callback: Any) -> None:
     """The holdout rows, the chosen setting and what pruning saved, on the console."""
     hold = outcome.holdout

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,8 @@ from d3tune.runstate import (
     trial_from_tune,
     trial_key,
 )
-from d3tune.search.tuner import build_tuner, define_by_run, require_resumable
+from d3tune.search.searchers import sweep_searcher
+from d3tune.search.tuner import build_tuner, require_resumable
 from d3tune.specs.sweep_spec import RunPlan
 
 log = logging.getLogger(__name__)
@@ -125,28 +125,6 @@ def max_epochs(plan: RunPlan) -> int:
     return int(best)
 
 
-def make_searcher(plan: RunPlan):
-    """The plan's Tune searcher: resumable Optuna TPE (single or multi-objective, with
-    constraints) for a sweep, None for an ablation grid."""
-    from ray.tune.search import ConcurrencyLimiter
-
-    if plan.kind == "ablation":
-        return None
-    import optuna
-
-    from d3tune.search.optuna_search import ResumableOptunaSearch as OptunaSearch
-
-    storage = optuna.storages.RDBStorage(plan.paths.optuna_url)
-    metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
-    mode = list(plan.mode) if plan.multi_objective else plan.mode[0]
-    sampler = optuna.samplers.TPESampler(seed=plan.search_seed)  # TPE handles both cases
-    conditional = any(d.only_for for d in plan.space)
-    searcher = OptunaSearch(space=partial(define_by_run, plan.space) if conditional else None,
-                            metric=metric, mode=mode, sampler=sampler, storage=storage,
-                            study_name=plan.name, constraints=plan.constraints)
-    return ConcurrencyLimiter(searcher, max_concurrent=plan.max_concurrent)
-
-
 def rung_epochs(plan: RunPlan) -> tuple[float, ...]:
     """The epochs at which make_scheduler's ASHA decides (none without a scheduler)."""
     from d3tune.trial import asha_rungs
@@ -227,7 +205,7 @@ def plan_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
         raise UsageError(f"{exp_dir} already holds a run named {plan.name!r}: pass --resume to "
                          "continue it, or change the spec's name/storage")
     paths.state_dir.mkdir(parents=True, exist_ok=True)  # the study lives there
-    return build_tuner(paths, trainable_for(plan), searcher=make_searcher(plan),
+    return build_tuner(paths, trainable_for(plan), searcher=sweep_searcher(plan),
                        scheduler=make_scheduler(plan), callbacks=callbacks,
                        param_space=param_space(plan),
                        num_samples=plan.num_samples if plan.kind == "sweep" else 1,

@@ -21,14 +21,14 @@ import json
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 
 from d3tune import tracking
-from d3tune.reports.leaderboard_report import LeaderboardOutcome
 from d3tune.search import tuner
 from d3tune.runstate import check_resume, write_json
 from d3tune.specs.inputs import input_paths
@@ -66,6 +66,7 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
     write_json(path, state, indent=1)
     params = {"defenses": ",".join(spec.defenses), "budget": first.budget,
               "runtime.threads": max(1, int(first.resources.cpu)), "split_test": first.split_test,
+              "runtime.member_batch": first.member_batch,
               "max_acc_drop": first.max_acc_drop, "top_k": first.top_k,
               "min_asr": first.min_asr, "search_seed": first.search_seed,
               "population": ",".join(m.id for m in first.members),
@@ -117,6 +118,23 @@ def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Conso
     return robust_search(search, resume=resume, out=out, console=console, parent_tags=tags)
 
 
+@dataclass
+class LeaderboardOutcome:
+    """What a leaderboard returns: the table (one row per defense, read back from MLflow), the
+    per-member spread, its MLflow parent and report folder, and for replicated leaderboards
+    P(A > B) per pair and each defense's procedure."""
+    spec: LeaderboardSpec
+    table: pd.DataFrame  # one row per defense, read back from MLflow (read_back)
+    members: pd.DataFrame  # one row per (defense, row, holdout member): the per-member spread
+    parent_run_id: str | None
+    seconds: float  # wall time of this invocation
+    out_dir: Path
+    # replicated leaderboards: P(A > B) per pair, and (defense, row) -> the procedure's figures
+    comparisons: list[Any] = field(default_factory=list)
+    procedures: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+
+
 def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str | None = None,
                     console: Console | None = None) -> LeaderboardOutcome:
     """Models once -> one robust search per defense (skipping finished ones) -> table from
@@ -125,7 +143,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
-    from d3tune.reports.leaderboard_report import finish
+    from d3tune.reports.leaderboard_report import parent_metrics, print_report, write_report
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     clock = time.monotonic()
@@ -172,7 +190,21 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     finally:
         if started:
             ray.shutdown()
-    return finish(spec, client, parent, state, time.monotonic() - clock, console)
+    report = write_report(spec, client, parent, state)
+    for path in sorted(report.out.iterdir()):
+        client.log_artifact(parent, str(path), "report")
+    tuned = spec.state_dir / "tuned"
+    for path in sorted(tuned.glob("*.yaml")) if tuned.exists() else []:
+        client.log_artifact(parent, str(path), "tuned")
+    client.log_batch(parent, metrics=[Metric(k, v, 0, 0)
+                                      for k, v in parent_metrics(report).items()])
+    client.set_terminated(parent, "FINISHED")
+    seconds = time.monotonic() - clock
+    print_report(spec, report, tuned, seconds, parent, exp_id, console)
+    replicated = report.replicated
+    return LeaderboardOutcome(spec, report.table, report.members, parent, seconds, report.out,
+                              replicated.comparisons if replicated is not None else [],
+                              replicated.procedures if replicated is not None else {})
 
 
 __all__ = ["LeaderboardOutcome", "run_leaderboard", "build_models", "STATE_FILE"]

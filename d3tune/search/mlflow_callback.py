@@ -87,10 +87,13 @@ class MlflowTuneCallback(Callback):
     """MLflow and the run ledger for one Tune run (a parent run, a child per trial). Subclasses
     say what the parent run records (``parent_params``, ``parent_tags``) and what a child's
     params are (``child_params``); sweeps and ablations log per-epoch metrics as below, a robust
-    search per member (``robust_tune.RobustMlflowCallback``).
+    search per member (``robust_mlflow.RobustMlflowCallback``).
 
-    Public for the code that finishes a run (reports, summaries): ``call`` (one MLflow call that
-    warns instead of raising), ``log_params``, ``save`` (the ledger), ``parent_id``."""
+    Hooks for subclasses: ``parent_params``, ``parent_tags``, ``child_params``, ``child_tags``,
+    ``final_record``; their own logging goes through ``ensure_setup``, ``ready``,
+    ``child_run_for`` and ``call``. Public for the code that finishes a run (reports,
+    summaries): ``log_to_parent``, ``log_parent_params_once``, ``finish_parent``, ``parent_id``,
+    ``child_count``."""
 
     def __init__(self, paths: RunPaths, experiment: str, source: str) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -128,6 +131,23 @@ class MlflowTuneCallback(Callback):
         """Params for a trial's child run, from its Tune config."""
         return {}
 
+    def child_tags(self, trial: Any) -> dict[str, str]:
+        """Tags for a trial's child run besides its parent and trial id."""
+        return {}
+
+    def final_record(self, last: dict[str, Any], status: str
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+        """What a trial's end writes on its child run (metrics at step 0, tags), from the
+        result the ledger recorded: here the sweep's final ACC / ASR / RA / DER."""
+        metrics = {name: float(last[k]) for k, name in FINAL_KEYS.items()
+                   if isinstance(last.get(k), (int, float)) and not isinstance(last.get(k), bool)}
+        stopped = status == "FINISHED" and last.get(FINAL) is False
+        return metrics, {"d3tune.last_epoch": str(last.get("epoch", "")),
+                         "d3tune.node_id": str(last.get("node_id", "")),
+                         "d3tune.node_ip": str(last.get("node_ip", "")),
+                         # users filter on it: tags.`d3tune.stopped_early` = 'false'
+                         "d3tune.stopped_early": "true" if stopped else "false"}
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def save(self) -> None:
@@ -164,7 +184,7 @@ class MlflowTuneCallback(Callback):
         stays in the ledger and Tune's results, and a warning says so)."""
         deadline = time.monotonic() + patience_s
         while True:
-            if time.monotonic() >= self.down_until and self._ready():
+            if time.monotonic() >= self.down_until and self.ready():
                 self.owed = False
                 for tid, trial in list(self.known.items()):
                     if self._child(trial) is not None:
@@ -186,13 +206,59 @@ class MlflowTuneCallback(Callback):
 
         client = MlflowClient(self.uri)
         self.exp_id = tracking.experiment_id(client, self.experiment, self.uri)
-        self.client = client  # only once the store answered: ``_ready`` retries otherwise
+        self.client = client  # only once the store answered: ``ready`` retries otherwise
 
     @property
     def parent_id(self) -> str | None:
         """The parent run's id, created on first use and kept in the ledger (None while MLflow
         is unreachable)."""
         return self.state.get("parent")
+
+    # -- the parent run, for the code that finishes a run ------------------------------------
+
+    def log_to_parent(self, what: str, metrics: dict[str, float] | None = None,
+                      tags: dict[str, str] | None = None, step: int = 0) -> None:
+        """Metrics and tags on the parent run (nothing while MLflow is unreachable)."""
+        from mlflow.entities import Metric, RunTag
+
+        if self.client is None or self.parent_id is None:
+            return
+        ms = now_ms()
+        self.call(what, lambda: self.client.log_batch(
+            self.parent_id, metrics=[Metric(k, float(v), ms, step)
+                                     for k, v in (metrics or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()]))
+
+    def log_parent_params_once(self, params: dict[str, Any]) -> None:
+        """Params on the parent run, once per run: MLflow refuses a param logged again with
+        another value, and a resumed run logs its own again (the ledger remembers)."""
+        if self.client is None or self.parent_id is None:
+            return
+        if set(params) <= set(self.state.get("parent_params", [])):
+            return
+        self.log_params(self.parent_id, params)
+        self.state["parent_params"] = sorted(set(self.state.get("parent_params", [])) |
+                                             set(params))
+        self.save()
+
+    def finish_parent(self, status: str, metrics: dict[str, float] | None = None,
+                      artifacts: list[tuple[Path, str | None]] = ()) -> None:
+        """The one way a run ends on MLflow, for sweeps, ablations and robust searches: summary
+        metrics, the report's files (each under its artifact folder, None: the root), then
+        the parent's status."""
+        if self.client is None or self.parent_id is None:
+            return
+        if metrics:
+            self.log_to_parent("parent metrics", metrics)
+        for path, folder in artifacts:
+            self.call("parent artifact", lambda p=path, f=folder: self.client.log_artifact(
+                self.parent_id, str(p), f))
+        kill_point("report:artifacts")
+        self.call("parent status", lambda: self.client.set_terminated(self.parent_id, status))
+
+    def child_count(self) -> int:
+        """How many child runs this run made (one per trial, however often Tune re-made it)."""
+        return len(set(self.state.get("children", {}).values()))
 
     # -- Tune hooks --------------------------------------------------------------------------
 
@@ -205,12 +271,12 @@ class MlflowTuneCallback(Callback):
 
     def setup(self, **info: Any) -> None:
         self.load_state()
-        if not self._ready():
+        if not self.ready():
             return
         for tid, status in list(self.state["closing"].items()):  # owed since a driver kill
             self._close_child(tid, status)
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
         """Connected, with the parent run made. Tried again at every use while it is not, so
         a store that was down at setup (or answered late) gets the runs once it is back."""
         if self.client is None:
@@ -254,11 +320,12 @@ class MlflowTuneCallback(Callback):
                 self.state["keys"][key] = tid
             self.save()
             return self.state["children"][tid]
-        if not self._ready():
+        if not self.ready():
             return None
         run = self.call("child run", lambda: self.client.create_run(
             self.exp_id, run_name=str(trial),
-            tags={"mlflow.parentRunId": self.parent_id, "d3tune.trial_id": tid}))
+            tags={"mlflow.parentRunId": self.parent_id, "d3tune.trial_id": tid,
+                  **self.child_tags(trial)}))
         if run is None:
             return None
         self.state["children"][tid] = run.info.run_id
@@ -268,9 +335,11 @@ class MlflowTuneCallback(Callback):
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def _child_or_owe(self, trial: Any) -> str | None:
-        """``_child``; while MLflow cannot make the run, the trial is kept for ``catch_up``
-        (only then: a sweep of thousands of trials holds no reference to the ended ones)."""
+    def child_run_for(self, trial: Any) -> str | None:
+        """The trial's child run, made on first use (the same run for a trial Tune re-created
+        under a new id after --resume); None while MLflow cannot make it, and the trial is then
+        kept for ``catch_up`` (only then: a sweep of thousands of trials holds no reference to
+        the ended ones)."""
         run_id = self._child(trial)
         if run_id is None:
             self.known[trial.trial_id] = trial
@@ -282,19 +351,19 @@ class MlflowTuneCallback(Callback):
         return tid in self.state["done"] or (run_id is not None and any(
             self.state["children"].get(t) == run_id for t in self.state["done"]))
 
-    def _ensure_setup(self) -> None:
+    def ensure_setup(self) -> None:
         """Tune does not call ``setup`` on a callback restored by ``Tuner.restore``."""
         if not self.state:
             self.setup()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._ensure_setup()
+        self.ensure_setup()
         tid = trial.trial_id
         if self.owed:
             self.catch_up()
         before = tid in self.state["children"] or (
             self.state["keys"].get(trial_key(trial.config or {})) in self.state["children"])
-        run_id = self._child_or_owe(trial)
+        run_id = self.child_run_for(trial)
         if before and tid not in self.seen and not self._ended(tid) and run_id:
             self.call("resume tag", lambda: self.client.set_tag(
                 run_id, "d3tune.resumed", "in flight when the driver was killed; run again "
@@ -304,14 +373,14 @@ class MlflowTuneCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
-        self._ensure_setup()
+        self.ensure_setup()
         tid = trial.trial_id
         if self.owed:
             self.catch_up()
         step = int(result.get("epoch", 0))
         buffered = self.pending.get(tid)
         last = buffered[-1][1]["epoch"] if buffered else self.state["steps"].get(tid, 0)
-        self._child_or_owe(trial)  # None while MLflow is down: the epoch waits in the buffer
+        self.child_run_for(trial)  # None while MLflow is down: the epoch waits in the buffer
         if step <= last:
             return  # a retried trial re-reports epochs already logged or buffered
         row = {"epoch": step, **{k: result[k] for k in EPOCH_METRICS if k in result}}
@@ -368,13 +437,13 @@ class MlflowTuneCallback(Callback):
                         "MLflow the trial ends it missed", len(self.pending),
                         len(self.state["closing"]), self.exp_dir)
 
-    def _finish(self, trial: Any, status: str) -> None:
+    def finish_trial(self, trial: Any, status: str) -> None:
         """The ledger first (the trial ended, with this result), then MLflow. The ledger is
         written whether or not MLflow answers: it is what keeps --resume from running a
         finished trial again, and an MLflow outage must not cost that."""
-        self._ensure_setup()
+        self.ensure_setup()
         tid = trial.trial_id
-        self._child_or_owe(trial)  # None while MLflow is down: the ledger is written all the same
+        self.child_run_for(trial)  # None while MLflow is down: the ledger is written all the same
         if self._ended(tid) or (status != "FINISHED" and tid in self.state["failed"]):
             return
         self.flush(tid)
@@ -404,14 +473,9 @@ class MlflowTuneCallback(Callback):
             self.owed = True  # told once the child run exists (catch_up, or the next --resume)
             return
         ended = self.state.get("ended_ms", {}).get(tid) or now_ms()
-        metrics = [Metric(name, float(last[k]), ended, 0) for k, name in FINAL_KEYS.items()
-                   if isinstance(last.get(k), (int, float)) and not isinstance(last.get(k), bool)]
-        stopped = status == "FINISHED" and last.get(FINAL) is False
-        tags = [RunTag("d3tune.last_epoch", str(last.get("epoch", ""))),
-                RunTag("d3tune.node_id", str(last.get("node_id", ""))),
-                RunTag("d3tune.node_ip", str(last.get("node_ip", ""))),
-                # users filter on it: tags.`d3tune.stopped_early` = 'false' (ran to its end)
-                RunTag("d3tune.stopped_early", "true" if stopped else "false")]
+        values, labels = self.final_record(last, status)
+        metrics = [Metric(k, v, ended, 0) for k, v in values.items()]
+        tags = [RunTag(k, v) for k, v in labels.items()]
         told = self.attempt("final metrics", lambda: self.client.log_batch(
             run_id, metrics=metrics, tags=tags))[0]
         told = told and self.attempt("status", lambda: self.client.set_terminated(
@@ -433,10 +497,10 @@ class MlflowTuneCallback(Callback):
         return closed
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "FINISHED")
+        self.finish_trial(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._finish(trial, "FAILED")
+        self.finish_trial(trial, "FAILED")
 
 
 class MlflowSweepCallback(MlflowTuneCallback):

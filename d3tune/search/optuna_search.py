@@ -23,7 +23,7 @@ import logging
 import math
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -33,6 +33,8 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.utils.util import unflatten_dict
 
 from d3tune.runstate import FINAL, TRIAL_KEY, kill_point, recorded_result
+from d3tune.search.robust_rules import incumbent, member_order
+from d3tune.search.robust_trainable import ORDER_KEY, complete
 from d3tune.specs.sweep_spec import constraint_values
 
 log = logging.getLogger(__name__)
@@ -272,3 +274,60 @@ class ResumableOptunaSearch(OptunaSearch):
                 seeded = True
         if not seeded:
             sampler.reseed_rng()
+
+
+class RobustOptunaSearch(ResumableOptunaSearch):
+    """Adds a member order to each suggested config (the incumbent's weakest members first) and
+    stores each finished trial's figures as Optuna user attributes.
+
+    What the study is told: a setting evaluated on every member is COMPLETE, with its worst case
+    as the value and its mean ACC drop against the budget as a constraint. A setting stopped
+    before its last member (exact pruning, or the search's time budget) is PRUNED: its running
+    worst case is only an upper bound and its ACC drop covers some members, so neither may
+    stand for a finished setting (TPE's good group, ``study.best_trials``, the constraint). Its
+    running worst cases are the intermediate values, one per member done."""
+
+    step_key = "members_done"
+
+    def __init__(self, *args: Any, member_ids: Sequence[str], max_acc_drop: float,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, constraints=(("max_acc_drop", max_acc_drop),), **kwargs)
+        self._member_ids = list(member_ids)
+        self._max_acc_drop = max_acc_drop
+        self._settings_done: dict[str, dict[str, Any]] = {}
+
+    def constraint_values(self, result: dict) -> dict[str, float]:
+        """The ACC-budget constraint of a complete setting (<= 0: within); none for a pruned
+        one."""
+        return {"max_acc_drop": float(result["mean_acc_drop"]) - self._max_acc_drop}
+
+    def stop_note(self, result: dict) -> str:
+        """Why a setting stopped before its last member (pruned or cut), for Optuna."""
+        return (f"stopped after {result.get('members_done')} of {result.get('members_total')} "
+                "members (exact pruning or the search's time budget)")
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):
+            best = incumbent(self._settings_done.values(), self._max_acc_drop)
+            config = {**config, ORDER_KEY: member_order(
+                self._member_ids, best["ders"] if best else None)}
+        return config
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if result and "worst_der" in result and ot_trial is not None \
+                and trial_id not in self._completed_trials:
+            ders = {m: result[f"der.{m}"] for m in self._member_ids if f"der.{m}" in result}
+            attrs = {"worst_der": result["worst_der"], "mean_der": result["mean_der"],
+                     "mean_acc_drop": result["mean_acc_drop"],
+                     "members_done": result["members_done"], "pruned": not complete(result),
+                     "tune_trial_id": trial_id}
+            try:
+                for k, v in {**attrs, **{f"der.{m}": v for m, v in ders.items()}}.items():
+                    ot_trial.set_user_attr(k, v)
+            except Exception as exc:  # noqa: BLE001 - e.g. a trial finished before a resume
+                log.debug("trial %s: user attributes not stored (%s)", trial_id, exc)
+            self._settings_done[trial_id] = {**attrs, "complete": complete(result), "ders": ders}
+        super().on_trial_complete(trial_id, result, error)

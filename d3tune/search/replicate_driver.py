@@ -113,7 +113,8 @@ def provenance(spec: RobustSpec, summaries: Sequence[Mapping[str, Any]]) -> dict
         d3tune_version = version("d3tune")
     except PackageNotFoundError:  # pragma: no cover - run from a source tree, not installed
         d3tune_version = None
-    return {"threads": max(1, int(spec.resources.cpu)), "split_test": spec.split_test,
+    return {"threads": max(1, int(spec.resources.cpu)), "member_batch": spec.member_batch,
+            "split_test": spec.split_test,
             "budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
             "replicates": [{"replicate": s["replicate"], "search_seed": s["search_seed"],
                             "population_seeds": s["population_seeds"]} for s in summaries],
@@ -158,7 +159,7 @@ def _parent(client: Any, spec: RobustSpec, state: dict[str, Any], path: Path,
     params = {"replicates": spec.replicates, "budget": spec.budget, "top_k": spec.top_k,
               "max_acc_drop": spec.max_acc_drop, "split_test": spec.split_test,
               "runtime.threads": max(1, int(spec.resources.cpu)),
-              "adopt_tolerance": spec.adopt_tolerance, "defense": spec.defense}
+              "runtime.member_batch": spec.member_batch, "adopt_tolerance": spec.adopt_tolerance, "defense": spec.defense}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return state["parent"]
 

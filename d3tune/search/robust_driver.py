@@ -28,7 +28,6 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +87,7 @@ def _remote(fn: Any, spec: RobustSpec) -> Any:
 
 
 def _threads(spec: RobustSpec) -> int:
-    from d3tune.search.robust_tune import spec_threads
+    from d3tune.search.robust_trainable import spec_threads
 
     return spec_threads(spec)
 
@@ -103,7 +102,7 @@ def build_population(spec: RobustSpec, state: Path) -> pd.DataFrame:
     (through the same cache), so the search starts as soon as its own members are ready."""
     import ray
 
-    from d3tune.search.robust_tune import member_before
+    from d3tune.search.robust_trainable import member_before
 
     path = state / POPULATION_FILE
     rows: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
@@ -144,15 +143,11 @@ def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
     """The search phase's Tuner: one trial per setting, evaluated member by member, behind
     exact pruning; resumed where Tune left a snapshot (a search stopped before its first one
     starts afresh, the study keeping what it already told)."""
-    import optuna
     from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
 
-    from d3tune.search.robust_tune import (
-        ExactPruning,
-        RobustOptunaSearch,
-        population_trainable,
-    )
+    from d3tune.search.robust_pruning import ExactPruning
+    from d3tune.search.robust_trainable import population_trainable
+    from d3tune.search.searchers import robust_searcher
 
     paths = spec.paths
     fn = tune.with_parameters(population_trainable, spec=spec, members=members,
@@ -160,25 +155,14 @@ def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
     trainable = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if resume and tuner.can_resume(paths):
         return tuner.build_tuner(paths, trainable, callbacks=callbacks, resume=True)
-    storage = optuna.storages.RDBStorage(paths.optuna_url)
-    # The ACC budget is set as a constraint on complete trials by the searcher (Trial.
-    # set_constraint), which TPE reads from the study: no constraints_func.
-    sampler = optuna.samplers.TPESampler(
-        seed=spec.search_seed, n_startup_trials=max(4, min(10, spec.budget // 4)))
-    searcher = RobustOptunaSearch(space=partial(tuner.define_by_run, spec.space),
-                                  metric="worst_der", mode="max", sampler=sampler,
-                                  storage=storage, study_name=spec.name,
-                                  points_to_evaluate=[dict(p) for p in spec.start_points] or None,
-                                  member_ids=[m.id for m in members],
-                                  max_acc_drop=spec.max_acc_drop)
     stop = None
     if spec.compute_budget_s is not None:
-        from d3tune.search.robust_tune import ComputeBudget
+        from d3tune.search.compute_budget import ComputeBudget
 
         stop = ComputeBudget(spec.compute_budget_s, paths.optuna_url, spec.name)
     return tuner.build_tuner(
         paths, trainable, callbacks=callbacks,
-        searcher=ConcurrencyLimiter(searcher, max_concurrent=spec.max_concurrent),
+        searcher=robust_searcher(spec, members),
         scheduler=ExactPruning(spec.top_k, spec.max_acc_drop,
                                str(paths.state_dir / PRUNED_FILE)),
         num_samples=spec.budget, time_budget_s=spec.time_budget_s, stop=stop,
@@ -206,7 +190,7 @@ def _close_cut(spec: RobustSpec, results: Any) -> None:
 def search_frame(results: Any, members: tuple[Member, ...], state: Path) -> pd.DataFrame:
     """One row per setting tried: the setting, its figures, complete / pruned / cut (stopped by
     the time budget), per-member DER."""
-    from d3tune.search.robust_tune import complete, setting_of
+    from d3tune.search.robust_trainable import complete, setting_of
 
     path = state / PRUNED_FILE
     pruned = json.loads(path.read_text()) if path.exists() else {}
@@ -257,7 +241,7 @@ def trial_numbers(state: Path) -> dict[str, int]:
 def holdout_task(spec: RobustSpec, members: tuple[Member, ...], setting: dict[str, Any],
                  reference: Reference | None, threads: int) -> list[dict[str, Any]]:
     """A Ray task: one candidate setting on the holdout members; returns one row per member."""
-    from d3tune.search.robust_tune import run_members
+    from d3tune.search.robust_trainable import run_members
 
     return run_members(spec, members, setting, reference, threads=threads)
 
@@ -380,7 +364,7 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
     under its own run with ``mlflow.parentRunId``)."""
     import ray
 
-    from d3tune.search.robust_tune import RobustMlflowCallback
+    from d3tune.search.robust_mlflow import RobustMlflowCallback
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     clock = time.monotonic()
@@ -433,10 +417,10 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
         yaml_path.parent.mkdir(parents=True, exist_ok=True)
         dump_yaml(defaults_yaml(spec, chosen["setting"]), yaml_path)
         outcome.yaml_path = yaml_path
-    from d3tune.reports.robust_report import finish_parent, print_summary, write_report
+    from d3tune.reports.robust_report import print_summary, write_report
 
     outcome.report_dir = write_report(outcome, state / "report")
-    finish_parent(callback, outcome)
+    _finish_parent(callback, outcome)
     print_summary(outcome, console, callback)
     return outcome
 
@@ -450,26 +434,32 @@ def space_dims(spec: RobustSpec) -> int:
 
 def _log_population(callback: Any, spec: RobustSpec, population: pd.DataFrame) -> None:
     """Before-metrics of every member on the parent run; the excluded members as a tag."""
-    from mlflow.entities import Metric, RunTag
-
-    if callback.client is None or callback.parent_id is None:
-        return
-    ms = int(time.time() * 1000)
-    metrics = [Metric(f"{k}.{r['member']}", float(r[k]), ms, 0) for _, r in population.iterrows()
-               for k in ("acc_before", "asr_before")]
     excluded = ",".join(population.loc[population["excluded"], "member"])
-    tags = [RunTag("d3tune.excluded", excluded or "none")]
-    callback.call("population", lambda: callback.client.log_batch(
-        callback.parent_id, metrics=metrics, tags=tags))
-    params = {"budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
-              "space_dims": space_dims(spec), "runtime.threads": _threads(spec),
-              "split_test": spec.split_test, "search_seed": spec.search_seed,
-              "min_asr": spec.min_asr, "defense": spec.defense,
-              "population": ",".join(m.id for m in spec.members),
-              "holdout": ",".join(m.id for m in spec.holdout)}
-    if "budget" not in callback.state.get("parent_params", []):
-        callback.log_params(callback.parent_id, params)
-        callback.state["parent_params"] = list(params)
-        callback.save()
+    callback.log_to_parent("population", {
+        f"{k}.{r['member']}": float(r[k]) for _, r in population.iterrows()
+        for k in ("acc_before", "asr_before")}, {"d3tune.excluded": excluded or "none"})
+    callback.log_parent_params_once({
+        "budget": spec.budget, "top_k": spec.top_k, "max_acc_drop": spec.max_acc_drop,
+        "space_dims": space_dims(spec), "runtime.threads": _threads(spec),
+        "runtime.member_batch": spec.member_batch,
+        "split_test": spec.split_test, "search_seed": spec.search_seed,
+        "min_asr": spec.min_asr, "defense": spec.defense,
+        "population": ",".join(m.id for m in spec.members),
+        "holdout": ",".join(m.id for m in spec.holdout)})
+
+
+def _finish_parent(callback: Any, outcome: RobustOutcome) -> None:
+    """Pruning, timing and chosen-row metrics, the report and the defaults YAML on the robust
+    search's parent run, then FINISHED."""
+    metrics = {"pruning_skipped": outcome.skipped, "pruning_total": outcome.total,
+               "seconds_total": outcome.seconds.get("total", 0.0)}
+    if outcome.chosen is not None:
+        metrics.update({k: outcome.chosen[k] for k in ("holdout_worst_der", "holdout_mean_der",
+                                                        "holdout_mean_acc_drop",
+                                                        "search_worst_der")})
+    artifacts = [(p, "report") for p in sorted(outcome.report_dir.iterdir())]
+    if outcome.yaml_path is not None:
+        artifacts.append((outcome.yaml_path, "defaults"))
+    callback.finish_parent("FINISHED", metrics, artifacts)
 
 

@@ -149,29 +149,20 @@ def _optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
     return paths
 
 
-def finish_parent(cb: MlflowSweepCallback, plan: RunPlan, df: pd.DataFrame,
-                  best: pd.DataFrame, plots: list[Path], out: Path) -> None:
-    """Summary metrics, the report's files and the final status on a sweep's or ablation's
-    parent run."""
-    if cb.client is None or cb.parent_id is None:
-        return
-    from mlflow.entities import Metric
-
+def write_outputs(plan: RunPlan, df: pd.DataFrame, best: pd.DataFrame, out: Path
+                  ) -> dict[str, float]:
+    """The sweep's files in ``out`` (trials, best rows or Pareto front, the best config); the
+    best row's metrics, for the parent run."""
     df.to_csv(out / "trials.csv", index=False)
     best.to_csv(out / ("pareto_front.csv" if plan.multi_objective else "best_trials.csv"),
                 index=False)
-    if not best.empty:
-        top = best.iloc[0].to_dict()
-        (out / "best_config.json").write_text(json.dumps(
-            {k: v for k, v in top.items() if k not in SUMMARY_COLUMNS + HIDDEN_COLUMNS},
-            indent=1, default=str))
-        cb.call("parent metrics", lambda: cb.client.log_batch(cb.parent_id, metrics=[
-            Metric(f"best_{m}", float(top[m]), 0, 0) for m in plan.metric]))
-    for path in sorted(out.iterdir()):
-        cb.call("parent artifact", lambda p=path: cb.client.log_artifact(cb.parent_id, str(p)))
-    kill_point("report:artifacts")
-    status = "FINISHED" if not df.empty and not df["error"].any() else "FAILED"
-    cb.call("parent status", lambda: cb.client.set_terminated(cb.parent_id, status))
+    if best.empty:
+        return {}
+    top = best.iloc[0].to_dict()
+    (out / "best_config.json").write_text(json.dumps(
+        {k: v for k, v in top.items() if k not in SUMMARY_COLUMNS + HIDDEN_COLUMNS},
+        indent=1, default=str))
+    return {f"best_{m}": float(top[m]) for m in plan.metric}
 
 
 def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
@@ -206,15 +197,17 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
     best = best_rows(plan, df)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        plots = optuna_plots(plan, out) if not df.empty else []
-        finish_parent(callback, plan, df, best, plots, out)
+        if not df.empty:
+            optuna_plots(plan, out)
+        metrics = write_outputs(plan, df, best, out)
+        status = "FINISHED" if not df.empty and not df["error"].any() else "FAILED"
+        callback.finish_parent(status, metrics, [(p, None) for p in sorted(out.iterdir())])
     title = ("Pareto front (" + " vs ".join(f"{m} {d}" for m, d in zip(plan.metric, plan.mode))
              + ")") if plan.multi_objective else f"best trials by {plan.metric[0]} ({plan.mode[0]})"
     shown = [c for c in best.columns if c not in HIDDEN_COLUMNS]
     console.print(_table(f"{plan.name}: {len(df)} trials; {title}", best[shown]))
     if callback.client is not None and callback.parent_id:
-        children = len(set(callback.state["children"].values()))
-        console.print(f"MLflow parent run {callback.parent_id} ({children} "
+        console.print(f"MLflow parent run {callback.parent_id} ({callback.child_count()} "
                       f"child runs) in experiment {plan.experiment!r}")
         console.print(tracking.ui_hint(callback.uri, callback.exp_id), soft_wrap=True)
     console.print(f"Tune results: {exp_dir}")

@@ -24,12 +24,13 @@ LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "d
                     "spaces", "base", "budget", "compute_budget_s",
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
                     "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
-                    "start_with_default", "split_test", "replicates", "compare"}
+                    "start_with_default", "split_test", "replicates", "compare",
+                    "member_batch"}
 # passed to every defense's robust spec unchanged
 SHARED_KEYS = ("population", "holdout_seeds", "holdout_attacks", "base", "budget",
                "compute_budget_s", "max_acc_drop", "min_asr", "top_k", "search_seed",
                "resources", "max_concurrent", "max_failures", "cache_dir", "split_test",
-               "replicates")
+               "replicates", "member_batch")
 DEFAULT_REFERENCE = "default"  # the holdout label of the default row is "ref-default"
 STORAGE = "d3tune_results/leaderboard"
 EXPERIMENT = "d3tune-leaderboard"

@@ -38,7 +38,7 @@ ROBUST_KEYS = {"name", "defense", "base", "population", "holdout_seeds", "holdou
                "tradeoff_budgets", "references", "search_seed", "time_budget_s",
                "compute_budget_s", "resources", "max_concurrent", "max_failures", "storage",
                "experiment", "cache_dir", "start_with", "split_test", "replicates",
-               "adopt_tolerance"}
+               "adopt_tolerance", "member_batch"}
 POPULATION_KEYS = {"attacks", "records", "datasets", "archs", "seeds", "clean_ratios"}
 DATASET_ENTRY_KEYS = {"name", "data_dir", "train_size"}  # a population.datasets entry
 RECORD_DATA_PATH = "_record_data_path"  # a record's recorded data folder, while resolving
@@ -127,6 +127,10 @@ class RobustSpec:
     # adopting from a replicated search is refused when the replicates' holdout worst cases
     # spread by more than this (a default a rerun would not confirm is not robust)
     adopt_tolerance: float = 0.05
+    # members of one setting trained together as one batched computation (d3tune/batched.py),
+    # for defenses that have a batched form; 1: one after another. Figures agree to float
+    # tolerance, not bit for bit, so it is recorded with the search
+    member_batch: int = 1
 
     @property
     def paths(self) -> RunPaths:
@@ -563,7 +567,8 @@ def robust_plan(data: Any, source: str,
         cache_dir=absolute(data.get("cache_dir")),
         replicates=integer(data.get("replicates", 1), f"{source}: replicates", 1),
         adopt_tolerance=_fraction(data.get("adopt_tolerance", RobustSpec.adopt_tolerance),
-                                  f"{source}: adopt_tolerance"))
+                                  f"{source}: adopt_tolerance"),
+        member_batch=integer(data.get("member_batch", 1), f"{source}: member_batch", 1))
     spec = _checked_replicates(spec, f"{source}: replicates")
     return replace(spec, start_points=_start_points(data, spec, source))
 
