@@ -223,6 +223,29 @@ def eval_subset_sets(cfg: TrialConfig, sets: EvalSets) -> EvalSets:
     return sets.subset(cfg.eval.subset, generator(cfg.seed, "eval-subset"))
 
 
+def phase_clock() -> tuple[dict[str, float], Callable[[str], None]]:
+    """Seconds per phase, and ``lap(phase)``: the time since the last lap goes to ``phase``."""
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        seconds[phase] = seconds.get(phase, 0.0) + now - clock[0]
+        clock[0] = now
+
+    return seconds, lap
+
+
+def trial_data(cfg: TrialConfig, data: Dataset | None, device: torch.device) -> Dataset:
+    """The trial's dataset on its device: loaded, or a caller's whole set cut as the config
+    says."""
+    if data is None:
+        data = load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size)
+    elif cfg.data.train_size is not None:
+        data = subset_train(data, cfg.data.train_size)
+    return data.to(device)
+
+
 def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache | None = None,
               on_attack_epoch: Callable[[int, dict[str, float]], None] | None = None,
               data: Dataset | None = None, resume: dict[str, Any] | None = None,
@@ -238,21 +261,9 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     decision points: they use the full sets, so a scheduler decides on the same values as with
     full evaluation, and a trial it stops ends on full-set metrics. Each history row says which
     it was (``eval_full``: 1.0 full sets, 0.0 subset)."""
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = seconds.get(phase, 0.0) + now - clock
-        clock = now
-
+    seconds, lap = phase_clock()
     device = pick_device(cfg.device)
-    if data is None:
-        data = load_dataset(cfg.data.name, cfg.data.data_dir, cfg.data.train_size)
-    elif cfg.data.train_size is not None:  # a caller's whole set, cut as the config says
-        data = subset_train(data, cfg.data.train_size)
-    data = data.to(device)
+    data = trial_data(cfg, data, device)
     lap("load")
     model, test_sets, key, origin = backdoored_model(cfg, data, device, cache, on_attack_epoch)
     lap(origin)
@@ -328,21 +339,9 @@ def run_trials_batched(cfgs: Sequence[TrialConfig], cache: ModelCache | None = N
         raise UsageError(f"defense.name: {first.defense.name} has no batched form")
     if not all(batchable(first, c) for c in cfgs):
         raise ValueError("batched trials must share the defense, model, data and device")
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = seconds.get(phase, 0.0) + now - clock
-        clock = now
-
+    seconds, lap = phase_clock()
     device = pick_device(first.device)
-    if data is None:
-        data = load_dataset(first.data.name, first.data.data_dir, first.data.train_size)
-    elif first.data.train_size is not None:
-        data = subset_train(data, first.data.train_size)
-    data = data.to(device)
+    data = trial_data(first, data, device)
     lap("load")
     models, all_sets, befores, xs, ys, keys, hits = [], [], [], [], [], [], []
     for cfg in cfgs:

@@ -43,6 +43,21 @@ def _result(epoch: int) -> dict[str, Any]:
             "acc_before": 0.95, "asr_before": 0.99, "ra_before": 0.0}
 
 
+def flaky(real: Any, outage: dict[str, bool]) -> Any:
+    """The real MLflow client, failing every call while ``outage["on"]``."""
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            method = getattr(real, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if outage["on"]:
+                    raise ConnectionError("tracking server down")
+                return method(*args, **kwargs)
+            return call
+
+    return Flaky()
+
+
 def _callback(tmp_path: Path, setup: bool = True) -> tracking_tune.MlflowSweepCallback:
     """The driver's callback of a one-knob sweep, set up (parent run created) on the store."""
     spec = tmp_path / "s.yaml"
@@ -257,20 +272,8 @@ def test_what_mlflow_missed_in_an_outage_is_told_once_it_answers(tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setattr(tracking_tune, "FLUSH_EVERY_S", 0.0)
     cb = _callback(tmp_path)
-    real = cb.client
     outage = {"on": False}
-
-    class Flaky:  # the real client, failing every call while the outage lasts
-        def __getattr__(self, name: str) -> Any:
-            method = getattr(real, name)
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                if outage["on"]:
-                    raise ConnectionError("tracking server down")
-                return method(*args, **kwargs)
-            return call
-
-    cb.client = Flaky()
+    cb.client = flaky(cb.client, outage)
     running = FakeTrial("t1", config={"d3tune.trial": 0})
     cb.on_trial_start(0, [], running)
     cb.on_trial_result(0, [], running, _result(1))
@@ -365,19 +368,8 @@ def test_a_robust_search_tells_mlflow_the_members_an_outage_missed_once(tmp_path
         "holdout_seeds": [1]}, "test")
     cb = RobustMlflowCallback(spec)
     cb.setup()
-    real, outage = cb.client, {"on": False}
-
-    class Flaky:
-        def __getattr__(self, name: str) -> Any:
-            method = getattr(real, name)
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                if outage["on"]:
-                    raise ConnectionError("tracking server down")
-                return method(*args, **kwargs)
-            return call
-
-    cb.client = Flaky()
+    outage = {"on": False}
+    cb.client = flaky(cb.client, outage)
     ids = [m.id for m in spec.members]
     rows = [{"member": m, "seed": 0, "der": 0.9 - i / 10, "acc_drop": 0.01, "acc_after": 0.95,
              "asr_after": 0.05, "ra_after": 0.9, "seconds": 1.0, "cpu_seconds": 1.0}
