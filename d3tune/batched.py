@@ -3,8 +3,8 @@
 A robust search evaluates one setting on many members (attack x seed). They share the
 architecture, the shapes and the hyperparameters; only the weights, the clean subset and the
 random draws differ. A small model on a small batch leaves most of the hardware idle, so the
-members' steps are stacked: ``stack_module_state`` turns M models into one set of [M, ...]
-parameters and buffers, and ``vmap`` over ``functional_call`` runs their forward passes as one
+members' steps are stacked: ``stack`` turns M models into one set of [M, ...] parameters
+and buffers, and ``vmap`` over ``functional_call`` runs their forward passes as one
 computation (a convolution becomes a grouped one), as HFTA (Wang et al., MLSys 2021) fuses models.
 
 What keeps each member's training what it would be alone, step for step:
@@ -85,20 +85,15 @@ def stack(models: Sequence[nn.Module]) -> Stacked:
     return Stacked(base, params, buffers)
 
 
-def summed_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def member_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each member's mean cross-entropy over its batch: [M]."""
     m = logits.shape[0]
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(m, -1).mean(1)
 
 
 def plain_loss(logits: torch.Tensor, y: torch.Tensor):
-    loss = summed_cross_entropy(logits, y)
+    loss = member_cross_entropy(logits, y)
     return loss, {"loss": loss.detach().mean()}
-
-
-def same_length(xs: Sequence[torch.Tensor]) -> bool:
-    """Members train in lockstep only when their clean sets give the same batches."""
-    return len({len(x) for x in xs}) == 1
 
 
 def fit_batched(net: Stacked, xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
@@ -112,7 +107,7 @@ def fit_batched(net: Stacked, xs: Sequence[torch.Tensor], ys: Sequence[torch.Ten
     if not (len(xs) == len(ys) == len(generators) == net.size):
         raise ValueError(f"{net.size} stacked members, {len(xs)} clean sets, "
                          f"{len(generators)} generators")
-    if not same_length(xs):
+    if len({len(x) for x in xs}) != 1:  # lockstep needs the same batches for every member
         raise ValueError("members' clean sets differ in size: they cannot train in lockstep")
     n, device, amp = len(xs[0]), xs[0].device, autocast_dtype()
     for epoch in range(1, epochs + 1):

@@ -82,8 +82,8 @@ def test_a_mean_over_members_instead_of_a_sum_would_be_caught():
     opt, sched = make_sgd(list(net.params.values()), cfg.lr, cfg.momentum, 0.0, cfg.epochs)
 
     def mean_loss(logits, y):  # wrong on purpose: each member's loss divided by M
-        from d3tune.batched import summed_cross_entropy
-        loss = summed_cross_entropy(logits, y) / len(together)
+        from d3tune.batched import member_cross_entropy
+        loss = member_cross_entropy(logits, y) / len(together)
         return loss, {}
 
     fit_batched(net, xs, ys, epochs=1, batch_size=32, optimizer=opt, scheduler=sched,

@@ -112,14 +112,14 @@ def run_batched(models: Sequence[nn.Module], xs: Sequence[torch.Tensor],
     over each member's own weights."""
     prm: Params = params_of(cfg)
     layer = prm.select_layer or ctxs[0].head
-    per_member, names = [], []
+    by_id = {id(w): n for n, w in models[0].named_parameters()}
+    names = [by_id[id(m.weight)] for m in selected_modules(models[0], layer)]
+    per_member = []
     for model, ctx in zip(models, ctxs):
-        by_id = {id(w): n for n, w in model.named_parameters()}
         weights = [m.weight for m in selected_modules(model, layer)]
         w0 = [w.detach().clone() for w in weights]
         initialise(weights, w0, prm.init, prm.p, ctx.generator)
         per_member.append(w0)
-        names = [by_id[id(w)] for w in weights]
     w0 = [torch.stack(module) for module in zip(*per_member)]  # one [M, ...] per module
     norms = [prm.radius * member_norms(init, prm.p) for init in w0]
     net = stack(models)

@@ -217,7 +217,7 @@ class MlflowTuneCallback(Callback):
     # -- the parent run, for the code that finishes a run ------------------------------------
 
     def log_to_parent(self, what: str, metrics: dict[str, float] | None = None,
-                      tags: dict[str, str] | None = None, step: int = 0) -> None:
+                      tags: dict[str, str] | None = None) -> None:
         """Metrics and tags on the parent run (nothing while MLflow is unreachable)."""
         from mlflow.entities import Metric, RunTag
 
@@ -225,7 +225,7 @@ class MlflowTuneCallback(Callback):
             return
         ms = now_ms()
         self.call(what, lambda: self.client.log_batch(
-            self.parent_id, metrics=[Metric(k, float(v), ms, step)
+            self.parent_id, metrics=[Metric(k, float(v), ms, 0)
                                      for k, v in (metrics or {}).items()],
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()]))
 
