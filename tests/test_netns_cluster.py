@@ -20,6 +20,8 @@ import pytest
 
 import cluster_harness
 
+from d3tune.search.mlflow_callback import load_ledger
+
 pytestmark = pytest.mark.slow
 
 TRIAL = """
@@ -125,7 +127,7 @@ def trial_rows(c: cluster_harness.Cluster, name: str, live: bool = False) -> dic
 
 
 def ledger(c: cluster_harness.Cluster, name: str) -> dict:
-    return json.loads((c.root / "runs" / f"{name}.d3tune" / "mlflow_state.json").read_text())
+    return load_ledger(c.root / "runs" / f"{name}.d3tune")
 
 
 def check_complete(c: cluster_harness.Cluster, name: str, cells: int, epochs: int) -> list[dict]:

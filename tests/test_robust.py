@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from d3tune.errors import UsageError
+from d3tune.search.mlflow_callback import load_ledger
 from d3tune.search.robust_rules import (Finished, choose, finalists, incumbent, member_order,
                                  tradeoff_extras,
                                  prune_threshold, pruning_savings, should_prune)
@@ -347,7 +348,6 @@ def test_compute_budget_ends_a_real_search_early(local_ray, tmp_path, monkeypatc
 def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
     """Kill the driver (and its local Ray) once a setting has finished; --resume completes the
     search: every setting once in Optuna and MLflow, the finished one never evaluated again."""
-    import json
     import os
     import signal
     import subprocess
@@ -375,10 +375,10 @@ def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and first.poll() is None and not (
-                state.exists() and json.loads(state.read_text())["done"]):
+                state.exists() and load_ledger(state.parent)["done"]):
             time.sleep(0.5)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        done_before = json.loads(state.read_text())["done"]
+        done_before = load_ledger(state.parent)["done"]
         killed_at = time.time()
         os.killpg(first.pid, signal.SIGKILL)
     finally:
@@ -388,7 +388,7 @@ def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
     proc = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    final = json.loads(state.read_text())
+    final = load_ledger(state.parent)
     search_done = [k for k in final["done"] if not k.startswith("holdout:")]
     assert len(search_done) == 3 and set(done_before) <= set(search_done)
 

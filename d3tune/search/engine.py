@@ -97,9 +97,11 @@ def tune_trainable(config: dict[str, Any], *, base: dict[str, Any], cache_dir: s
         metrics = {**row, "node_id": node, "cache_builds": cache.builds,
                    FINAL: row.get("epoch") == cfg.defense.epochs}
         state = pending.pop("state", None)
-        # The last epoch always checkpoints: that forces Tune to snapshot the experiment, so a
-        # driver killed right after a trial ends does not re-run it on --resume.
-        due = row.get("epoch") == cfg.defense.epochs or checkpoint_due(
+        # The last epoch does not checkpoint: a trial that ended is never run again because the
+        # ledger records its end (``replay_if_ended``), and a checkpoint there would only make
+        # Tune snapshot the whole experiment once per trial (the driver's cost per trial then
+        # grows with the trial count: benchmarks/README.md, sweep_scale).
+        due = row.get("epoch") != cfg.defense.epochs and checkpoint_due(
             last_checkpoint[0] if last_checkpoint else None, time.monotonic(), checkpoint_every_s)
         if state is None or state["epoch"] != row["epoch"] or not due:
             tune.report(metrics)

@@ -21,11 +21,10 @@ second the driver can take (~8 ms each on SQLite; see benchmarks/README.md, swee
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,13 @@ from d3tune.runstate import (
     recorded_result,
     trial_from_tune,
     trial_key,
-    write_json,
 )
+from d3tune.search.ledger import Ledger, Op
+from d3tune.search.ledger import read as read_ledger
 from d3tune.specs.sweep_spec import RunPlan
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "mlflow_state.json"
 RETRY_AFTER_S = 30
 # At a sweep's end, how long to keep trying an MLflow that is down (a server restarting).
 FINAL_PATIENCE_S = float(os.environ.get("D3TUNE_MLFLOW_PATIENCE_S", "120"))
@@ -65,13 +64,8 @@ def trial_params(plan: RunPlan, config: dict[str, Any]) -> dict[str, Any]:
 
 def load_ledger(state_dir: Path) -> dict[str, Any]:
     """The run ledger in ``state_dir`` (trial key -> Tune trial, child run, recorded end), empty
-    when none was written."""
-    state = {"parent": None, "children": {}, "steps": {}, "done": [], "failed": [], "results": {},
-             "keys": {}, "closing": {}, "ended_ms": {}}
-    path = state_dir / STATE_FILE
-    if path.exists():
-        state.update(json.loads(path.read_text()))
-    return state
+    when none was written (``ledger.read``: snapshot and journal)."""
+    return read_ledger(state_dir)
 
 
 def ended_results(state_dir: Path) -> dict[str, dict[str, Any]]:
@@ -103,8 +97,8 @@ class MlflowTuneCallback(Callback):
         self.source = source
         self.exp_dir = paths.experiment_dir
         self.state_dir = paths.state_dir
-        self.state_path = self.state_dir / STATE_FILE
-        self.state: dict[str, Any] = {}
+        self.ledger = Ledger(self.state_dir)
+        self.state: dict[str, Any] = {}  # the ledger's contents (read here; changed by commit)
         self.uri = tracking.tracking_uri()
         self.client = None
         self.exp_id: str | None = None
@@ -150,9 +144,9 @@ class MlflowTuneCallback(Callback):
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Write the run map (the ledger) to disk, atomically."""
-        write_json(self.state_path, self.state)
+    def commit(self, *ops: Op) -> None:
+        """Change the ledger (in memory and on disk, as one change set; ``ledger.Op``)."""
+        self.ledger.commit(*ops)
 
     def call(self, what: str, fn: Callable[[], Any]) -> Any:
         """Run one MLflow call; on failure warn, and skip calls for a while (a store that is
@@ -237,9 +231,8 @@ class MlflowTuneCallback(Callback):
         if set(params) <= set(self.state.get("parent_params", [])):
             return
         self.log_params(self.parent_id, params)
-        self.state["parent_params"] = sorted(set(self.state.get("parent_params", [])) |
-                                             set(params))
-        self.save()
+        self.commit(("put", "parent_params", None,
+                     sorted(set(self.state.get("parent_params", [])) | set(params))))
 
     def finish_parent(self, status: str, metrics: dict[str, float] | None = None,
                       artifacts: list[tuple[Path, str | None]] = ()) -> None:
@@ -264,8 +257,7 @@ class MlflowTuneCallback(Callback):
 
     def load_state(self) -> None:
         """Read the run map from disk: after a resume this object may be an old unpickled copy."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.state = load_ledger(self.state_dir)
+        self.state = self.ledger.load()
         self.pending, self.flushed_at = {}, {}
         self.seen: set[str] = set()  # trials started by this driver (vs. before a kill)
 
@@ -288,8 +280,7 @@ class MlflowTuneCallback(Callback):
                 self.exp_id, run_name=self.paths.name, tags=self.parent_tags()))
             if run is None:
                 return False
-            self.state["parent"] = run.info.run_id
-            self.save()
+            self.commit(("put", "parent", None, run.info.run_id))
             self.log_params(self.parent_id, self.parent_params())
             if Path(self.source).is_file():
                 self.call("spec artifact", lambda: self.client.log_artifact(
@@ -314,25 +305,30 @@ class MlflowTuneCallback(Callback):
         first = self.state["keys"].get(key)
         if first is not None and first != tid and first in self.state["children"]:
             # The same trial under a new Tune id (re-created after --resume): same child run.
-            self.state["children"][tid] = self.state["children"][first]
-            self.state["steps"][tid] = self.state["steps"].get(first, 0)
+            ops: list[Op] = [("set", "children", tid, self.state["children"][first]),
+                             ("set", "steps", tid, self.state["steps"].get(first, 0))]
             if not self._ended(first):  # the new id carries the unfinished trial on
-                self.state["keys"][key] = tid
-            self.save()
+                ops.append(("set", "keys", key, tid))
+            self.commit(*ops)
             return self.state["children"][tid]
+        return self.make_child(
+            tid, str(trial), {"d3tune.trial_id": tid, **self.child_tags(trial)},
+            lambda: self.child_params(trial.config), also=[("set", "keys", key, tid)])
+
+    def make_child(self, key: str, name: str, tags: dict[str, str],
+                   params: Callable[[], dict[str, Any]], also: Sequence[Op] = ()
+                   ) -> str | None:
+        """A new child run under the parent, recorded in the ledger as ``children[key]`` (with
+        the changes ``also``) before its ``params()`` are logged; None while MLflow cannot make
+        it."""
         if not self.ready():
             return None
         run = self.call("child run", lambda: self.client.create_run(
-            self.exp_id, run_name=str(trial),
-            tags={"mlflow.parentRunId": self.parent_id, "d3tune.trial_id": tid,
-                  **self.child_tags(trial)}))
+            self.exp_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, **tags}))
         if run is None:
             return None
-        self.state["children"][tid] = run.info.run_id
-        self.state["keys"][key] = tid
-        self.save()
-        params = self.call("trial config", lambda: self.child_params(trial.config)) or {}
-        self.log_params(run.info.run_id, params)
+        self.commit(("set", "children", key, run.info.run_id), *also)
+        self.log_params(run.info.run_id, self.call("child params", params) or {})
         return run.info.run_id
 
     def child_run_for(self, trial: Any) -> str | None:
@@ -353,7 +349,7 @@ class MlflowTuneCallback(Callback):
 
     def ensure_setup(self) -> None:
         """Tune does not call ``setup`` on a callback restored by ``Tuner.restore``."""
-        if not self.state:
+        if not self.ledger.loaded:
             self.setup()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -415,8 +411,7 @@ class MlflowTuneCallback(Callback):
         if logged < len(rows):
             self.pending[tid] = rows[logged:]
         if logged:
-            self.state["steps"][tid] = rows[logged - 1][1]["epoch"]
-            self.save()
+            self.commit(("set", "steps", tid, rows[logged - 1][1]["epoch"]))
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any,
                       **info: Any) -> None:
@@ -436,6 +431,7 @@ class MlflowTuneCallback(Callback):
                         "trial ends still owed); the results are in %s, and `--resume` tells "
                         "MLflow the trial ends it missed", len(self.pending),
                         len(self.state["closing"]), self.exp_dir)
+        self.ledger.compact()  # the journal folded into one snapshot for the next reader
 
     def finish_trial(self, trial: Any, status: str) -> None:
         """The ledger first (the trial ended, with this result), then MLflow. The ledger is
@@ -448,15 +444,14 @@ class MlflowTuneCallback(Callback):
             return
         self.flush(tid)
         key = trial_key(trial.config or {})
+        ops: list[Op] = []
         if self.state["keys"].get(key) not in self.state["done"]:  # what --resume replays
-            self.state["keys"][key] = tid
-        self.state["results"][tid] = recorded_result(trial.last_result)
-        self.state["done" if status == "FINISHED" else "failed"].append(tid)
-        self.state["closing"][tid] = status
-        # the time the final metrics carry: fixed here, so telling MLflow again after a kill
-        # writes the same rows, which MLflow keeps once
-        self.state["ended_ms"][tid] = now_ms()
-        self.save()
+            ops.append(("set", "keys", key, tid))
+        # ended_ms: the time the final metrics carry, fixed here, so telling MLflow again after
+        # a kill writes the same rows, which MLflow keeps once
+        self.commit(*ops, ("set", "results", tid, recorded_result(trial.last_result)),
+                    ("add", "done" if status == "FINISHED" else "failed", None, tid),
+                    ("set", "closing", tid, status), ("set", "ended_ms", tid, now_ms()))
         outcome = "failed" if status != "FINISHED" else (
             "finished" if self.state["results"][tid].get(FINAL, True) else "stopped")
         kill_point(f"ledger:{outcome}")
@@ -481,8 +476,7 @@ class MlflowTuneCallback(Callback):
         told = told and self.attempt("status", lambda: self.client.set_terminated(
             run_id, status))[0]
         if told:  # else still owed: catch_up, or the next --resume, tells it
-            self.state["closing"].pop(tid, None)
-            self.save()
+            self.commit(("drop", "closing", tid, None))
 
     def close_unfinished(self) -> int:
         """After a sweep ends, a child run whose trial never finished (killed with the driver

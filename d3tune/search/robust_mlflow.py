@@ -80,16 +80,7 @@ class RobustMlflowCallback(MlflowTuneCallback):
         self.ensure_setup()
         if key in self.state["children"]:
             return self.state["children"][key]
-        if not self.ready():
-            return None
-        run = self.call("child run", lambda: self.client.create_run(
-            self.exp_id, run_name=name, tags={"mlflow.parentRunId": self.parent_id, **tags}))
-        if run is None:
-            return None
-        self.state["children"][key] = run.info.run_id
-        self.save()
-        self.log_params(run.info.run_id, params)
-        return run.info.run_id
+        return self.make_child(key, name, tags, lambda: params)
 
     def log_members(self, trial: Any, result: Mapping[str, Any]) -> None:
         """A setting's running figures at step = members done, and the figures of each member
@@ -102,7 +93,7 @@ class RobustMlflowCallback(MlflowTuneCallback):
         run_id = self.child_run_for(trial)
         if run_id is None or step <= self.state["steps"].get(tid, 0):
             return  # no run yet (owed), or a retried trial re-reporting members logged
-        logged = set(self.state.setdefault("members_logged", {}).get(tid, []))
+        logged = set(self.state.get("members_logged", {}).get(tid, []))
         new = sorted(k[len("der."):] for k in result
                      if k.startswith("der.") and k[len("der."):] not in logged)
         ms = now_ms()
@@ -112,9 +103,8 @@ class RobustMlflowCallback(MlflowTuneCallback):
                     for m in new for k in MEMBER_METRICS if f"{k}.{m}" in result]
         if self.attempt("member metrics", lambda: self.client.log_batch(
                 run_id, metrics=metrics))[0]:
-            self.state["steps"][tid] = step
-            self.state["members_logged"][tid] = sorted(logged | set(new))
-            self.save()
+            self.commit(("set", "steps", tid, step),
+                        ("set", "members_logged", tid, sorted(logged | set(new))))
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
@@ -165,5 +155,4 @@ class RobustMlflowCallback(MlflowTuneCallback):
             self.call("holdout metrics", lambda m=metrics[i:i + 900]: self.client.log_batch(
                 run_id, metrics=m))
         self.call("status", lambda: self.client.set_terminated(run_id, "FINISHED"))
-        self.state["done"].append(key)
-        self.save()
+        self.commit(("add", "done", None, key))

@@ -77,7 +77,8 @@ def repair_checkpoints(exp_dir: Path) -> list[str]:
         else:
             missing.mkdir(parents=True)
         log.warning("trial %s: Tune's last snapshot names %s, deleted when the trial wrote a "
-                    "newer checkpoint right before the driver stopped; it continues from %s",
+                    "newer checkpoint (or ended) right before the driver stopped; it continues "
+                    "from %s",
                     trial.trial_id, missing.name, newer[0].name if newer else "its start")
         repaired.append(trial.trial_id)
     return repaired
@@ -93,9 +94,11 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
     (``--resume`` on a folder with nothing to restore is one line, exit 2), otherwise new.
     ``max_concurrent`` limits trials only where no searcher does (ablation grids);
     ``time_budget_s`` and ``stop`` (a Tune stopper) end the whole run early."""
-    # Per-epoch checkpoints snapshot the experiment often on purpose (resume loses nothing).
+    # Per-epoch checkpoints (checkpoint_every_s: 0) snapshot the experiment often on purpose.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
+
+    from d3tune.search.checkpoint_cleanup import DropEndedCheckpoints
 
     exp_dir = paths.experiment_dir
     if resume:
@@ -107,7 +110,7 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
         # not call; hand it the live ones (checked by the SIGKILL/--resume test).
         internal = getattr(tuner, "_local_tuner", None)
         if internal is not None and getattr(internal, "_run_config", None) is not None:
-            internal._run_config.callbacks = list(callbacks)
+            internal._run_config.callbacks = [*callbacks, DropEndedCheckpoints()]
         return tuner
     exp_dir.mkdir(parents=True, exist_ok=True)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +122,8 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
         trial_name_creator=trial_name or (lambda t: f"{paths.name}_{t.trial_id}"),
         trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
-        name=paths.name, storage_path=str(exp_dir.parent), callbacks=list(callbacks), stop=stop,
+        name=paths.name, storage_path=str(exp_dir.parent),
+        callbacks=[*callbacks, DropEndedCheckpoints()], stop=stop,
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
     return tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
