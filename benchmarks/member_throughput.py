@@ -98,8 +98,11 @@ def outcome_metrics(outcome: Any) -> list[dict[str, float]]:
     return rows
 
 
-def phases(spec: Any, threads: int) -> dict[str, float]:
-    """``run_trial``'s phase clock on the first member at the shipped setting, in process."""
+def phases(spec: Any, threads: int, repeats: int = 3) -> tuple[dict[str, float], float]:
+    """``run_trial``'s phase clock on the first member at the shipped setting, in process:
+    the median of the runs after the first (what a member costs in a worker that already ran
+    one: Tune reuses its workers), and how much longer the first run took (a worker's one-off
+    warm-up: the dataset's first load, torch's first kernels)."""
     import torch
 
     from d3tune.cache import ModelCache
@@ -108,8 +111,10 @@ def phases(spec: Any, threads: int) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     cfg = member_config(spec, spec.members[0], {})
-    runs = [run_trial(cfg, cache=ModelCache(spec.cache_dir)).seconds for _ in range(2)]
-    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in runs[0]}
+    runs = [run_trial(cfg, cache=ModelCache(spec.cache_dir)).seconds
+            for _ in range(max(2, repeats))]
+    steady = {k: statistics.median(r.get(k, 0.0) for r in runs[1:]) for k in runs[0]}
+    return steady, sum(runs[0].values()) - sum(steady.values())
 
 
 def floor(spec: Any, threads: int, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -180,7 +185,8 @@ def main() -> None:
     ap.add_argument("--datasets", default="digits,fashion_mnist")
     ap.add_argument("--defenses", default="d3,ft")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--budget", type=int, default=2, help="settings in the search (section 1)")
+    ap.add_argument("--budget", type=int, default=6,
+                    help="settings in the search (section 1); enough that start-up amortises")
     ap.add_argument("--member-batch", type=int, default=0,
                     help="members per batched group (default: the whole population)")
     ap.add_argument("--device", default="cpu")
@@ -197,9 +203,11 @@ def main() -> None:
             spec = spec_for(dataset, defense, [0], root / f"{dataset}_{defense}", args.budget,
                             args.device)
             head = f"{dataset} {defense}"
-            ph = phases(spec, threads[0])  # also warms the model cache for what follows
+            ph, warmup = phases(spec, threads[0])  # also warms the model cache for what follows
             print(f"\n## {head}: {len(spec.members)} members; phases of one member evaluation "
-                  f"({threads[0]} thread): " + ", ".join(f"{k} {v:.2f}s" for k, v in ph.items()),
+                  f"in a warm worker ({threads[0]} thread): "
+                  + ", ".join(f"{k} {v:.2f}s" for k, v in ph.items())
+                  + f"; a worker's first member takes {warmup:.2f}s longer (once per worker)",
                   flush=True)
             fl = floor(spec, threads[0]) if "floor" not in skip else None
             if fl:
