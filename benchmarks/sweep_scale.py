@@ -94,6 +94,8 @@ max_failures: 0
             "p50_ms": 1000 * lat[len(lat) // 2] if lat else float("nan"),
             "p99_ms": 1000 * lat[int(len(lat) * 0.99)] if lat else float("nan"),
             "tune_mb": folder_mb(plan.paths.experiment_dir),
+            "state_mb": sum(p.stat().st_size for p in
+                            plan.paths.experiment_dir.glob("experiment_state-*.json")) / 2**20,
             "optuna_mb": folder_mb(plan.paths.state_dir), "lost": n - finished}
 
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
               f"bookkeeping {100 * row['bookkeeping']:4.1f} %, driver CPU "
               f"{row['driver_cpu_per_trial']:.3f} s/trial, MLflow p50 {row['p50_ms']:.1f} ms "
               f"p99 {row['p99_ms']:.1f} ms ({row['mlflow_calls']} calls), Tune folder "
-              f"{row['tune_mb']:.1f} MB, study+ledger {row['optuna_mb']:.1f} MB, lost "
+              f"{row['tune_mb']:.1f} MB (experiment state {row['state_mb']:.1f} MB), study+ledger {row['optuna_mb']:.1f} MB, lost "
               f"{row['lost']}; load average {os.getloadavg()[0]:.2f}", flush=True)
     first = rows[0]
     for row in rows[1:]:
