@@ -336,3 +336,19 @@ def test_defense_matrix_merges_saved_rows(tmp_path, capsys):
     assert [ln.split("|")[2].strip() for ln in lines] == ["none", "d3", "anp"]
     assert "0.100 ± 0.141" in lines[1]  # d3's ASR over the two seeds
     assert "0.900 ± 0.000" in lines[0]  # the none row once per seed, not twice
+
+
+def test_real_size_source_brings_real_images_to_cifar_shape():
+    """--real-size-data digits: the real images, pixel for pixel, scaled up to 3x32x32 with the
+    grey value on every channel and the labels untouched (a backdoor that can plant)."""
+    from d3tune.data import load_dataset
+
+    real = load_dataset("digits")
+    src = dp.real_size_source("digits", 50, 20)
+    assert src.x_train.shape == (50, 3, 32, 32) and src.x_train.dtype == torch.uint8
+    assert torch.equal(src.y_train, real.y_train[:50]) and torch.equal(src.y_test, real.y_test[:20])
+    k = 32 // real.x_train.shape[-1]
+    assert torch.equal(src.x_train[:, 1, ::k, ::k], real.x_train[:50, 0])
+    assert torch.equal(src.x_train[:, 0], src.x_train[:, 2])
+    with pytest.raises(SystemExit, match="training and"):
+        dp.real_size_source("digits", 10**6, 20)
