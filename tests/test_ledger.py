@@ -26,7 +26,7 @@ def test_changes_read_back_from_the_journal_as_made(tmp_path):
     on_disk = read(tmp_path)
     assert on_disk == ledger.state
     assert on_disk["parent"] == "p1" and on_disk["done"] == ["t1"] and on_disk["closing"] == {}
-    assert len((tmp_path / JOURNAL).read_text().splitlines()) == 4  # one line per change set
+    assert len((tmp_path / JOURNAL).read_text().split()) == 4  # one line per change set
     assert json.loads((tmp_path / SNAPSHOT).read_text()) == empty()  # snapshot untouched
 
 
@@ -39,17 +39,48 @@ def test_one_change_costs_one_short_line_however_large_the_ledger(tmp_path):
     assert (tmp_path / JOURNAL).stat().st_size - size < 60  # not the whole ledger again
 
 
-def test_a_torn_last_line_is_a_change_never_made(tmp_path):
+def test_a_torn_line_is_a_change_never_made_and_later_changes_still_read(tmp_path):
     ledger = _ledger(tmp_path)
     ledger.commit(("set", "children", "t1", "r1"))
     with open(tmp_path / JOURNAL, "a") as f:
-        f.write('[["set","children","t2","r')  # the driver died inside this write
+        f.write('\n[["set","children","t2","r')  # a kill (or a full disk) inside this write
+    assert read(tmp_path)["children"] == {"t1": "r1"}
+    again = _ledger(tmp_path)  # the next driver goes on writing
+    again.commit(("set", "steps", "t1", 1))
     state = read(tmp_path)
-    assert state["children"] == {"t1": "r1"}
-    with open(tmp_path / JOURNAL, "a") as f:  # damage before the last line is not a kill
-        f.write('\n[["set","steps","t1",1]]\n')
-    with pytest.raises(ValueError, match="line 2"):
-        read(tmp_path)
+    assert state["children"] == {"t1": "r1"} and state["steps"] == {"t1": 1}
+
+
+def test_a_write_that_fails_changes_nothing_in_memory(tmp_path, monkeypatch):
+    ledger = _ledger(tmp_path)
+
+    def full_disk(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("d3tune.search.ledger.os.write", full_disk)
+    with pytest.raises(OSError):
+        ledger.commit(("set", "children", "t1", "r1"))
+    assert ledger.state["children"] == {}
+
+
+def test_a_read_beside_a_compaction_sees_every_change(tmp_path, monkeypatch):
+    ledger = _ledger(tmp_path)
+    ledger.commit(("set", "children", "t1", "r1"))
+    import d3tune.search.ledger as module
+
+    real = module._read_once
+    calls = []
+
+    def racing(snapshot, journal):  # the driver compacts between the reader's two reads
+        calls.append(1)
+        out = real(snapshot, journal)
+        if len(calls) == 1:
+            ledger.compact()
+            return out[0], ""  # the old snapshot, and a journal already deleted
+        return out
+
+    monkeypatch.setattr(module, "_read_once", racing)
+    assert read(tmp_path)["children"] == {"t1": "r1"} and len(calls) == 2
 
 
 def test_a_kill_between_snapshot_and_journal_truncation_replays_to_the_same_ledger(tmp_path):

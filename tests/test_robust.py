@@ -267,6 +267,9 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
         assert any(member in r.getMessage() and "left out" in r.getMessage()
                    for r in caplog.records)
     assert len(outcome.search) == 2 and outcome.search["complete"].all()
+    # A setting resumes from its member rows, not from the ledger: its checkpoint stays after it
+    # ended (sweeps drop theirs), so a driver killed before Tune's next snapshot re-runs nothing
+    assert len(list((tmp_path / "tune" / "tiny").glob("*/checkpoint_*"))) == 2
     kinds = sorted(outcome.holdout["kind"])
     assert kinds == ["finalist", "reference"]  # top_k 1, plus the named reference
 

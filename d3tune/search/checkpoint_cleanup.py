@@ -4,7 +4,10 @@ Why: nothing reads it again. A resumed run replays an ended trial from the ledge
 (``engine.replay_if_ended``) before it looks for a checkpoint, and reports do not read
 checkpoints. Kept, they add a model-sized folder per trial (1.1 MB on digits, tens of MB for
 PreActResNet-18 with D3's state): 2 GB in a 2,000-trial digits sweep (benchmarks/README.md,
-sweep_scale). Errored trials keep theirs: ``--resume`` retries them from it.
+sweep_scale). Errored trials keep theirs: ``--resume`` retries them from it. Only sweeps and
+ablations drop them (``build_tuner(drop_ended_checkpoints=True)``): a robust search's trial
+does not replay from the ledger, it resumes from its checkpoint of member rows (a few kB), and
+a driver killed before Tune's next snapshot would otherwise evaluate a finished setting again.
 """
 from __future__ import annotations
 

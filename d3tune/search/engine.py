@@ -201,7 +201,7 @@ def plan_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
         log.info("resume: %d trials already ended (study and run ledger); Tune will not run "
                  "them again", len(replay))
         return build_tuner(paths, trainable_for(plan, replay), callbacks=callbacks, resume=True,
-                           param_space=param_space(plan))
+                           param_space=param_space(plan), drop_ended_checkpoints=True)
     exp_dir = paths.experiment_dir
     if exp_dir.exists() and any(exp_dir.iterdir()):
         raise UsageError(f"{exp_dir} already holds a run named {plan.name!r}: pass --resume to "
@@ -211,4 +211,5 @@ def plan_tuner(plan: RunPlan, *, resume: bool, callbacks: list[Any]):
                        scheduler=make_scheduler(plan), callbacks=callbacks,
                        param_space=param_space(plan),
                        num_samples=plan.num_samples if plan.kind == "sweep" else 1,
-                       max_concurrent=plan.max_concurrent, max_failures=plan.max_failures)
+                       max_concurrent=plan.max_concurrent, max_failures=plan.max_failures,
+                       drop_ended_checkpoints=True)

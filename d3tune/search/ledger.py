@@ -7,8 +7,10 @@ trial grow with the number of trials already run: at 2,000 trials the file was 1
 change costs the same at any size; the snapshot is rewritten only where a run starts and ends.
 
 Crash safety is what the atomic rewrite gave before:
-- one change set is one line, written with one ``write``; a driver killed mid-change leaves at
-  most a torn last line, which ``read`` drops (the change was not made);
+- one change set is one line, and it is made in memory only once the whole line is written;
+  a line torn by a kill or a full disk does not parse, and ``read`` drops it (that change was
+  never made). Each line starts with a newline, so a line written after a torn one stands
+  alone;
 - every operation is idempotent, so a journal replayed over a snapshot that already holds it
   (a kill between compaction's two steps) gives the same ledger.
 
@@ -60,25 +62,51 @@ def apply(state: dict[str, Any], op: Op) -> None:
         raise ValueError(f"unknown ledger operation {kind!r}")
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _read_once(snapshot: Path, journal: Path) -> tuple[dict[str, Any], str]:
+    state = empty()
+    try:
+        state.update(json.loads(snapshot.read_text()))
+    except FileNotFoundError:
+        pass
+    try:
+        text = journal.read_text()
+    except FileNotFoundError:
+        text = ""
+    return state, text
+
+
 def read(state_dir: Path) -> dict[str, Any]:
     """The ledger in ``state_dir``: the snapshot with the journal's changes made on top; empty
-    when neither was written. A torn last line (a driver killed mid-write) is dropped."""
-    state = empty()
+    when neither was written. A line that does not parse (torn by a kill or a full disk) is a
+    change never made, and is dropped. Safe beside a running driver: a read that overlapped a
+    compaction (the snapshot replaced, the journal deleted) is taken again."""
     snapshot, journal = state_dir / SNAPSHOT, state_dir / JOURNAL
-    if snapshot.exists():
-        state.update(json.loads(snapshot.read_text()))
-    if journal.exists():
-        lines = journal.read_text().splitlines()
-        for i, line in enumerate(lines):
-            try:
-                ops = json.loads(line)
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # torn by a kill: that change was never made
-                    log.warning("ledger %s: dropped a torn last line", journal)
-                    continue
-                raise ValueError(f"{journal}: line {i + 1} is not a ledger change") from None
-            for op in ops:
-                apply(state, tuple(op))
+    for _ in range(10):
+        before = _identity(snapshot)
+        state, text = _read_once(snapshot, journal)
+        if _identity(snapshot) == before:
+            break
+    torn = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            ops = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1
+            continue
+        for op in ops:
+            apply(state, tuple(op))
+    if torn:
+        log.warning("ledger %s: dropped %d torn line(s), changes never made", journal, torn)
     return state
 
 
@@ -106,14 +134,15 @@ class Ledger:
         """Make ``ops`` in memory and on disk, as one change set."""
         if not self.loaded:
             raise RuntimeError("ledger changed before it was read from disk")
-        for op in ops:
-            apply(self.state, op)
-        line = json.dumps([list(op) for op in ops], separators=(",", ":")) + "\n"
+        data = ("\n" + json.dumps([list(op) for op in ops], separators=(",", ":"))).encode()
         fd = os.open(self.state_dir / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
+            while data:  # a regular file takes it in one write, short of a full disk
+                data = data[os.write(fd, data):]
         finally:
             os.close(fd)
+        for op in ops:  # in memory only once it is on disk: a failed write changed nothing
+            apply(self.state, op)
 
     def compact(self) -> None:
         """The whole ledger as a new snapshot (atomic), then an empty journal; nothing for a

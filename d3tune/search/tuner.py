@@ -89,17 +89,22 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
                 param_space: dict[str, Any] | None = None, num_samples: int = 1,
                 max_concurrent: int | None = None, max_failures: int = 1,
                 time_budget_s: float | None = None, stop: Any = None,
-                trial_name: Callable[[Any], str] | None = None):
+                trial_name: Callable[[Any], str] | None = None,
+                drop_ended_checkpoints: bool = False):
     """A Tuner for the run at ``paths``: restored from its experiment folder when ``resume``
     (``--resume`` on a folder with nothing to restore is one line, exit 2), otherwise new.
     ``max_concurrent`` limits trials only where no searcher does (ablation grids);
-    ``time_budget_s`` and ``stop`` (a Tune stopper) end the whole run early."""
+    ``time_budget_s`` and ``stop`` (a Tune stopper) end the whole run early.
+    ``drop_ended_checkpoints``: delete a finished trial's checkpoint once the ledger holds its
+    end (``checkpoint_cleanup``), for trainables that replay ended trials from the ledger (the
+    engine's); a robust search's trial resumes from its member rows, so it keeps them."""
     # Per-epoch checkpoints (checkpoint_every_s: 0) snapshot the experiment often on purpose.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
 
     from d3tune.search.checkpoint_cleanup import DropEndedCheckpoints
 
+    cleanup = [DropEndedCheckpoints()] if drop_ended_checkpoints else []
     exp_dir = paths.experiment_dir
     if resume:
         require_resumable(paths)
@@ -110,7 +115,7 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
         # not call; hand it the live ones (checked by the SIGKILL/--resume test).
         internal = getattr(tuner, "_local_tuner", None)
         if internal is not None and getattr(internal, "_run_config", None) is not None:
-            internal._run_config.callbacks = [*callbacks, DropEndedCheckpoints()]
+            internal._run_config.callbacks = [*callbacks, *cleanup]
         return tuner
     exp_dir.mkdir(parents=True, exist_ok=True)
     paths.state_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +128,7 @@ def build_tuner(paths: RunPaths, trainable: Any, *, searcher: Any = None, schedu
         trial_dirname_creator=lambda t: t.trial_id)
     run_config = tune.RunConfig(
         name=paths.name, storage_path=str(exp_dir.parent),
-        callbacks=[*callbacks, DropEndedCheckpoints()], stop=stop,
+        callbacks=[*callbacks, *cleanup], stop=stop,
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=1)
     return tune.Tuner(trainable, param_space=param_space or {}, tune_config=tune_config,
