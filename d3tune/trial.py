@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -250,9 +250,14 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
               on_attack_epoch: Callable[[int, dict[str, float]], None] | None = None,
               data: Dataset | None = None, resume: dict[str, Any] | None = None,
               save: Callable[[dict[str, Any]], None] | None = None,
-              full_eval_at: Sequence[float] = ()) -> TrialResult:
+              full_eval_at: Sequence[float] = (),
+              known_before: Mapping[str, float] | None = None) -> TrialResult:
     """Run one resolved trial (see config.resolve). ``save``/``resume`` checkpoint the defense
     after every epoch and continue from such a checkpoint (defenses built on ``fit``).
+    ``known_before``: the backdoored model's ACC / ASR / RA on these very test sets, when the
+    caller measured them already (a robust search's population phase, same config, cache entry
+    and thread count): one evaluation of the full test sets fewer per member, about a tenth of
+    a Fashion-MNIST member evaluation.
 
     Which epochs are evaluated: d3tune/eval_schedule.py (always the last and the first epoch at
     or past each of ``full_eval_at``, a scheduler's decision points, e.g. ``asha_rungs``;
@@ -270,7 +275,7 @@ def run_trial(cfg: TrialConfig, report: Report | None = None, cache: ModelCache 
     sets = test_sets()
     lap("poison")
 
-    before = evaluate(model, sets)
+    before = dict(known_before) if known_before is not None else evaluate(model, sets)
     lap("evaluate")
     x_clean, y_clean = clean_subset(cfg, data)
 

@@ -188,3 +188,28 @@ def test_member_batch_is_validated_at_the_edge_and_reaches_every_leaderboard_sea
     err = capsys.readouterr().err.strip()
     assert "member_batch: expected an integer >= 1, got 0" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "runs").exists()  # refused before anything ran
+
+
+def test_a_search_reuses_the_population_before_figures_and_its_members_end_the_same(
+        search_root, monkeypatch):
+    """Each setting used to evaluate every member's backdoored model again before defending
+    it; the population phase measured exactly that already. Reusing it must change no figure
+    and save one full evaluation per member."""
+    import d3tune.trial
+    from d3tune.search.robust_trainable import member_before, population_befores, run_members
+
+    spec = tiny_search(search_root)
+    setting = {"defense.lr": 0.02, "defense.batch_size": 32}
+    befores = population_befores([member_before(spec, m) for m in spec.members])
+    assert set(befores) == {m.id for m in spec.members}
+    evaluations = []
+    real = d3tune.trial.evaluate
+    monkeypatch.setattr(d3tune.trial, "evaluate",
+                        lambda *a, **k: evaluations.append(1) or real(*a, **k))
+    measured = run_members(spec, spec.members, setting)
+    again = len(evaluations)
+    reused = run_members(spec, spec.members, setting, befores=befores)
+    assert len(evaluations) - again == again - len(spec.members)  # one fewer per member
+    for a, b in zip(measured, reused):
+        for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "der"):
+            assert b[k] == a[k], (a["member"], k)  # exactly: the same sets, model and threads

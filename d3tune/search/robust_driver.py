@@ -139,10 +139,11 @@ def kept(members: tuple[Member, ...], population: pd.DataFrame) -> tuple[Member,
 
 
 def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
-                 callbacks: list):
+                 callbacks: list, befores: dict[str, dict[str, float]] | None = None):
     """The search phase's Tuner: one trial per setting, evaluated member by member, behind
     exact pruning; resumed where Tune left a snapshot (a search stopped before its first one
-    starts afresh, the study keeping what it already told)."""
+    starts afresh, the study keeping what it already told). ``befores``: the population's
+    before-figures per member, so no setting measures them again."""
     from ray import tune
 
     from d3tune.search.robust_pruning import ExactPruning
@@ -151,7 +152,7 @@ def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
 
     paths = spec.paths
     fn = tune.with_parameters(population_trainable, spec=spec, members=members,
-                              threads=_threads(spec))
+                              threads=_threads(spec), befores=befores)
     trainable = tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     if resume and tuner.can_resume(paths):
         return tuner.build_tuner(paths, trainable, callbacks=callbacks, resume=True)
@@ -389,7 +390,10 @@ def robust_search(spec: RobustSpec, *, resume: bool = False, address: str | None
             raise UsageError(f"{spec.source}: population: no member left to search on: every "
                              f"backdoor scored ASR before < min_asr {spec.min_asr}")
         t = time.monotonic()
-        runner = search_tuner(spec, members, resume=resume, callbacks=[callback])
+        from d3tune.search.robust_trainable import population_befores
+
+        runner = search_tuner(spec, members, resume=resume, callbacks=[callback],
+                              befores=population_befores(population.to_dict("records")))
         results = runner.fit()
         _close_cut(spec, results)
         seconds["search"] = time.monotonic() - t

@@ -49,12 +49,15 @@ def member_before(spec: RobustSpec, member: Member, threads: int = 1) -> dict[st
 def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[str, Any],
                 reference: Reference | None = None, done: Sequence[dict[str, Any]] = (),
                 on_member: Callable[[list[dict[str, Any]]], None] | None = None,
-                threads: int = 1) -> list[dict[str, Any]]:
+                threads: int = 1,
+                befores: Mapping[str, Mapping[str, float]] | None = None
+                ) -> list[dict[str, Any]]:
     """Evaluate one setting on members in turn (models from the cache); ``on_member`` sees the
     rows so far after each one. Rows in ``done`` (a retried trial's checkpoint) are kept.
     With ``spec.member_batch`` > 1, runs of consecutive members that can train side by side go
     as one batched computation (d3tune/batched.py), then report one by one: pruning decides on
-    the same rows in the same order, a group at a time."""
+    the same rows in the same order, a group at a time. ``befores``: member id -> the
+    population phase's before-figures (``population_befores``), not measured again."""
     import torch
 
     from d3tune.cache import ModelCache
@@ -83,7 +86,8 @@ def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[st
         if len(group) > 1:
             results = run_trials_batched([c for _, c in group], cache=cache, data=datasets[where])
         else:
-            results = [run_trial(cfg, cache=cache, data=datasets[where])]
+            results = [run_trial(cfg, cache=cache, data=datasets[where],
+                                 known_before=(befores or {}).get(group[0][0].id))]
         # cpu_seconds: what the member cost the machine (this process's CPU time), whatever
         # else ran beside it; seconds: its wall clock, which a loaded machine stretches. A
         # batched group's cost is shared equally by its members.
@@ -97,6 +101,14 @@ def run_members(spec: RobustSpec, members: Sequence[Member], setting: Mapping[st
             if on_member is not None:
                 on_member(rows)
     return rows
+
+
+def population_befores(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Member id -> its backdoored model's ACC / ASR / RA before any defense, from the
+    population phase's rows (``member_before``): what every setting's evaluation of that member
+    would measure again, on the same sets with the same model and thread count."""
+    return {str(r["member"]): {k: float(r[f"{k}_before"]) for k in ("acc", "asr", "ra")}
+            for r in rows if all(f"{k}_before" in r for k in ("acc", "asr", "ra"))}
 
 
 def spec_threads(spec: RobustSpec) -> int:
@@ -123,7 +135,8 @@ def summary(rows: Sequence[Mapping[str, Any]], total: int) -> dict[str, Any]:
 
 
 def population_trainable(config: dict[str, Any], *, spec: RobustSpec,
-                         members: tuple[Member, ...], threads: int) -> None:
+                         members: tuple[Member, ...], threads: int,
+                         befores: Mapping[str, Mapping[str, float]] | None = None) -> None:
     """One Tune trial = one setting on every member, in the order the searcher chose; a report
     (and a tiny checkpoint of the rows) after each member, so exact pruning can stop it there
     and a retried trial resumes after its last finished member."""
@@ -141,7 +154,8 @@ def population_trainable(config: dict[str, Any], *, spec: RobustSpec,
             tune.report(summary(rows, len(members)),
                         checkpoint=tune.Checkpoint.from_directory(d))
 
-    run_members(spec, ordered, setting_of(config), done=done, on_member=report, threads=threads)
+    run_members(spec, ordered, setting_of(config), done=done, on_member=report, threads=threads,
+                befores=befores)
 
 
 def complete(result: Mapping[str, Any] | None) -> bool:
