@@ -89,6 +89,14 @@ class ModelCache:
             log.warning("cache entry %s is unreadable (%s); rebuilding", key, exc)
             return None
 
+    def checksum(self, key: str) -> str | None:
+        """The SHA-256 of the entry's weights as recorded when it was stored, or None when the
+        entry is absent or its record unreadable: what identifies the very model a run used."""
+        try:
+            return str(json.loads((self._dir(key) / "meta.json").read_text())["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def store(self, key: str, entry: Entry) -> None:
         d = self._dir(key)
         d.mkdir(parents=True, exist_ok=True)

@@ -326,8 +326,11 @@ def write_report(spec: LeaderboardSpec, client: Any, parent: str,
     if spec.replicates > 1:
         from d3tune.reports.replicate_report import replicated_leaderboard
 
-        replicated = replicated_leaderboard(spec, state, done, out)
-        text += "\n" + "\n".join(replicated.lines) + "\n"
+        imported = [i.defense for i in spec.imported
+                    if state["defenses"].get(i.defense, {}).get("done")]
+        replicated = replicated_leaderboard(spec, state, done + imported, out)
+        text += "\n" + "\n".join(replicated.lines + import_lines(spec, state)) + "\n"
+        export_draws(spec, state, done, out)
     (out / "leaderboard.md").write_text(text)
     table.to_csv(out / "leaderboard.csv", index=False)
     members.to_csv(out / "members.csv", index=False)
@@ -339,6 +342,41 @@ def write_report(spec: LeaderboardSpec, client: Any, parent: str,
         plot_progress(prog, out)
     (out / "leaderboard.html").write_text(markdown_page(text, out, f"leaderboard {spec.name}"))
     return LeaderboardReport(table, members, out, replicated)
+
+
+def import_lines(spec: LeaderboardSpec, state: dict[str, Any]) -> list[str]:
+    """Where each imported defense's draws came from and what was checked before pairing."""
+    lines = []
+    for imp in spec.imported:
+        entry = state["defenses"].get(imp.defense) or {}
+        if not entry.get("imported"):
+            continue
+        spot = entry.get("spot_check") or {}
+        commit = entry.get("git_commit")
+        lines += ["", f"{imp.defense}: draws imported from `{imp.path}`"
+                  f"{f' (run at commit {str(commit)[:10]})' if commit else ''}, not searched "
+                  f"here. The {entry.get('models_checked', 0)} backdoored models both runs used "
+                  "have the same cache keys and weights (SHA-256), and replicate "
+                  f"{spot.get('replicate')}'s row {spot.get('row')} on {spot.get('member')}, "
+                  f"re-run here, gave DER {fixed(spot.get('der', math.nan), 4)} as the file "
+                  "records: its draws pair with this run's."]
+    return lines
+
+
+def export_draws(spec: LeaderboardSpec, state: dict[str, Any], done: Sequence[str],
+                 out: Path) -> list[Path]:
+    """``draws_<defense>.json`` for every replicated defense searched here, so a later
+    leaderboard can pair with its draws without searching it again (imported_draws)."""
+    from d3tune.search import imported_draws
+    from d3tune.search.robust_driver import POPULATION_FILE
+
+    paths = []
+    for d in done:
+        summaries = state["defenses"][d].get("replicates")
+        if summaries and not state["defenses"][d].get("imported"):
+            paths.append(imported_draws.export(spec.search_of(d), summaries,
+                                               [spec.state_dir / POPULATION_FILE], out))
+    return paths
 
 
 def parent_metrics(report: LeaderboardReport) -> dict[str, float]:

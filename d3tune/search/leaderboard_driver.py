@@ -69,6 +69,7 @@ def _parent(client: Any, exp_id: str, spec: LeaderboardSpec, state: dict[str, An
               "runtime.member_batch": first.member_batch,
               "max_acc_drop": first.max_acc_drop, "top_k": first.top_k,
               "min_asr": first.min_asr, "search_seed": first.search_seed,
+              "imported_draws": ",".join(f"{i.defense}={i.path}" for i in spec.imported),
               "population": ",".join(m.id for m in first.members),
               "holdout": ",".join(m.id for m in first.holdout)}
     client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
@@ -93,6 +94,58 @@ def _member_seconds(robust_state: Path) -> dict[str, float]:
     path = robust_state / "holdout.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
     return {label: sum(r["seconds"] for r in rs) / len(rs) for label, rs in rows.items() if rs}
+
+
+def _our_models(spec: LeaderboardSpec) -> dict[str, dict[str, str]]:
+    """Member id -> cache key and weights SHA-256 of every model this leaderboard has used so
+    far: its up-front population (holdout and first replicate) and each replicate's."""
+    from d3tune.search import imported_draws
+    from d3tune.search.robust_driver import POPULATION_FILE
+    from d3tune.specs.robust_spec import replicate_specs
+
+    files = [spec.state_dir / POPULATION_FILE]
+    files += [r.paths.state_dir / POPULATION_FILE for s in spec.searches
+              for r in replicate_specs(s)]
+    return imported_draws.fingerprints(imported_draws.recorded_models(files),
+                                       spec.searches[0].cache_dir)
+
+
+def take_imports(spec: LeaderboardSpec, state: dict[str, Any], path: Path) -> None:
+    """Each imported defense's draws join the leaderboard once its models (the ones built so
+    far: the holdout's, the first replicate's) and one re-run holdout member match; a mismatch
+    stops the run (UsageError) before any search spends compute."""
+    from d3tune.search import imported_draws
+
+    for imp in spec.imported:
+        if state["defenses"].get(imp.defense, {}).get("done"):
+            continue
+        where = f"{spec.source}: imported_draws.{imp.defense}"
+        shared = imported_draws.check_models(imp, _our_models(spec), where)
+        spot = imported_draws.spot_check(imp, where)
+        log.info("leaderboard: %s's draws imported from %s (%d models identical; %s on %s "
+                 "re-run: DER %.4f as recorded)", imp.defense, imp.path, shared, spot["row"],
+                 spot["member"], spot["der"])
+        state["defenses"][imp.defense] = {
+            "done": True, "imported": imp.path, "replicates": imp.summaries,
+            "models_checked": shared, "spot_check": spot,
+            "git_commit": imp.provenance.get("git_commit")}
+        write_json(path, state, indent=1, default=str)
+
+
+def check_imports_again(spec: LeaderboardSpec, state: dict[str, Any], path: Path) -> None:
+    """Before the report: every model the whole leaderboard used (later replicates' too) is
+    checked against each import's; UsageError on a mismatch (the searches' state is kept)."""
+    from d3tune.search import imported_draws
+
+    if not spec.imported:
+        return
+    ours = _our_models(spec)
+    for imp in spec.imported:
+        entry = state["defenses"].get(imp.defense)
+        if entry and entry.get("imported"):
+            where = f"{spec.source}: imported_draws.{imp.defense}"
+            entry["models_checked"] = imported_draws.check_models(imp, ours, where)
+    write_json(path, state, indent=1, default=str)
 
 
 def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Console) -> Any:
@@ -164,6 +217,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
             state["population_seconds"] = build_models(spec, state_dir)
             write_json(path, state, indent=1)
             client.log_metric(parent, "population_seconds", state["population_seconds"])
+        take_imports(spec, state, path)
         for defense in spec.defenses:
             if state["defenses"].get(defense, {}).get("done"):
                 log.info("leaderboard: %s finished earlier; not re-run", defense)
@@ -190,6 +244,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     finally:
         if started:
             ray.shutdown()
+    check_imports_again(spec, state, path)
     report = write_report(spec, client, parent, state)
     for path in sorted(report.out.iterdir()):
         client.log_artifact(parent, str(path), "report")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from d3tune.errors import did_you_mean
+from d3tune.specs.draws_file import ImportedDraws
 from d3tune.specs.fields import expect, integer
 from d3tune.specs.robust_spec import RobustSpec, check_top_keys, robust_plan
 from d3tune.yamlio import load_yaml
@@ -25,7 +26,7 @@ LEADERBOARD_KEYS = {"name", "population", "holdout_seeds", "holdout_attacks", "d
                     "max_acc_drop", "min_asr", "top_k", "search_seed", "resources",
                     "max_concurrent", "max_failures", "storage", "experiment", "cache_dir",
                     "start_with_default", "split_test", "replicates", "compare",
-                    "member_batch"}
+                    "member_batch", "imported_draws"}
 # passed to every defense's robust spec unchanged
 SHARED_KEYS = ("population", "holdout_seeds", "holdout_attacks", "base", "budget",
                "compute_budget_s", "max_acc_drop", "min_asr", "top_k", "search_seed",
@@ -49,6 +50,9 @@ class LeaderboardSpec:
     experiment: str = EXPERIMENT
     # (A, B): P(A > B) over paired draws is reported for each (replicated leaderboards)
     pairs: tuple[tuple[str, str], ...] = ()
+    # defenses whose replicated draws come from an earlier run (``imported_draws``), checked
+    # against this spec's protocol; their models and one member are checked when this one runs
+    imported: tuple[ImportedDraws, ...] = ()
 
     @property
     def replicates(self) -> int:
@@ -126,8 +130,10 @@ def leaderboard_plan(data: Any, source: str,
     spaces = data.get("spaces", {})
     expect(isinstance(spaces, Mapping), f"{source}: spaces",
             "expected a mapping of defense name to its space ({defense.field: distribution})")
+    imported_names = tuple(data.get("imported_draws") or {}) \
+        if isinstance(data.get("imported_draws"), Mapping) else ()
     for d in spaces:
-        expect(d in defenses, f"{source}: spaces.{d}",
+        expect(d in defenses or d in imported_names, f"{source}: spaces.{d}",
                 f"not a defense of this leaderboard{did_you_mean(str(d), defenses)}; "
                 f"defenses: {', '.join(defenses)}")
     from d3tune.defenses import DEFENSES
@@ -144,8 +150,8 @@ def leaderboard_plan(data: Any, source: str,
             f"expected true or false, got {start!r}")
     storage = data.get("storage") or STORAGE
     experiment = data.get("experiment") or EXPERIMENT
-    searches = []
-    for d in defenses:
+
+    def search(d: str) -> RobustSpec:
         robust = {k: data[k] for k in SHARED_KEYS if k in data}
         robust.update(name=f"{name}-{d}", defense=d, space=spaces.get(d, _registered_space(d)),
                       references=[{"name": DEFAULT_REFERENCE, "setting": {}}],
@@ -154,12 +160,45 @@ def leaderboard_plan(data: Any, source: str,
         if isinstance(robust.get("base"), Mapping):
             expect("name" not in (robust["base"].get("defense") or {}),
                     f"{source}: base.defense.name", "the defense comes from `defenses`")
-        searches.append(robust_plan(robust, f"{source} [{d}]", data_dirs))
+        return robust_plan(robust, f"{source} [{d}]", data_dirs)
+
+    searches = [search(d) for d in defenses]
     budget = integer(data.get("budget", RobustSpec.budget), f"{source}: budget", 1)
     assert all(s.budget == budget for s in searches)  # equal budget, by construction
+    imported = _imported(data, defenses, spaces, source, search)
     return LeaderboardSpec(name=name, source=source, defenses=defenses,
                            searches=tuple(searches), storage=storage, experiment=experiment,
-                           pairs=_pairs(data, defenses, source))
+                           pairs=_pairs(data, defenses + tuple(i.defense for i in imported),
+                                        source),
+                           imported=imported)
+
+
+def _imported(data: Mapping[str, Any], defenses: tuple[str, ...], spaces: Mapping[str, Any],
+              source: str, search: Any) -> tuple[Any, ...]:
+    """``imported_draws: {defense: draws_<defense>.json}``: each file loaded and checked
+    against the protocol this spec would search that defense under (``search(defense)``)."""
+    from d3tune.defenses import DEFENSES
+    from d3tune.specs import draws_file
+
+    raw = data.get("imported_draws") or {}
+    where = f"{source}: imported_draws"
+    expect(isinstance(raw, Mapping), where, "expected a mapping of defense name to the "
+           "draws_<defense>.json an earlier leaderboard wrote")
+    out = []
+    for d, path in raw.items():
+        at = f"{where}.{d}"
+        expect(d in DEFENSES.names(), at, f"unknown defense {d!r}"
+               f"{did_you_mean(str(d), DEFENSES.names())}")
+        expect(d not in defenses, at, f"{d!r} is also in `defenses`: run it here or import "
+               "its draws, not both")
+        expect(isinstance(path, str) and path, at, f"expected a file path, got {path!r}")
+        expect(d in spaces or DEFENSES[d].space is not None, f"{source}: spaces.{d}",
+               f"defense {d!r} registers no search space; give the one its draws ran with")
+        spec = search(d)
+        expect(spec.replicates > 1, at, "draws pair only in a replicated leaderboard "
+               "(replicates > 1)")
+        out.append(draws_file.load(path, d, spec, at))
+    return tuple(out)
 
 
 def _pairs(data: Mapping[str, Any], defenses: tuple[str, ...],
