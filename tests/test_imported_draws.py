@@ -258,3 +258,14 @@ def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monke
         assert main(["leaderboard", f"{name}.yaml"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "imported_draws.ft: " in err and needle in err, err
+
+
+def test_command_line_changes_are_checked_against_the_import_too(tmp_path):
+    spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload())}})
+    with pytest.raises(UsageError, match=r"--budget: imported_draws.d3: .*\(budget differ"):
+        spec.with_budget(4)
+    with pytest.raises(UsageError, match=r"--replicates: imported_draws.d3: .*\(replicates"):
+        spec.with_replicates(3)
+    assert spec.with_budget(2).imported[0].spec.budget == 2
+    moved = spec.with_paths(cache_dir=str(tmp_path / "elsewhere"))
+    assert moved.imported[0].spec.cache_dir == str(tmp_path / "elsewhere")  # the re-run's cache

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,14 @@ class ImportedDraws:
     spot: list[dict[str, Any]] = field(default_factory=list)  # one holdout row per replicate
     provenance: dict[str, Any] = field(default_factory=dict)
     spec: RobustSpec | None = None  # this spec's search of the defense (same protocol)
+    protocol: dict[str, Any] = field(default_factory=dict)  # the file's
+
+    def under(self, spec: RobustSpec, where: str) -> "ImportedDraws":
+        """The import again, for this leaderboard's search changed on the command line
+        (``--budget``, ``--replicates``): refused (UsageError naming ``where``) when the
+        file's protocol is not the changed one."""
+        _check_protocol(spec, self.protocol, self.path, where)
+        return replace(self, spec=spec)
 
 
 
@@ -96,16 +104,21 @@ def load(path: str | Path, defense: str, spec: RobustSpec, where: str) -> Import
                          f"format {FORMAT}")
     if data.get("defense") != defense:
         raise UsageError(f"{where}: {p} holds {data.get('defense')!r}'s draws, not {defense!r}")
-    differ = protocol_differences(protocol(spec), data.get("protocol") or {})
-    if differ:
-        raise UsageError(f"{where}: {p} ran under another protocol ({', '.join(differ)} "
-                         "differ from this spec's); its draws would not pair with this run's")
+    _check_protocol(spec, data.get("protocol") or {}, str(p), where)
     summaries = data.get("summaries")
     if not (isinstance(summaries, list) and len(summaries) == spec.replicates
             and all(isinstance(s, dict) and "draws" in s for s in summaries)):
         raise UsageError(f"{where}: {p} does not hold {spec.replicates} replicates' summaries")
     return ImportedDraws(defense, str(p), summaries, dict(data.get("models") or {}),
-                         list(data.get("spot") or []), dict(data.get("provenance") or {}), spec)
+                         list(data.get("spot") or []), dict(data.get("provenance") or {}), spec,
+                         dict(data["protocol"]))
+
+
+def _check_protocol(spec: RobustSpec, theirs: Mapping[str, Any], path: str, where: str) -> None:
+    differ = protocol_differences(protocol(spec), theirs)
+    if differ:
+        raise UsageError(f"{where}: {path} ran under another protocol ({', '.join(differ)} "
+                         "differ from this spec's); its draws would not pair with this run's")
 
 
 

@@ -63,7 +63,10 @@ class LeaderboardSpec:
         """The leaderboard with K replicates per defense; raises UsageError as a spec's
         ``replicates`` would."""
         return replace(self, searches=tuple(s.with_replicates(replicates)
-                                            for s in self.searches))
+                                            for s in self.searches),
+                       imported=tuple(i.under(i.spec.with_replicates(replicates),
+                                              f"--replicates: imported_draws.{i.defense}")
+                                      for i in self.imported))
 
     @property
     def budget(self) -> int:
@@ -82,7 +85,10 @@ class LeaderboardSpec:
     def with_budget(self, budget: int) -> "LeaderboardSpec":
         """The leaderboard with ``budget`` settings for every defense; raises UsageError for a
         budget < 1."""
-        return replace(self, searches=tuple(s.with_budget(budget) for s in self.searches))
+        return replace(self, searches=tuple(s.with_budget(budget) for s in self.searches),
+                       imported=tuple(i.under(i.spec.with_budget(budget),
+                                              f"--budget: imported_draws.{i.defense}")
+                                      for i in self.imported))
 
     def with_paths(self, storage: str | None = None, cache_dir: str | None = None,
                    experiment: str | None = None) -> "LeaderboardSpec":
@@ -90,7 +96,8 @@ class LeaderboardSpec:
         changes = {k: v for k, v in (("storage", storage), ("cache_dir", cache_dir),
                                      ("experiment", experiment)) if v}
         searches = tuple(replace(s, **changes) for s in self.searches)
-        return replace(self, searches=searches,
+        imported = tuple(replace(i, spec=replace(i.spec, **changes)) for i in self.imported)
+        return replace(self, searches=searches, imported=imported,
                        **{k: v for k, v in changes.items() if k != "cache_dir"})
 
 
