@@ -258,6 +258,14 @@ def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monke
         assert main(["leaderboard", f"{name}.yaml"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "imported_draws.ft: " in err and needle in err, err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("d3tune-leaderboard")
+    refused = client.search_runs([exp.experiment_id],
+                                 "tags.`d3tune.kind` = 'leaderboard' and attributes.status != "
+                                 "'FINISHED'")
+    assert sorted(r.info.status for r in refused) == ["FAILED", "FAILED"]  # none RUNNING
 
 
 def test_command_line_changes_are_checked_against_the_import_too(tmp_path):

@@ -29,6 +29,7 @@ import pandas as pd
 from rich.console import Console
 
 from d3tune import tracking
+from d3tune.errors import UsageError
 from d3tune.search import tuner
 from d3tune.runstate import check_resume, write_json
 from d3tune.specs.inputs import input_paths
@@ -217,7 +218,11 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
             state["population_seconds"] = build_models(spec, state_dir)
             write_json(path, state, indent=1)
             client.log_metric(parent, "population_seconds", state["population_seconds"])
-        take_imports(spec, state, path)
+        try:
+            take_imports(spec, state, path)
+        except UsageError:  # refused: no run is left RUNNING; --resume starts from here
+            client.set_terminated(parent, "FAILED")
+            raise
         for defense in spec.defenses:
             if state["defenses"].get(defense, {}).get("done"):
                 log.info("leaderboard: %s finished earlier; not re-run", defense)
