@@ -213,3 +213,20 @@ def test_a_search_reuses_the_population_before_figures_and_its_members_end_the_s
     for a, b in zip(measured, reused):
         for k in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "der"):
             assert b[k] == a[k], (a["member"], k)  # exactly: the same sets, model and threads
+
+
+def test_a_members_figures_do_not_depend_on_what_ran_before_it_in_its_task(search_root):
+    """Why the holdout may split a candidate's members over several tasks
+    (robust_driver.holdout_parts): every member's row is the same, to the last bit, whether it
+    runs after the others in one task or alone or in another order."""
+    from d3tune.search.robust_trainable import run_members
+
+    spec = tiny_search(search_root)
+    setting = {"defense.lr": 0.02, "defense.batch_size": 32}
+    together = {r["member"]: r for r in run_members(spec, spec.members, setting)}
+    apart = run_members(spec, spec.members[2:], setting)
+    apart += run_members(spec, spec.members[:2][::-1], setting)
+    assert sorted(r["member"] for r in apart) == sorted(together)
+    for r in apart:
+        for k in ("acc_before", "asr_before", "acc_after", "asr_after", "der"):
+            assert r[k] == together[r["member"]][k], (r["member"], k)

@@ -627,6 +627,15 @@ def test_start_points_are_enqueued_once_even_when_the_study_is_set_up_again(tmp_
     assert second["defense.lr"] != 0.01  # a sampled setting, not the start point again
 
 
+def test_the_holdout_splits_a_lone_candidate_over_the_free_slots():
+    from d3tune.search.robust_driver import holdout_parts
+
+    assert holdout_parts(2, 1, 12) == 2  # top_k 1, winner = default: both cores, not one
+    assert holdout_parts(2, 2, 12) == 1 and holdout_parts(2, 3, 12) == 1
+    assert holdout_parts(8, 3, 12) == 3 and holdout_parts(8, 1, 3) == 3  # never empty tasks
+    assert holdout_parts(2, 0, 12) == 1 and holdout_parts(2, 1, 0) == 1
+
+
 def test_a_finalist_equal_to_a_reference_shares_its_holdout_run():
     from d3tune.search.robust_driver import _holdout_runs
 

@@ -256,11 +256,24 @@ def _holdout_runs(spec: RobustSpec, members: tuple[Member, ...], candidate: Mapp
     return [member_config(spec, m, candidate["setting"], ref) for m in members]
 
 
+def holdout_parts(slots: int, candidates: int, members: int) -> int:
+    """Tasks per candidate on the holdout: enough that ``slots`` tasks run at once. With
+    top_k 1 the holdout often has one candidate (the winner is the default, which the default
+    reference shares), and one task would confirm every member on one core while the others
+    idle. Members are independent trials (own seeds, own model), so a candidate's members can
+    be split into contiguous runs with the same rows."""
+    if candidates == 0 or members == 0:
+        return 1
+    return max(1, min(members, -(-slots // candidates)))
+
+
 def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, callback: Any,
             population: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finalists and references on the holdout members (Ray tasks); finished rows are kept in
     the state folder, so a resumed search re-runs only the missing ones. Each task starts at
-    another member, so the first tasks build the holdout models side by side. A holdout member
+    another member, so the first tasks build the holdout models side by side; a candidate's
+    members are split over several tasks when there are fewer candidates than slots
+    (``holdout_parts``). A holdout member
     whose backdoor did not plant is left out of every row (warning), as in the search."""
     import ray
 
@@ -279,25 +292,38 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
             runs.append(run)
             groups.append([c])
     shared = {c["label"]: g[0]["label"] for g in groups for c in g[1:]}
-    pending: dict[Any, list[dict[str, Any]]] = {}
+    todo = []
     for i, group in enumerate(groups):
         finished = next((done[c["label"]] for c in group if c["label"] in done), None)
         if finished is not None:
             for c in group:
                 done.setdefault(c["label"], finished)
-            continue
+        else:
+            todo.append((i, group))
+    pending: dict[Any, int] = {}  # task -> its group's index
+    rows_of: dict[int, list[dict[str, Any]]] = {}
+    tasks_left: dict[int, int] = {}
+    parts = holdout_parts(spec.max_concurrent, len(todo), len(members))
+    for i, group in todo:
         lead = group[0]
         ref = refs.get(lead["reference"]) if lead["reference"] else None
         k = i % len(members)
-        pending[task.remote(spec, members[k:] + members[:k], lead["setting"], ref,
-                            _threads(spec))] = group
+        rotated = members[k:] + members[:k]
+        chunks = [rotated[j * len(rotated) // parts:(j + 1) * len(rotated) // parts]
+                  for j in range(parts)]
+        rows_of[i], tasks_left[i] = [], len(chunks)
+        for chunk in chunks:
+            pending[task.remote(spec, chunk, lead["setting"], ref, _threads(spec))] = i
     write_json(path, done, indent=1, default=str)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        rows = ray.get(ready[0])
-        for c in pending.pop(ready[0]):
-            done[c["label"]] = rows
-        write_json(path, done, indent=1, default=str)
+        i = pending.pop(ready[0])
+        rows_of[i] += ray.get(ready[0])
+        tasks_left[i] -= 1
+        if tasks_left[i] == 0:  # a candidate's rows are kept once all its members are in
+            for c in groups[i]:
+                done[c["label"]] = rows_of[i]
+            write_json(path, done, indent=1, default=str)
     before: dict[str, dict[str, Any]] = {}
     for member_rows in done.values():
         for r in member_rows:
