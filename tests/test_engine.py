@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 from d3tune.specs.sweep_spec import load_plan  # noqa: E402
 from d3tune.search.sweep_driver import pareto_front, run_plan  # noqa: E402
 from d3tune.search.mlflow_callback import load_ledger  # noqa: E402
+from d3tune.runstate import study_storage  # noqa: E402
 
 TINY_BASE = """
 base:
@@ -71,7 +72,8 @@ def test_four_trial_sweep_logs_one_parent_four_children(local_ray, tmp_path, mlf
     # four defense trials on one attack: the backdoored model was trained once
     assert int(df["cache_builds"].sum()) == 1
     assert len(list((tmp_path / "cache").rglob("model.safetensors"))) == 1
-    assert (tmp_path / "tune" / "spec.d3tune" / "optuna.db").exists()
+    assert (tmp_path / "tune" / "spec.d3tune" / "optuna.journal").exists()  # the study
+    assert not (tmp_path / "tune" / "spec.d3tune" / "optuna.db").exists()
     # 4 tiny epochs take far less than the default 30 s between defense checkpoints, and the
     # last epoch never checkpoints (the ledger replays ended trials): no trial saved one
     assert not list((tmp_path / "tune" / "spec").glob("*/checkpoint_*"))
@@ -98,7 +100,7 @@ def test_multi_objective_sweep_reports_a_pareto_front(local_ray, tmp_path, mlflo
     import optuna
 
     study = optuna.load_study(study_name="multi",
-                              storage=f"sqlite:///{tmp_path / 'tune' / 'multi.d3tune' / 'optuna.db'}")
+                              storage=study_storage(tmp_path / "tune" / "multi.d3tune"))
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
 
 
@@ -220,7 +222,7 @@ def test_sigkilled_sweep_resumes_without_losing_or_duplicating_trials(tmp_path):
     assert all(status[c] == "KILLED" for c in parents if c not in finished)
     assert all(steps[c] == 4 for c in finished)
     study = optuna.load_study(study_name="resume",
-                              storage=f"sqlite:///{tmp_path / 'tune' / 'resume.d3tune' / 'optuna.db'}")
+                              storage=study_storage(tmp_path / "tune" / "resume.d3tune"))
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) >= 4 and len(complete) >= len(done_before)
 

@@ -14,6 +14,7 @@ import pytest
 from d3tune.errors import UsageError
 from d3tune.defenses import DEFENSES, leaderboard_order
 from d3tune.specs.leaderboard_spec import leaderboard_plan, load_leaderboard
+from d3tune.runstate import study_storage
 
 REPO = Path(__file__).parent.parent
 BUILT_IN = ("d3", "ft", "fp", "nad", "fst", "ft_sam", "ibau", "sau", "anp")
@@ -369,8 +370,8 @@ def test_tiny_leaderboard_equal_budget_holdout_default_row_and_resume(local_ray,
         assert {k for k in default if k.startswith("defense.")} == {"defense.name",
                                                                     "defense.epochs"}
         defense = r.data.tags["d3tune.defense"]
-        db = tmp_path / "tune" / f"lb-{defense}.d3tune" / "optuna.db"
-        study = optuna.load_study(study_name=f"lb-{defense}", storage=f"sqlite:///{db}")
+        study = optuna.load_study(study_name=f"lb-{defense}", storage=study_storage(
+            tmp_path / "tune" / f"lb-{defense}.d3tune"))
         assert len(study.trials) == spec.budget
         search = next(s for s in spec.searches if s.defense == defense)
         assert study.trials[0].params == dict(search.start_points[0])  # the default, first

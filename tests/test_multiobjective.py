@@ -124,7 +124,7 @@ def _study_with_trials(plan, n: int = 6) -> None:
     """A finished multi-objective study where the plan's summary looks for it."""
     plan.paths.state_dir.mkdir(parents=True)
     study = optuna.create_study(study_name=plan.name, directions=["maximize", "minimize"],
-                                storage=plan.paths.optuna_url)
+                                storage=plan.paths.optuna_storage)
     dists = dict(SPACE)
     for i in range(n):
         lr, eps = 0.001 * (1.8 ** i), 0.5 * ((i * 7) % n) / n

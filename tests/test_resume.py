@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from d3tune.runstate import KILL_ENV  # noqa: E402
+from d3tune.runstate import KILL_ENV, study_storage  # noqa: E402
 
 BASE = """
 base:
@@ -128,8 +128,8 @@ def _assert_invariants(tmp_path: Path, kind: str, db: Path, stdout: str, monkeyp
     assert all("der" in r.data.metrics and r.data.tags.get("d3tune.stopped_early") in
                ("true", "false") for r in children)
     if kind == "sweep":
-        study = optuna.load_study(study_name=f"k{kind}", storage="sqlite:///" + str(
-            tmp_path / "tune" / f"k{kind}.d3tune" / "optuna.db"))
+        study = optuna.load_study(study_name=f"k{kind}", storage=study_storage(
+            tmp_path / "tune" / f"k{kind}.d3tune"))
         states = Counter(t.state.name for t in study.trials)
         assert set(states) <= {"COMPLETE", "PRUNED", "FAIL"}, states
         ended = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]

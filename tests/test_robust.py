@@ -15,6 +15,7 @@ from d3tune.search.robust_rules import (Finished, choose, finalists, incumbent, 
                                  tradeoff_extras,
                                  prune_threshold, pruning_savings, should_prune)
 from d3tune.specs.robust_spec import load_robust, member_config, robust_plan
+from d3tune.runstate import study_storage
 
 # ---------------------------------------------------------------------------------------------
 # Exact pruning on hand-made reports
@@ -292,8 +293,8 @@ def test_tiny_robust_search_end_to_end(local_ray, tmp_path, monkeypatch, caplog)
         assert {k for k in r.data.metrics if k.startswith("der.")} == {"der.blended_s1"}
 
     # the ACC budget reached Optuna as a constraint, stored per trial
-    db = tmp_path / "tune" / "tiny.d3tune" / "optuna.db"
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="tiny",
+                              storage=study_storage(tmp_path / "tune" / "tiny.d3tune"))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 2
     for t in done:
@@ -338,8 +339,8 @@ def test_compute_budget_ends_a_real_search_early(local_ray, tmp_path, monkeypatc
     spec = robust_plan(data, str(tmp_path / "tiny.yaml"))
     outcome = robust_search(spec, out=tmp_path / "d.yaml")
     assert 1 <= len(outcome.search) < 6
-    db = tmp_path / "tune" / "tiny.d3tune" / "optuna.db"
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="tiny",
+                              storage=study_storage(tmp_path / "tune" / "tiny.d3tune"))
     states = optuna.trial.TrialState
     assert len(study.trials) < 6
     for t in study.trials:  # complete on both members, or cut by the budget and PRUNED
@@ -401,8 +402,8 @@ def test_sigkilled_search_resumes_without_rerunning_finished_settings(tmp_path):
         for member in ("blended_s0", "blended_s1"):
             history = client.get_metric_history(run_id, f"der.{member}")
             assert len(history) == 1 and history[0].timestamp / 1000 < killed_at
-    db = tmp_path / "tune" / "resume.d3tune" / "optuna.db"
-    study = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="resume",
+                              storage=study_storage(tmp_path / "tune" / "resume.d3tune"))
     states = optuna.trial.TrialState
     assert len(study.trials) == 3
     for t in study.trials:  # a setting is COMPLETE exactly when it ran on both members

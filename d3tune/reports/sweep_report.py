@@ -363,7 +363,9 @@ def optuna_importance(client: Any, parent: Any) -> dict[str, float] | None:
     import optuna
 
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        from d3tune.runstate import storage_at
+
+        study = optuna.load_study(study_name=study_name, storage=storage_at(storage))
         sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
         target = (lambda t: sign * t.values[0]) if len(study.directions) > 1 else None
         return dict(optuna.importance.get_param_importances(study, target=target))

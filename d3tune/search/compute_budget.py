@@ -21,7 +21,7 @@ class ComputeBudget(Stopper):
     still running are cut (PRUNED in Optuna). A resumed search counts what the settings ended
     before the resume spent, read from the study (``optuna_search.RESULT_ATTR``)."""
 
-    def __init__(self, limit_s: float, storage: str | None = None,
+    def __init__(self, limit_s: float, storage: Any = None,
                  study_name: str | None = None) -> None:
         self.limit_s = limit_s
         self.storage, self.study_name = storage, study_name

@@ -28,7 +28,6 @@ from d3tune.errors import UsageError
 from d3tune.runstate import (
     CHECKPOINT_FILE,
     FINAL,
-    OPTUNA_DB,
     read_restored,
     trial_from_tune,
     trial_key,
@@ -167,10 +166,10 @@ def replay_table(plan: RunPlan) -> dict[str, dict[str, Any]]:
     from d3tune.search.mlflow_callback import ended_results
 
     table = ended_results(plan.paths.state_dir)
-    if plan.kind == "sweep" and (plan.paths.state_dir / OPTUNA_DB).exists():
+    if plan.kind == "sweep" and plan.paths.has_study:
         from d3tune.search.optuna_search import ended_results as study_results
 
-        table.update(study_results(plan.paths.optuna_url, plan.name))
+        table.update(study_results(plan.paths.optuna_storage, plan.name))
     return table
 
 

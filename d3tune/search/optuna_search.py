@@ -44,7 +44,7 @@ TRIAL_ID_ATTR = "d3tune.trial_id"  # the Tune trial id running it (dashboards, M
 NOTE_ATTR = "d3tune.note"  # why a trial ended the way it did, in words
 
 
-def ended_results(storage: str, study_name: str) -> dict[str, dict[str, Any]]:
+def ended_results(storage: Any, study_name: str) -> dict[str, dict[str, Any]]:
     """``runstate.trial_key`` -> recorded final result, for every trial the study says ended."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -56,7 +56,7 @@ def ended_results(storage: str, study_name: str) -> dict[str, dict[str, Any]]:
             and RESULT_ATTR in t.user_attrs}
 
 
-def _running(storage: str, study_name: str) -> tuple[Any, list[Any]]:
+def _running(storage: Any, study_name: str) -> tuple[Any, list[Any]]:
     """(study, its trials still RUNNING); (None, []) when the study was never created."""
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -65,7 +65,7 @@ def _running(storage: str, study_name: str) -> tuple[Any, list[Any]]:
     return study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
 
 
-def fail_running(storage: str, study_name: str) -> int:
+def fail_running(storage: Any, study_name: str) -> int:
     """Safety net after a sweep: a trial still RUNNING in the study (none is expected: in-flight
     trials are continued or adopted) is failed, saying why, rather than left running."""
     study, running = _running(storage, study_name)
@@ -76,7 +76,7 @@ def fail_running(storage: str, study_name: str) -> int:
     return len(running)
 
 
-def prune_cut(storage: str, study_name: str, last_results: dict[str, dict[str, Any]],
+def prune_cut(storage: Any, study_name: str, last_results: dict[str, dict[str, Any]],
               metric: str, step_key: str, note: str,
               attrs_of: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
     """Trials still RUNNING in the study after the search ended were cut by its time or

@@ -43,7 +43,7 @@ from d3tune.search.robust_rules import (
     pruning_savings,
     tradeoff_extras,
 )
-from d3tune.runstate import OPTUNA_DB, write_json
+from d3tune.runstate import has_study, study_storage, write_json
 from d3tune.specs.inputs import input_paths
 from d3tune.specs.robust_spec import (
     Member,
@@ -160,7 +160,7 @@ def search_tuner(spec: RobustSpec, members: tuple[Member, ...], *, resume: bool,
     if spec.compute_budget_s is not None:
         from d3tune.search.compute_budget import ComputeBudget
 
-        stop = ComputeBudget(spec.compute_budget_s, paths.optuna_url, spec.name)
+        stop = ComputeBudget(spec.compute_budget_s, paths.optuna_storage, spec.name)
     return tuner.build_tuner(
         paths, trainable, callbacks=callbacks,
         searcher=robust_searcher(spec, members),
@@ -180,7 +180,7 @@ def _close_cut(spec: RobustSpec, results: Any) -> None:
                     if isinstance(result.get(k), (int, float))}, "pruned": True}
 
     last = {(r.metrics or {}).get("trial_id"): r.metrics or {} for r in results}
-    closed = prune_cut(spec.paths.optuna_url,
+    closed = prune_cut(spec.paths.optuna_storage,
                        spec.name, last, "worst_der", "members_done",
                        "cut by the search's time or compute budget before its last member",
                        attrs_of)
@@ -221,11 +221,10 @@ def trial_numbers(state: Path) -> dict[str, int]:
     """Tune trial id -> Optuna trial number (the order TPE proposed the settings in)."""
     import optuna
 
-    db = state / OPTUNA_DB
-    if not db.exists():
+    if not has_study(state):
         return {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = f"sqlite:///{db}"
+    storage = study_storage(state)
     numbers = {}
     for summary in optuna.get_all_study_summaries(storage):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)

@@ -21,7 +21,7 @@ def sweep_searcher(plan: RunPlan) -> Any:
     constraints) for a sweep, None for an ablation grid."""
     if plan.kind == "ablation":
         return None
-    storage = optuna.storages.RDBStorage(plan.paths.optuna_url)
+    storage = plan.paths.optuna_storage
     metric = list(plan.metric) if plan.multi_objective else plan.metric[0]
     mode = list(plan.mode) if plan.multi_objective else plan.mode[0]
     sampler = optuna.samplers.TPESampler(seed=plan.search_seed)  # TPE handles both cases
@@ -36,7 +36,7 @@ def robust_searcher(spec: RobustSpec, members: tuple[Member, ...]) -> Any:
     """A robust search's searcher: TPE over the spec's space, the spec's start points first,
     each suggested setting carrying the order to evaluate its members in (the incumbent's
     weakest first, so exact pruning stops a losing setting early)."""
-    storage = optuna.storages.RDBStorage(spec.paths.optuna_url)
+    storage = spec.paths.optuna_storage
     # The ACC budget is set as a constraint on complete trials by the searcher (Trial.
     # set_constraint), which TPE reads from the study: no constraints_func.
     sampler = optuna.samplers.TPESampler(

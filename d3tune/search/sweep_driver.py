@@ -119,8 +119,7 @@ def _optuna_plots(plan: RunPlan, out: Path) -> list[Path]:
     from optuna.visualization import matplotlib as ovm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=plan.name,
-                              storage=plan.paths.optuna_url)
+    study = optuna.load_study(study_name=plan.name, storage=plan.paths.optuna_storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(done) < 2:
         return []
@@ -188,7 +187,7 @@ def run_plan(plan: RunPlan, *, resume: bool = False, address: str | None = None,
     if plan.kind == "sweep":
         from d3tune.search.optuna_search import fail_running
 
-        failed = fail_running(plan.paths.optuna_url, plan.name)
+        failed = fail_running(plan.paths.optuna_storage, plan.name)
         if failed:
             log.warning("%d Optuna trials were still running after the sweep; marked failed",
                         failed)
