@@ -1,7 +1,8 @@
 """A defense's replicated draws imported from an earlier leaderboard (``imported_draws``): the
-file is refused unless its protocol is this spec's, its models are this run's (cache key and
-weights), and one of its holdout member evaluations reproduces under this code; once taken,
-it pairs with this run's defenses exactly as if it had run here."""
+file is refused unless its protocol is this run's (after the command line's overrides), its
+models are this run's (cache key and weights, every member), and one of its holdout member
+evaluations reproduces under this code; once taken, it pairs with this run's defenses exactly
+as if it had run here, and a resumed leaderboard re-takes an import the spec changed."""
 from __future__ import annotations
 
 import copy
@@ -39,20 +40,24 @@ def summary(r: int, worsts: list[float]) -> dict:
             "params": {"defense.lr": 0.01}, "search_seed": r, "population_seeds": [1000 * r],
             "search_worst_der": 0.8, "holdout_admissible": True, "draws": draws,
             "holdout_worst_der": {"trial-0": min(worsts)}, "search_cpu_s": 5.0,
-            "holdout_cpu_s": {"trial-0": 1.0}}
+            "holdout_cpu_s": {"trial-0": 1.0}, "git_commit": f"c{r}" + "0" * 12}
 
 
-def draws_payload(defense: str = "d3", **changes) -> dict:
+MODELS = {m: {"cache_key": f"k-{m}", "sha256": m[-1] * 64}
+          for m in ("blended_s0", "blended_s1000", "blended_s5", "blended_s6")}
+
+
+def draws_payload(defense: str = "d3", extra: dict | None = None, **changes) -> dict:
     """A draws file as a finished leaderboard writes it, for ``defense`` under SPEC's
-    protocol (the spec with that defense run instead of imported)."""
-    other = plan(text=SPEC.replace("defenses: [ft]", f"defenses: [{defense}]"))
+    protocol (with ``extra`` spec fields: the spec it ran under)."""
+    other = plan({**(extra or {}), "defenses": [defense]})
     payload = {"format": FORMAT, "kind": KIND, "defense": defense,
                "protocol": protocol(other.searches[0]),
                "summaries": [summary(0, [0.9, 0.8]), summary(1, [0.85, 0.95])],
-               "models": {"blended_s5": {"cache_key": "k5", "sha256": "a" * 64}},
+               "models": copy.deepcopy(MODELS),
                "spot": [{"replicate": 0, "row": "trial-0", "member": "blended_s5",
-                         "reference": None, "params": {"defense.lr": 0.01}, "der": 0.9,
-                         "acc_after": 0.95, "asr_after": 0.05}],
+                         "reference": None, "params": {"defense.lr": 0.01}, "member_batch": 1,
+                         "der": 0.9, "acc_after": 0.95, "asr_after": 0.05}],
                "provenance": {"git_commit": "abc"}}
     payload.update(changes)
     return payload
@@ -66,22 +71,34 @@ def write(tmp_path, payload: dict, name: str = "draws_d3.json") -> str:
 
 def test_a_matching_file_joins_the_pairs(tmp_path):
     spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload())}})
+    spec.check_imports()
     (imp,) = spec.imported
     assert imp.defense == "d3" and len(imp.summaries) == 2 and spec.defenses == ("ft",)
     assert spec.pairs == (("d3", "ft"),)  # D3 leads, imported or not
-    assert imp.spec.defense == "d3" and imp.spec.replicates == 2
+    assert imp.spec.defense == "d3" and imp.spec.replicates == 2 and len(imp.sha256) == 64
 
 
 @pytest.mark.parametrize("change, needle", [
     ({"budget": 3}, r"another protocol \(budget differ"),
     ({"holdout_seeds": [5, 7]}, r"another protocol \(holdout differ"),
     ({"resources": {"cpu": 2}}, r"another protocol \(threads differ"),
+    ({"max_concurrent": 4}, r"another protocol \(max_concurrent differ"),
     ({"base": {"train": {"epochs": 3}}}, r"another protocol \(base differ"),
 ])
 def test_another_protocol_is_refused_naming_the_fields(tmp_path, change, needle):
-    path = write(tmp_path, draws_payload())
+    spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload())}, **change})
     with pytest.raises(UsageError, match=r"lb.yaml: imported_draws.d3: .*" + needle):
-        plan({"imported_draws": {"d3": path}, **change})
+        spec.check_imports()
+
+
+def test_where_a_dataset_or_record_sits_is_not_protocol(tmp_path):
+    from d3tune.specs.draws_file import _no_paths
+
+    fields = {"data": {"name": "cifar10", "data_dir": "/mnt/a"},
+              "attack": {"name": "bb", "params": {"result": "/mnt/a/r.pt", "ratio": 0.1}},
+              "data.data_dir": "/x", "attack.params.result": "/y", "seed": 1}
+    assert _no_paths(fields) == {"data": {"name": "cifar10"},
+                                 "attack": {"name": "bb", "params": {"ratio": 0.1}}, "seed": 1}
 
 
 def test_bad_files_name_the_field(tmp_path):
@@ -89,8 +106,7 @@ def test_bad_files_name_the_field(tmp_path):
         (str(tmp_path / "absent.json"), "no such file"),
         (write(tmp_path, {}, "x.json"), "not a d3tune draws file"),
         (write(tmp_path, draws_payload(format=99), "f.json"), "has format 99"),
-        (write(tmp_path, draws_payload(summaries=[summary(0, [0.9, 0.8])]), "s.json"),
-         "does not hold 2 replicates' summaries"),
+        (write(tmp_path, draws_payload(summaries=[]), "s.json"), "lacks its summaries"),
         (write(tmp_path, draws_payload(defense="fst"), "o.json"), "holds 'fst''s draws"),
     ]
     (tmp_path / "bad.json").write_text("{not json")
@@ -99,6 +115,10 @@ def test_bad_files_name_the_field(tmp_path):
         with pytest.raises(UsageError, match="imported_draws.d3: ") as err:
             plan({"imported_draws": {"d3": path}})
         assert needle in str(err.value), (needle, str(err.value))
+    short = plan({"imported_draws": {"d3": write(
+        tmp_path, draws_payload(summaries=[summary(0, [0.9, 0.8])]), "one.json")}})
+    with pytest.raises(UsageError, match="holds 1 replicates' summaries, not 2"):
+        short.check_imports()
 
 
 def test_importing_a_defense_this_run_searches_is_refused(tmp_path):
@@ -108,28 +128,48 @@ def test_importing_a_defense_this_run_searches_is_refused(tmp_path):
     with pytest.raises(UsageError, match="imported_draws.nope: unknown defense"):
         plan({"imported_draws": {"nope": path}})
     with pytest.raises(UsageError, match=r"imported_draws.d3: draws pair only in a replicated"):
-        plan({"imported_draws": {"d3": path}, "replicates": 1})
+        plan({"imported_draws": {"d3": path}, "replicates": 1}).check_imports()
 
 
-def test_models_must_be_the_same_keys_and_weights():
+def test_the_command_line_decides_the_protocol_the_file_is_held_to(tmp_path):
+    """A file made with --budget 3 on a spec that says 2 pairs with a run given --budget 3
+    (and with --replicates 2 on a spec that says 1), and with nothing else."""
+    spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload(extra={"budget": 3}))}})
+    with pytest.raises(UsageError, match=r"\(budget differ"):
+        spec.check_imports()
+    spec.with_budget(3).check_imports()
+    with pytest.raises(UsageError, match=r"\(budget differ"):
+        spec.with_budget(4).check_imports()
+    one = plan({"replicates": 1,
+                "imported_draws": {"d3": write(tmp_path, draws_payload(), "r.json")}})
+    one.with_replicates(2).check_imports()
+    moved = one.with_paths(cache_dir=str(tmp_path / "elsewhere"))
+    assert moved.imported[0].spec.cache_dir == str(tmp_path / "elsewhere")  # the re-run's cache
+
+
+def test_models_must_be_the_same_keys_and_weights_for_every_member(tmp_path):
     from d3tune.search.imported_draws import check_models
-    from d3tune.specs.draws_file import ImportedDraws
 
-    theirs = {"a_s5": {"cache_key": "k1", "sha256": "1" * 64},
-              "a_s6": {"cache_key": "k2", "sha256": "2" * 64},
-              "a_s1000": {"cache_key": "k3", "sha256": "3" * 64}}
-    imp = ImportedDraws("d3", "draws_d3.json", [], theirs)
-    ours = {k: dict(v) for k, v in theirs.items() if k != "a_s1000"}  # not built here yet
-    assert check_models(imp, ours, "where") == 2
-    ours["a_s6"]["sha256"] = "f" * 64  # same key, other weights: another machine's build
-    with pytest.raises(UsageError, match=r"where: the backdoored models of a_s6 differ"):
-        check_models(imp, ours, "where")
-    ours["a_s6"] = {"cache_key": "other", "sha256": "2" * 64}
-    with pytest.raises(UsageError, match="a_s6 differ"):
-        check_models(imp, ours, "where")
+    spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload())}})
+    (imp,) = spec.imported
+    holdout = ["blended_s5", "blended_s6"]
+    early = {k: dict(v) for k, v in MODELS.items() if k != "blended_s1000"}  # not built yet
+    assert check_models(imp, early, "where", holdout) == 3
+    with pytest.raises(UsageError, match=r"where: the models of blended_s1000 are not recorded"):
+        check_models(imp, early, "where", holdout, complete=True)  # every replicate has run
+    ours = {k: dict(v) for k, v in MODELS.items()}
+    assert check_models(imp, ours, "where", holdout, complete=True) == 4
+    ours["blended_s6"]["sha256"] = "f" * 64  # same key, other weights: another machine's build
+    with pytest.raises(UsageError, match=r"where: the backdoored models of blended_s6 differ"):
+        check_models(imp, ours, "where", holdout)
+    ours["blended_s6"] = {"cache_key": "other", "sha256": "6" * 64}
+    with pytest.raises(UsageError, match="blended_s6 differ"):
+        check_models(imp, ours, "where", holdout)
+    with pytest.raises(UsageError, match="models of blended_s5, blended_s6 are not recorded"):
+        check_models(imp, {}, "where", holdout)  # nothing compared is never "paired"
 
 
-def test_fingerprints_read_the_cache_record(tmp_path):
+def test_fingerprints_read_the_cache_record_and_keep_uncached_members(tmp_path):
     import torch
 
     from d3tune.cache import Entry, ModelCache
@@ -138,15 +178,46 @@ def test_fingerprints_read_the_cache_record(tmp_path):
     cache = ModelCache(tmp_path / "cache")
     cache.store("key1", Entry({"w": torch.ones(3)}, {}))
     (tmp_path / "population.json").write_text(json.dumps({
-        "a_s5": {"cache_key": "key1"}, "a_s6": {"cache_key": "absent"}}))
+        "a_s5": {"cache_key": "key1"}, "a_s6": {"cache_key": "backdoorbench-abc"}}))
     keys = recorded_models([tmp_path / "population.json", tmp_path / "none.json"])
-    assert keys == {"a_s5": "key1", "a_s6": "absent"}
+    assert keys == {"a_s5": "key1", "a_s6": "backdoorbench-abc"}
     got = fingerprints(keys, str(tmp_path / "cache"))
-    assert set(got) == {"a_s5"} and got["a_s5"]["cache_key"] == "key1"
-    assert got["a_s5"]["sha256"] == cache.checksum("key1") and len(got["a_s5"]["sha256"]) == 64
+    assert got["a_s5"] == {"cache_key": "key1", "sha256": cache.checksum("key1")}
+    assert got["a_s6"] == {"cache_key": "backdoorbench-abc", "sha256": None}  # a record's model
     other = ModelCache(tmp_path / "cache2")
     other.store("key1", Entry({"w": torch.zeros(3)}, {}))
-    assert other.checksum("key1") != cache.checksum("key1")
+    assert other.checksum("key1") != cache.checksum("key1") and len(other.checksum("key1")) == 64
+
+
+def test_the_spot_check_re_runs_the_recorded_row_and_compares(tmp_path):
+    from d3tune.search.imported_draws import BATCHED, EXACT, spot_check
+
+    spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload())}})
+    (imp,) = spec.imported
+    seen = []
+
+    def run(rspec, member, params, ref, figures=None):
+        seen.append((rspec.replicate, member.id, params, ref))
+        return figures or {"der": 0.9, "acc_after": 0.95, "asr_after": 0.05}
+
+    got = spot_check(imp, "where", run)
+    assert seen == [(0, "blended_s5", {"defense.lr": 0.01}, None)]  # its params, not the default
+    assert got["tolerance"] == EXACT and got["der"] == 0.9
+    off = lambda *a: run(*a, figures={"der": 0.9 + 1e-4, "acc_after": 0.95,  # noqa: E731
+                                      "asr_after": 0.05})
+    with pytest.raises(UsageError, match=r"where: re-running replicate 0's row trial-0 on "
+                       r"blended_s5 gives other figures \(der 0.900100 here, 0.900000"):
+        spot_check(imp, "where", off)
+    batched = copy.deepcopy(imp.spot)
+    batched[0]["member_batch"] = 3  # trained beside other members: float tolerance
+    from dataclasses import replace
+
+    assert spot_check(replace(imp, spot=batched), "where", off)["tolerance"] == BATCHED
+    ref = copy.deepcopy(imp.spot)
+    ref[0].update(row="ref-default", reference="default", params={})
+    seen.clear()
+    spot_check(replace(imp, spot=ref), "where", run)
+    assert seen[0][3] is not None and seen[0][3].name == "default"
 
 
 def test_the_report_pairs_imported_draws_and_says_where_they_came_from(tmp_path):
@@ -162,52 +233,48 @@ def test_the_report_pairs_imported_draws_and_says_where_they_came_from(tmp_path)
     state = {"defenses": {
         "ft": {"done": True, "replicates": ft},
         "d3": {"done": True, "imported": imp.path, "replicates": imp.summaries,
-               "models_checked": 7, "git_commit": "abcdef1234567",
+               "models_checked": 7, "git_commits": ["abcdef1234567"],
                "spot_check": {"replicate": 0, "row": "trial-0", "member": "blended_s5",
-                              "der": 0.9}}}}
+                              "der": 0.9, "tolerance": 1e-6}}}}
     board = replicated_leaderboard(spec, state, ["ft", "d3"], tmp_path)
     (cmp,) = board.comparisons
     assert (cmp.a, cmp.b, cmp.n, cmp.p) == ("d3", "ft", 4, 1.0)
     text = "\n".join(import_lines(spec, state))
-    assert f"d3: draws imported from `{imp.path}` (run at commit abcdef1234)" in text
+    assert f"d3: draws imported from `{imp.path}` (searched at commit abcdef1234)" in text
     assert "The 7 backdoored models" in text and "gave DER 0.9000" in text
 
 
-def test_export_writes_what_load_accepts(tmp_path, monkeypatch):
-    """A finished run's state folders -> draws file -> accepted by the next spec."""
-    from d3tune.cache import Entry, ModelCache
-    from d3tune.search import imported_draws
-    from d3tune.search.robust_driver import HOLDOUT_FILE, POPULATION_FILE
-    from d3tune.specs.robust_spec import replicate_specs
+def test_a_resumed_leaderboard_re_takes_an_import_the_spec_changed(tmp_path, monkeypatch):
+    from d3tune.search import imported_draws, leaderboard_driver
 
-    import torch
-
-    monkeypatch.chdir(tmp_path)
-    ran = plan({"defenses": ["d3"], "cache_dir": "cache"})
-    search = ran.searches[0]
-    cache = ModelCache("cache")
-    cache.store("k5", Entry({"w": torch.ones(2)}, {}))
-    sums = [summary(0, [0.9, 0.8]), summary(1, [0.85, 0.95])]
-    for rspec in replicate_specs(search):
-        rspec.paths.state_dir.mkdir(parents=True)
-        (rspec.paths.state_dir / HOLDOUT_FILE).write_text(json.dumps({"trial-0": [
-            {"member": "blended_s6", "seed": 6, "der": 0.8, "acc_after": 0.9,
-             "asr_after": 0.1}]}))
-    ran.state_dir.mkdir(parents=True)
-    (ran.state_dir / POPULATION_FILE).write_text(json.dumps({"blended_s5": {"cache_key": "k5"}}))
-    path = imported_draws.export(search, sums, [ran.state_dir / POPULATION_FILE], tmp_path)
-    assert path.name == "draws_d3.json"
-    data = json.loads(path.read_text())
-    assert data["models"] == {"blended_s5": {"cache_key": "k5", "sha256": cache.checksum("k5")}}
-    assert data["spot"][0] == {"replicate": 0, "row": "trial-0", "member": "blended_s6",
-                               "reference": None, "params": {"defense.lr": 0.01}, "der": 0.8,
-                               "acc_after": 0.9, "asr_after": 0.1}
-    assert data["provenance"]["threads"] == 1
-    spec = plan({"imported_draws": {"d3": str(path)}, "cache_dir": "cache"})
-    assert spec.imported[0].summaries == sums
+    first = write(tmp_path, draws_payload())
+    spec = plan({"imported_draws": {"d3": first}})
+    (imp,) = spec.imported
+    monkeypatch.setattr(leaderboard_driver, "_our_models", lambda spec: copy.deepcopy(MODELS))
+    spots = []
+    monkeypatch.setattr(imported_draws, "spot_check",
+                        lambda imp, where: spots.append(imp.path) or {
+                            "replicate": 0, "row": "trial-0", "member": "blended_s5",
+                            "der": 0.9, "tolerance": 1e-6})
+    state_path = tmp_path / "leaderboard.json"
+    state = {"defenses": {}}
+    leaderboard_driver.take_imports(spec, state, state_path)
+    assert state["defenses"]["d3"]["file_sha256"] == imp.sha256 and spots == [first]
+    leaderboard_driver.take_imports(spec, state, state_path)  # resumed, unchanged: kept
+    assert spots == [first]
+    changed = draws_payload()
+    changed["summaries"][0]["draws"]["trial-0"][0]["worst_der"] = 0.5
+    write(tmp_path, changed)  # the same path, another file
+    leaderboard_driver.take_imports(plan({"imported_draws": {"d3": first}}), state, state_path)
+    assert spots == [first, first]
+    assert state["defenses"]["d3"]["replicates"][0]["draws"]["trial-0"][0]["worst_der"] == 0.5
+    searched = plan({"defenses": ["ft", "d3"]})  # d3 moved to `defenses`: searched, not kept
+    leaderboard_driver.take_imports(searched, state, state_path)
+    assert "d3" not in state["defenses"]
+    assert "d3" not in json.loads(state_path.read_text())["defenses"]
 
 
-@pytest.mark.slow  # ~4 min on 2 cores: a replicated two-defense leaderboard, then its split
+@pytest.mark.slow  # ~5 min on 2 cores: a replicated two-defense leaderboard, then its split
 def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monkeypatch, capsys):
     """FT and FST in one run, then FST alone with FT's draws imported from the first run's
     report: the same P(FT > FST), the same procedure; a tampered file is refused (exit 2)."""
@@ -247,7 +314,12 @@ def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monke
     for name, tamper, needle in (
             ("spot", lambda d: d["spot"][0].update(der=d["spot"][0]["der"] + 0.01),
              "gives other figures"),
-            ("models", lambda d: next(iter(d["models"].values())).update(sha256="0" * 64),
+            # a holdout model: refused before any search
+            ("holdout", lambda d: d["models"]["blended_s1"].update(sha256="0" * 64),
+             "differ from the ones"),
+            # replicate 1's model, built only by this run's second replicate: refused once
+            # every replicate has run, before the report (the searches' state is kept)
+            ("later", lambda d: d["models"]["blended_s1000"].update(sha256="0" * 64),
              "differ from the ones")):
         bad = json.loads(draws.read_text())
         tamper(bad)
@@ -258,6 +330,8 @@ def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monke
         assert main(["leaderboard", f"{name}.yaml"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "imported_draws.ft: " in err and needle in err, err
+        searched = (tmp_path / f"tune-{name}" / f"{name}-fst.d3tune" / "replicates.json")
+        assert searched.exists() == (name == "later")  # refused before or after searching
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -266,15 +340,5 @@ def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monke
               if r.data.tags.get("d3tune.kind") == "leaderboard"]
     status = {r.info.run_name: r.info.status for r in boards}
     assert status == {"whole": "FINISHED", "part": "FINISHED", "spot": "FAILED",
-                      "models": "FAILED"}, status  # a refused import leaves nothing RUNNING
+                      "holdout": "FAILED", "later": "FAILED"}, status  # a refused import leaves nothing RUNNING
 
-
-def test_command_line_changes_are_checked_against_the_import_too(tmp_path):
-    spec = plan({"imported_draws": {"d3": write(tmp_path, draws_payload())}})
-    with pytest.raises(UsageError, match=r"--budget: imported_draws.d3: .*\(budget differ"):
-        spec.with_budget(4)
-    with pytest.raises(UsageError, match=r"--replicates: imported_draws.d3: .*\(replicates"):
-        spec.with_replicates(3)
-    assert spec.with_budget(2).imported[0].spec.budget == 2
-    moved = spec.with_paths(cache_dir=str(tmp_path / "elsewhere"))
-    assert moved.imported[0].spec.cache_dir == str(tmp_path / "elsewhere")  # the re-run's cache

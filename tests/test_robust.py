@@ -3,6 +3,7 @@ constraint, member order), spec validation, and a tiny search on a real local Ra
 seeds never seen by the search, member exclusion, MLflow layout, YAML usable by ``run``)."""
 from __future__ import annotations
 
+import json
 import random
 import textwrap
 from pathlib import Path
@@ -681,3 +682,65 @@ def test_report_states_the_ceiling_per_phase():
         {"member": "a_s3", "phase": "holdout", "asr_before": 0.8, "excluded": False}])
     (line,) = ceiling_lines(pop)
     assert "search 0.950 (a_s0)" in line and "holdout 0.900 (a_s3)" in line
+
+
+def _holdout_setup(tmp_path, monkeypatch, fail_on_get: int | None = None):
+    """A 5-member holdout, one group of two candidates (the winner is the default), Ray
+    faked: each task returns its members' rows at once; ``fail_on_get``: the driver dies
+    (KeyboardInterrupt) on that ray.get call."""
+    import ray
+
+    from d3tune.search import robust_driver
+
+    spec = robust_plan({"name": "h", "defense": "d3", "budget": 1, "max_concurrent": 2,
+                        "population": {"attacks": ["blended"], "seeds": [0]},
+                        "holdout_seeds": [1, 2, 3, 4, 5],
+                        "space": {"defense.lr": {"loguniform": [0.005, 0.05]}}}, "h.yaml")
+    calls: list[list[str]] = []
+    gets = {"n": 0}
+
+    class Task:
+        @staticmethod
+        def remote(spec_, members, setting, ref, threads):
+            calls.append([m.id for m in members])
+            rows = [{"member": m.id, "seed": m.seed, "der": float(m.seed)} for m in members]
+            return type("Ref", (), {"rows": rows})()  # hashable, like an ObjectRef
+
+    def get(ref):
+        gets["n"] += 1
+        if gets["n"] == fail_on_get:
+            raise KeyboardInterrupt
+        return ref.rows
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns: (refs[:1], refs[1:]))
+    monkeypatch.setattr(ray, "get", get)
+    group = [{"label": "trial-0", "reference": None, "setting": {}},
+             {"label": "ref-default", "reference": None, "setting": {}}]
+    run = lambda done: robust_driver.run_holdout_groups(  # noqa: E731
+        spec, [group], [(0, group)], {}, Task, tmp_path, done)
+    return spec, calls, run
+
+
+def test_a_split_holdout_keeps_every_member_once_in_holdout_order(tmp_path, monkeypatch):
+    spec, calls, run = _holdout_setup(tmp_path, monkeypatch)
+    done: dict = {}
+    run(done)
+    assert len(calls) == 2 and sorted(sum(calls, [])) == sorted(m.id for m in spec.holdout)
+    for label in ("trial-0", "ref-default"):
+        assert [r["member"] for r in done[label]] == [m.id for m in spec.holdout]
+    assert json.loads((tmp_path / "holdout.json").read_text()) == done
+    assert json.loads((tmp_path / "holdout_parts.json").read_text()) == {}
+
+
+def test_a_killed_split_holdout_resumes_with_the_parts_that_came_in(tmp_path, monkeypatch):
+    spec, calls, run = _holdout_setup(tmp_path, monkeypatch, fail_on_get=2)
+    with pytest.raises(KeyboardInterrupt):  # the driver dies after the first part came in
+        run({})
+    first = calls[0]
+    kept = json.loads((tmp_path / "holdout_parts.json").read_text())["trial-0"]
+    assert [r["member"] for r in kept] == first
+    spec, calls, run = _holdout_setup(tmp_path, monkeypatch)
+    done: dict = {}
+    run(done)
+    assert sorted(sum(calls, [])) == sorted(m.id for m in spec.holdout if m.id not in first)
+    assert [r["member"] for r in done["trial-0"]] == [m.id for m in spec.holdout]

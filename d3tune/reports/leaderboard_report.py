@@ -352,14 +352,15 @@ def import_lines(spec: LeaderboardSpec, state: dict[str, Any]) -> list[str]:
         if not entry.get("imported"):
             continue
         spot = entry.get("spot_check") or {}
-        commit = entry.get("git_commit")
+        commits = ", ".join(c[:10] for c in entry.get("git_commits") or [])
         lines += ["", f"{imp.defense}: draws imported from `{imp.path}`"
-                  f"{f' (run at commit {str(commit)[:10]})' if commit else ''}, not searched "
+                  f"{f' (searched at commit {commits})' if commits else ''}, not searched "
                   f"here. The {entry.get('models_checked', 0)} backdoored models both runs used "
-                  "have the same cache keys and weights (SHA-256), and replicate "
+                  "are the same (cache keys and weights' SHA-256), and replicate "
                   f"{spot.get('replicate')}'s row {spot.get('row')} on {spot.get('member')}, "
                   f"re-run here, gave DER {fixed(spot.get('der', math.nan), 4)} as the file "
-                  "records: its draws pair with this run's."]
+                  f"records (within {spot.get('tolerance', 0):g}): its draws pair with this "
+                  "run's."]
     return lines
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +51,46 @@ def recorded_models(state_files: Sequence[Path]) -> dict[str, str]:
     return out
 
 
-def fingerprints(keys: Mapping[str, str], cache_dir: str | None) -> dict[str, dict[str, str]]:
-    """Member id -> {cache key, SHA-256 of the weights} for the models the cache holds."""
+def fingerprints(keys: Mapping[str, str], cache_dir: str | None) -> dict[str, dict[str, Any]]:
+    """Member id -> {cache key, SHA-256 of the weights}, for every member: the SHA-256 is
+    None where the cache holds no entry (a BackdoorBench record's model is not cached; its
+    key is already a digest of the record's content)."""
     from d3tune.cache import ModelCache
 
     cache = ModelCache(cache_dir)
-    out = {}
-    for member, key in sorted(keys.items()):
-        sha = cache.checksum(key)
-        if sha is not None:
-            out[member] = {"cache_key": key, "sha256": sha}
-    return out
+    return {member: {"cache_key": key, "sha256": cache.checksum(key)}
+            for member, key in sorted(keys.items())}
 
 
-def model_mismatches(ours: Mapping[str, Mapping[str, str]],
-                     theirs: Mapping[str, Mapping[str, str]]) -> tuple[int, list[str]]:
+def model_mismatches(ours: Mapping[str, Mapping[str, Any]],
+                     theirs: Mapping[str, Mapping[str, Any]]) -> tuple[int, list[str]]:
     """(models both runs used, the members whose model differs in key or weights)."""
     shared = sorted(set(ours) & set(theirs))
     return len(shared), [m for m in shared if dict(ours[m]) != dict(theirs[m])]
+
+
+def check_models(imported: ImportedDraws, ours: Mapping[str, Mapping[str, Any]], where: str,
+                 required: Sequence[str], complete: bool = False) -> int:
+    """How many models the import shares with this run, all identical. UsageError naming
+    the members when a model differs (key or weights), when a ``required`` member (the
+    holdout's) is missing on either side, or (``complete``: once every replicate has run)
+    when the two runs did not use the same members at all: "paired" must mean the same
+    backdoored models, never "nothing was compared"."""
+    missing = sorted(m for m in required if m not in ours or m not in imported.models)
+    if complete:
+        missing = sorted(set(missing) | (set(ours) ^ set(imported.models)))
+    if missing:
+        raise UsageError(f"{where}: the models of {', '.join(missing[:4])}"
+                         f"{' ...' if len(missing) > 4 else ''} are not recorded by both this "
+                         f"run and {imported.path}, so its draws cannot be shown to pair with "
+                         "this run's; run the defense in this leaderboard instead")
+    shared, differ = model_mismatches(ours, imported.models)
+    if differ:
+        raise UsageError(f"{where}: the backdoored models of {', '.join(differ[:4])}"
+                         f"{' ...' if len(differ) > 4 else ''} differ from the ones "
+                         f"{imported.path} was run on (cache key or weights): its draws would "
+                         "not be paired; run the defense in this leaderboard instead")
+    return shared
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +121,11 @@ def _spot_rows(spec: RobustSpec, summaries: Sequence[Mapping[str, Any]]) -> list
             run = {"reference": None, "params": dict(s.get("setting") or {})}
         else:
             continue
-        r = rows[0]
+        # a row that ran alone re-runs bit for bit; one trained in a batch of members only to
+        # float tolerance (robust_trainable.run_members)
+        r = min(rows, key=lambda r: (int(r.get("member_batch", 1)) != 1, str(r["member"])))
         out.append({"replicate": int(s["replicate"]), "row": label, "member": r["member"],
+                    "member_batch": int(r.get("member_batch", 1)),
                     **run, **{k: float(r[k]) for k in SPOT_FIGURES}})
     return out
 
@@ -123,19 +148,6 @@ def export(spec: RobustSpec, summaries: Sequence[Mapping[str, Any]], population_
     return path
 
 
-def check_models(imported: ImportedDraws, ours: Mapping[str, Mapping[str, str]],
-                 where: str) -> int:
-    """How many models the import shares with this run, all identical; UsageError naming the
-    members whose model differs (then the draws are not paired)."""
-    shared, differ = model_mismatches(ours, imported.models)
-    if differ:
-        raise UsageError(f"{where}: the backdoored models of {', '.join(differ[:4])}"
-                         f"{' ...' if len(differ) > 4 else ''} differ from the ones "
-                         f"{imported.path} was run on (cache key or weights): its draws would "
-                         "not be paired; run the defense in this leaderboard instead")
-    return shared
-
-
 def spot_task(spec: RobustSpec, member: Member, params: dict[str, Any],
               reference: Reference | None, threads: int) -> dict[str, Any]:
     """A Ray task: one recorded holdout member evaluation, run again."""
@@ -144,17 +156,28 @@ def spot_task(spec: RobustSpec, member: Member, params: dict[str, Any],
     return run_members(spec, [member], params, reference, threads=threads)[0]
 
 
-def spot_check(imported: ImportedDraws, where: str, tolerance: float | None = None
-               ) -> dict[str, Any]:
-    """Re-run replicate 0's recorded holdout member (on Ray, as the confirmation ran it) and
-    compare its figures; UsageError when they differ, which means the defense's code (or the
-    machine's arithmetic) no longer computes what the file holds. Returns what was checked."""
+# A row that ran alone re-runs to the last bit (tested); one trained in a batch of members is
+# re-run alone, which agrees to float tolerance: the bound tests/test_batched.py holds it to
+EXACT, BATCHED = 1e-6, 0.01
+
+
+def _on_ray(spec: RobustSpec, member: Member, params: dict[str, Any],
+            reference: Reference | None) -> dict[str, Any]:
     import ray
 
     from d3tune.search.robust_driver import _remote, _threads
 
+    return ray.get(_remote(spot_task, spec).remote(spec, member, params, reference,
+                                                   _threads(spec)))
+
+
+def spot_check(imported: ImportedDraws, where: str,
+               run: Callable[..., dict[str, Any]] = _on_ray) -> dict[str, Any]:
+    """Re-run replicate 0's recorded holdout member (``run``: on Ray, as the confirmation ran
+    it) and compare its figures; UsageError when they differ, which means the defense's code
+    (or the machine's arithmetic) no longer computes what the file holds. Returns what was
+    checked."""
     spec = imported.spec
-    assert spec is not None
     if not imported.spot:
         raise UsageError(f"{where}: {imported.path} records no holdout member to re-run, so "
                          "its draws cannot be checked against this code")
@@ -165,11 +188,13 @@ def spot_check(imported: ImportedDraws, where: str, tolerance: float | None = No
                          "which this spec does not have")
     refs = {r.name: r for r in spec.references}
     ref = refs.get(spot["reference"]) if spot.get("reference") else None
+    if spot.get("reference") and ref is None:
+        raise UsageError(f"{where}: {imported.path} re-runs reference {spot['reference']!r}, "
+                         "which this spec does not have")
     params = dict(ref.setting) if ref is not None else dict(spot["params"])
     rspec = replicate_specs(spec)[int(spot["replicate"])]
-    row = ray.get(_remote(spot_task, rspec).remote(rspec, members[spot["member"]], params, ref,
-                                                   _threads(rspec)))
-    tol = tolerance if tolerance is not None else (1e-6 if spec.member_batch == 1 else 1e-3)
+    row = run(rspec, members[spot["member"]], params, ref)
+    tol = EXACT if int(spot.get("member_batch", 1)) == 1 else BATCHED
     off = {k: (float(row[k]), float(spot[k])) for k in SPOT_FIGURES
            if not math.isclose(float(row[k]), float(spot[k]), rel_tol=0.0, abs_tol=tol)}
     if off:
@@ -179,7 +204,7 @@ def spot_check(imported: ImportedDraws, where: str, tolerance: float | None = No
                          "this code computes something else than the run that wrote "
                          f"{imported.path}; run the defense in this leaderboard instead")
     return {"replicate": spot["replicate"], "row": spot["row"], "member": spot["member"],
-            **{k: float(row[k]) for k in SPOT_FIGURES}}
+            "tolerance": tol, **{k: float(row[k]) for k in SPOT_FIGURES}}
 
 
 __all__ = ["export", "check_models", "spot_check", "fingerprints", "recorded_models",

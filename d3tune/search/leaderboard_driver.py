@@ -112,40 +112,55 @@ def _our_models(spec: LeaderboardSpec) -> dict[str, dict[str, str]]:
 
 
 def take_imports(spec: LeaderboardSpec, state: dict[str, Any], path: Path) -> None:
-    """Each imported defense's draws join the leaderboard once its models (the ones built so
-    far: the holdout's, the first replicate's) and one re-run holdout member match; a mismatch
-    stops the run (UsageError) before any search spends compute."""
+    """Each imported defense's draws join the leaderboard once the models built so far (the
+    holdout's, which every draw is scored on, and the first replicate's) and one re-run
+    holdout member match; a mismatch stops the run (UsageError) before any search spends
+    compute. An import taken by an earlier invocation is dropped and taken again when the spec
+    no longer imports that defense (it may now be searched here) or names another file, or
+    the file changed."""
     from d3tune.search import imported_draws
 
+    current = {i.defense: i for i in spec.imported}
+    for d, entry in list(state["defenses"].items()):
+        if entry.get("imported") and (d not in current
+                                      or entry.get("file_sha256") != current[d].sha256
+                                      or entry.get("imported") != current[d].path):
+            log.info("leaderboard: %s's earlier import no longer matches the spec; dropped", d)
+            del state["defenses"][d]
+    write_json(path, state, indent=1, default=str)
+    holdout = [m.id for m in spec.searches[0].holdout]
     for imp in spec.imported:
         if state["defenses"].get(imp.defense, {}).get("done"):
             continue
-        where = f"{spec.source}: imported_draws.{imp.defense}"
-        shared = imported_draws.check_models(imp, _our_models(spec), where)
-        spot = imported_draws.spot_check(imp, where)
+        shared = imported_draws.check_models(imp, _our_models(spec), imp.where, holdout)
+        spot = imported_draws.spot_check(imp, imp.where)
         log.info("leaderboard: %s's draws imported from %s (%d models identical; %s on %s "
                  "re-run: DER %.4f as recorded)", imp.defense, imp.path, shared, spot["row"],
                  spot["member"], spot["der"])
+        commits = sorted({str(s.get("git_commit") or imp.provenance.get("git_commit"))
+                          for s in imp.summaries} - {"None"})
         state["defenses"][imp.defense] = {
-            "done": True, "imported": imp.path, "replicates": imp.summaries,
-            "models_checked": shared, "spot_check": spot,
-            "git_commit": imp.provenance.get("git_commit")}
+            "done": True, "imported": imp.path, "file_sha256": imp.sha256,
+            "replicates": imp.summaries, "models_checked": shared, "spot_check": spot,
+            "git_commits": commits}
         write_json(path, state, indent=1, default=str)
 
 
 def check_imports_again(spec: LeaderboardSpec, state: dict[str, Any], path: Path) -> None:
-    """Before the report: every model the whole leaderboard used (later replicates' too) is
-    checked against each import's; UsageError on a mismatch (the searches' state is kept)."""
+    """Before the report, once every replicate has run: the whole leaderboard used exactly
+    the members each import used, with identical models (later replicates' too); UsageError
+    otherwise (the searches' state is kept)."""
     from d3tune.search import imported_draws
 
     if not spec.imported:
         return
     ours = _our_models(spec)
+    holdout = [m.id for m in spec.searches[0].holdout]
     for imp in spec.imported:
         entry = state["defenses"].get(imp.defense)
         if entry and entry.get("imported"):
-            where = f"{spec.source}: imported_draws.{imp.defense}"
-            entry["models_checked"] = imported_draws.check_models(imp, ours, where)
+            entry["models_checked"] = imported_draws.check_models(imp, ours, imp.where,
+                                                                  holdout, complete=True)
     write_json(path, state, indent=1, default=str)
 
 
@@ -200,6 +215,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     from d3tune.reports.leaderboard_report import parent_metrics, print_report, write_report
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
+    spec.check_imports()
     clock = time.monotonic()
     state_dir = spec.state_dir
     path = state_dir / STATE_FILE
@@ -224,7 +240,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
             client.set_terminated(parent, "FAILED")
             raise
         for defense in spec.defenses:
-            if state["defenses"].get(defense, {}).get("done"):
+            if state["defenses"].get(defense, {}).get("done"):  # (imports dropped above)
                 log.info("leaderboard: %s finished earlier; not re-run", defense)
                 continue
             t = time.monotonic()
@@ -249,7 +265,11 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     finally:
         if started:
             ray.shutdown()
-    check_imports_again(spec, state, path)
+    try:
+        check_imports_again(spec, state, path)
+    except UsageError:  # refused: the parent is not left RUNNING; the searches are kept
+        client.set_terminated(parent, "FAILED")
+        raise
     report = write_report(spec, client, parent, state)
     for path in sorted(report.out.iterdir()):
         client.log_artifact(parent, str(path), "report")

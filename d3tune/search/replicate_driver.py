@@ -66,6 +66,7 @@ def summarize(outcome: Any, replicate: int) -> dict[str, Any]:
         "setting": dict(chosen["shown"]) if chosen is not None else None,
         # the chosen row's Optuna params: what it takes to run it again (imported_draws)
         "params": dict(chosen["setting"]) if chosen is not None else None,
+        "git_commit": git_commit(),  # the code this replicate ran (a resume may change it)
         "search_worst_der": float(chosen["search_worst_der"]) if chosen is not None else None,
         "holdout_admissible": bool(chosen["holdout_admissible"]) if chosen is not None else None,
         "draws": {label: draws(rs) for label, rs in rows.items() if rs},

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 POPULATION_FILE = "population.json"
 HOLDOUT_FILE = "holdout.json"
+# rows of candidates whose holdout is split over tasks and not all in yet (run_holdout_groups)
+HOLDOUT_PARTS_FILE = "holdout_parts.json"
 PRUNED_FILE = "pruned.json"
 
 
@@ -266,6 +268,62 @@ def holdout_parts(slots: int, candidates: int, members: int) -> int:
     return max(1, min(members, -(-slots // candidates)))
 
 
+def run_holdout_groups(spec: RobustSpec, groups: list[list[dict[str, Any]]],
+                       todo: list[tuple[int, list[dict[str, Any]]]],
+                       refs: Mapping[str, Reference], task: Any, state: Path,
+                       done: dict[str, Any]) -> None:
+    """Run the unfinished groups' holdout members as Ray tasks (``task``), several per group
+    when there are fewer groups than slots (``holdout_parts``), and store each group's rows
+    in ``done`` (and ``holdout.json``) once all its members are in, in the holdout's member
+    order. The rows of a part are kept as soon as it returns (``holdout_parts.json``), so a
+    resumed search runs only the members still missing."""
+    import ray
+
+    members = spec.holdout
+    order = {m.id: i for i, m in enumerate(members)}
+    path, parts_path = state / HOLDOUT_FILE, state / HOLDOUT_PARTS_FILE
+    partial: dict[str, list[dict[str, Any]]] = (json.loads(parts_path.read_text())
+                                                if parts_path.exists() else {})
+    pending: dict[Any, int] = {}  # task -> its group's index
+    rows_of: dict[int, list[dict[str, Any]]] = {}
+    tasks_left: dict[int, int] = {}
+
+    def finish(i: int) -> None:
+        rows = sorted(rows_of[i], key=lambda r: order[r["member"]])
+        for c in groups[i]:
+            done[c["label"]] = rows
+        partial.pop(groups[i][0]["label"], None)
+        write_json(path, done, indent=1, default=str)
+        write_json(parts_path, partial, indent=1, default=str)
+
+    parts = holdout_parts(spec.max_concurrent, len(todo), len(members))
+    for i, group in todo:
+        lead = group[0]
+        ref = refs.get(lead["reference"]) if lead["reference"] else None
+        rows_of[i] = [r for r in partial.get(lead["label"], []) if r["member"] in order]
+        have = {r["member"] for r in rows_of[i]}
+        k = i % len(members)
+        rotated = [m for m in members[k:] + members[:k] if m.id not in have]
+        chunks = [c for c in (rotated[j * len(rotated) // parts:(j + 1) * len(rotated) // parts]
+                              for j in range(parts)) if c]
+        tasks_left[i] = len(chunks)
+        if not chunks:  # every member came in before a resume
+            finish(i)
+        for chunk in chunks:
+            pending[task.remote(spec, chunk, lead["setting"], ref, _threads(spec))] = i
+    write_json(path, done, indent=1, default=str)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        i = pending.pop(ready[0])
+        rows_of[i] += ray.get(ready[0])
+        tasks_left[i] -= 1
+        if tasks_left[i] == 0:
+            finish(i)
+        else:
+            partial[groups[i][0]["label"]] = rows_of[i]
+            write_json(parts_path, partial, indent=1, default=str)
+
+
 def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, callback: Any,
             population: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Finalists and references on the holdout members (Ray tasks); finished rows are kept in
@@ -274,7 +332,6 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
     members are split over several tasks when there are fewer candidates than slots
     (``holdout_parts``). A holdout member
     whose backdoor did not plant is left out of every row (warning), as in the search."""
-    import ray
 
     path = state / HOLDOUT_FILE
     done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
@@ -299,30 +356,7 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
                 done.setdefault(c["label"], finished)
         else:
             todo.append((i, group))
-    pending: dict[Any, int] = {}  # task -> its group's index
-    rows_of: dict[int, list[dict[str, Any]]] = {}
-    tasks_left: dict[int, int] = {}
-    parts = holdout_parts(spec.max_concurrent, len(todo), len(members))
-    for i, group in todo:
-        lead = group[0]
-        ref = refs.get(lead["reference"]) if lead["reference"] else None
-        k = i % len(members)
-        rotated = members[k:] + members[:k]
-        chunks = [rotated[j * len(rotated) // parts:(j + 1) * len(rotated) // parts]
-                  for j in range(parts)]
-        rows_of[i], tasks_left[i] = [], len(chunks)
-        for chunk in chunks:
-            pending[task.remote(spec, chunk, lead["setting"], ref, _threads(spec))] = i
-    write_json(path, done, indent=1, default=str)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        i = pending.pop(ready[0])
-        rows_of[i] += ray.get(ready[0])
-        tasks_left[i] -= 1
-        if tasks_left[i] == 0:  # a candidate's rows are kept once all its members are in
-            for c in groups[i]:
-                done[c["label"]] = rows_of[i]
-            write_json(path, done, indent=1, default=str)
+    run_holdout_groups(spec, groups, todo, refs, task, state, done)
     before: dict[str, dict[str, Any]] = {}
     for member_rows in done.values():
         for r in member_rows:

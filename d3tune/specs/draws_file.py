@@ -1,14 +1,17 @@
 """The draws file a finished replicated leaderboard writes per defense
-(``draws_<defense>.json``), read and checked against a spec's protocol when a later
-leaderboard names it under ``imported_draws``.
+(``draws_<defense>.json``), read when a later leaderboard names it under ``imported_draws`` and
+checked against the protocol that leaderboard runs.
 
 Why it is a spec concern: whether an earlier run's draws may stand beside this run's is a
-property of the two protocols, decided once when the spec loads (a mismatch is one line naming
-``imported_draws.<defense>`` and the differing fields, exit 2). Whether the *models* and the
-*code* still agree is checked when the leaderboard runs (``d3tune.search.imported_draws``).
+property of the two protocols, decided before anything runs (a mismatch is one line naming
+``imported_draws.<defense>`` and the differing fields, exit 2). The file is read when the spec
+loads; its protocol is compared once the command line's overrides (``--budget``,
+``--replicates``) are applied (``LeaderboardSpec.check_imports``). Whether the *models* and
+the *code* still agree is checked when the leaderboard runs (``d3tune.search.imported_draws``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +23,9 @@ from d3tune.specs.robust_spec import RobustSpec
 
 FORMAT = 1
 KIND = "d3tune.imported_draws"
+# fields that say where a file sits, not what it holds: a dataset folder, a BackdoorBench
+# record (the models' cache keys carry the data's and the record's content digests instead)
+PATH_FIELDS = ("data_dir", "result")
 
 
 def draws_file(out: Path, defense: str) -> Path:
@@ -27,20 +33,18 @@ def draws_file(out: Path, defense: str) -> Path:
     return out / f"draws_{defense}.json"
 
 
-
 def _no_paths(value: Any) -> Any:
-    """``value`` without ``data_dir`` fields: where a dataset sits is not part of the
-    protocol (the models' cache keys carry the data's content fingerprint instead)."""
+    """``value`` without fields that only locate files (``PATH_FIELDS``)."""
     if isinstance(value, Mapping):
         return {k: _no_paths(v) for k, v in value.items()
-                if not str(k).endswith("data_dir")}
+                if not any(str(k) == f or str(k).endswith(f".{f}") for f in PATH_FIELDS)}
     return value
-
 
 
 def protocol(spec: RobustSpec) -> dict[str, Any]:
     """Everything a replicated search's figures depend on besides code and models, as plain
-    JSON data: two specs with equal protocols run the same procedure."""
+    JSON data: two specs with equal protocols run the same procedure. ``max_concurrent`` is
+    in it because TPE proposes each setting from the settings finished by then."""
     raw = {"defense": spec.defense, "base": _no_paths(spec.base),
            "members": [[m.id, _no_paths(m.fields)] for m in spec.members],
            "holdout": [[m.id, _no_paths(m.fields)] for m in spec.holdout],
@@ -52,9 +56,9 @@ def protocol(spec: RobustSpec) -> dict[str, Any]:
            "search_seed": spec.search_seed, "time_budget_s": spec.time_budget_s,
            "compute_budget_s": spec.compute_budget_s,
            "threads": max(1, int(spec.resources.cpu)), "split_test": spec.split_test,
-           "replicates": spec.replicates, "member_batch": spec.member_batch}
+           "replicates": spec.replicates, "member_batch": spec.member_batch,
+           "max_concurrent": spec.max_concurrent}
     return json.loads(json.dumps(raw, sort_keys=True, default=str))
-
 
 
 def protocol_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
@@ -62,39 +66,53 @@ def protocol_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> 
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
 
 
-
 @dataclass(frozen=True)
 class ImportedDraws:
-    """A defense's replicated draws from an earlier run, validated against this spec's
-    protocol (``load``); its models and one member evaluation are checked when this run has
-    them (``check_models``, ``spot_check``)."""
+    """A defense's replicated draws from an earlier run (``load``), with this leaderboard's
+    search of that defense (``spec``) to check them against (``check``); its models and one
+    member evaluation are checked when this run has them (search.imported_draws)."""
     defense: str
     path: str
+    sha256: str  # of the file: a resumed leaderboard re-takes an import whose file changed
     summaries: list[dict[str, Any]]  # one per replicate (replicate_driver.summarize)
-    models: dict[str, dict[str, str]]  # member id -> cache key and weights SHA-256
+    models: dict[str, dict[str, Any]]  # member id -> cache key and weights SHA-256 (or None)
+    protocol: dict[str, Any]  # the file's
+    spec: RobustSpec  # this leaderboard's search of the defense
+    where: str  # the spec field, for messages
     spot: list[dict[str, Any]] = field(default_factory=list)  # one holdout row per replicate
     provenance: dict[str, Any] = field(default_factory=dict)
-    spec: RobustSpec | None = None  # this spec's search of the defense (same protocol)
-    protocol: dict[str, Any] = field(default_factory=dict)  # the file's
 
-    def under(self, spec: RobustSpec, where: str) -> "ImportedDraws":
-        """The import again, for this leaderboard's search changed on the command line
-        (``--budget``, ``--replicates``): refused (UsageError naming ``where``) when the
-        file's protocol is not the changed one."""
-        _check_protocol(spec, self.protocol, self.path, where)
+    def with_spec(self, spec: RobustSpec) -> "ImportedDraws":
+        """The import for this leaderboard's search changed on the command line."""
         return replace(self, spec=spec)
 
+    def check(self, where: str | None = None) -> None:
+        """UsageError naming the field unless the file ran under this search's protocol:
+        called once the command line's overrides are applied."""
+        where = where or self.where
+        if self.spec.replicates < 2:
+            raise UsageError(f"{where}: draws pair only in a replicated leaderboard "
+                             "(replicates > 1)")
+        differ = protocol_differences(protocol(self.spec), self.protocol)
+        if differ:
+            raise UsageError(f"{where}: {self.path} ran under another protocol "
+                             f"({', '.join(differ)} differ from this spec's); its draws would "
+                             "not pair with this run's")
+        if len(self.summaries) != self.spec.replicates:
+            raise UsageError(f"{where}: {self.path} holds {len(self.summaries)} replicates' "
+                             f"summaries, not {self.spec.replicates}")
 
 
 def load(path: str | Path, defense: str, spec: RobustSpec, where: str) -> ImportedDraws:
-    """The file at ``path``, checked to hold ``defense``'s replicated draws under the protocol
-    ``spec`` (this leaderboard's search of that defense) runs; UsageError naming ``where``."""
+    """The file at ``path``: a readable draws file of ``defense`` (UsageError naming ``where``
+    otherwise). Its protocol is compared by ``ImportedDraws.check``."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UsageError(f"{where}: no such file {str(p)!r} (a draws_<defense>.json from an "
                          "earlier leaderboard's report folder)")
     try:
-        data = json.loads(p.read_text())
+        raw = p.read_bytes()
+        data = json.loads(raw)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{where}: {p} is not readable JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("kind") != KIND:
@@ -104,23 +122,16 @@ def load(path: str | Path, defense: str, spec: RobustSpec, where: str) -> Import
                          f"format {FORMAT}")
     if data.get("defense") != defense:
         raise UsageError(f"{where}: {p} holds {data.get('defense')!r}'s draws, not {defense!r}")
-    _check_protocol(spec, data.get("protocol") or {}, str(p), where)
     summaries = data.get("summaries")
-    if not (isinstance(summaries, list) and len(summaries) == spec.replicates
-            and all(isinstance(s, dict) and "draws" in s for s in summaries)):
-        raise UsageError(f"{where}: {p} does not hold {spec.replicates} replicates' summaries")
-    return ImportedDraws(defense, str(p), summaries, dict(data.get("models") or {}),
-                         list(data.get("spot") or []), dict(data.get("provenance") or {}), spec,
-                         dict(data["protocol"]))
-
-
-def _check_protocol(spec: RobustSpec, theirs: Mapping[str, Any], path: str, where: str) -> None:
-    differ = protocol_differences(protocol(spec), theirs)
-    if differ:
-        raise UsageError(f"{where}: {path} ran under another protocol ({', '.join(differ)} "
-                         "differ from this spec's); its draws would not pair with this run's")
-
+    if not (isinstance(summaries, list) and summaries
+            and all(isinstance(s, dict) and "draws" in s for s in summaries)
+            and isinstance(data.get("protocol"), dict)
+            and isinstance(data.get("models"), dict)):
+        raise UsageError(f"{where}: {p} lacks its summaries, protocol or models")
+    return ImportedDraws(defense, str(p), hashlib.sha256(raw).hexdigest(), summaries,
+                         dict(data["models"]), dict(data["protocol"]), spec, where,
+                         list(data.get("spot") or []), dict(data.get("provenance") or {}))
 
 
 __all__ = ["ImportedDraws", "load", "protocol", "protocol_differences", "draws_file", "FORMAT",
-           "KIND"]
+           "KIND", "PATH_FIELDS"]

@@ -64,8 +64,7 @@ class LeaderboardSpec:
         ``replicates`` would."""
         return replace(self, searches=tuple(s.with_replicates(replicates)
                                             for s in self.searches),
-                       imported=tuple(i.under(i.spec.with_replicates(replicates),
-                                              f"--replicates: imported_draws.{i.defense}")
+                       imported=tuple(i.with_spec(i.spec.with_replicates(replicates))
                                       for i in self.imported))
 
     @property
@@ -86,9 +85,14 @@ class LeaderboardSpec:
         """The leaderboard with ``budget`` settings for every defense; raises UsageError for a
         budget < 1."""
         return replace(self, searches=tuple(s.with_budget(budget) for s in self.searches),
-                       imported=tuple(i.under(i.spec.with_budget(budget),
-                                              f"--budget: imported_draws.{i.defense}")
+                       imported=tuple(i.with_spec(i.spec.with_budget(budget))
                                       for i in self.imported))
+
+    def check_imports(self) -> None:
+        """Each imported defense's file against the protocol this leaderboard runs it under,
+        once the command line's overrides are applied; UsageError naming the field."""
+        for i in self.imported:
+            i.check()
 
     def with_paths(self, storage: str | None = None, cache_dir: str | None = None,
                    experiment: str | None = None) -> "LeaderboardSpec":
@@ -96,7 +100,7 @@ class LeaderboardSpec:
         changes = {k: v for k, v in (("storage", storage), ("cache_dir", cache_dir),
                                      ("experiment", experiment)) if v}
         searches = tuple(replace(s, **changes) for s in self.searches)
-        imported = tuple(replace(i, spec=replace(i.spec, **changes)) for i in self.imported)
+        imported = tuple(i.with_spec(replace(i.spec, **changes)) for i in self.imported)
         return replace(self, searches=searches, imported=imported,
                        **{k: v for k, v in changes.items() if k != "cache_dir"})
 
@@ -182,8 +186,9 @@ def leaderboard_plan(data: Any, source: str,
 
 def _imported(data: Mapping[str, Any], defenses: tuple[str, ...], spaces: Mapping[str, Any],
               source: str, search: Any) -> tuple[Any, ...]:
-    """``imported_draws: {defense: draws_<defense>.json}``: each file loaded and checked
-    against the protocol this spec would search that defense under (``search(defense)``)."""
+    """``imported_draws: {defense: draws_<defense>.json}``: each file read, with the search
+    this spec would run that defense under (``search(defense)``); the two protocols are
+    compared by ``LeaderboardSpec.check_imports`` once the command line has had its say."""
     from d3tune.defenses import DEFENSES
     from d3tune.specs import draws_file
 
@@ -201,10 +206,7 @@ def _imported(data: Mapping[str, Any], defenses: tuple[str, ...], spaces: Mappin
         expect(isinstance(path, str) and path, at, f"expected a file path, got {path!r}")
         expect(d in spaces or DEFENSES[d].space is not None, f"{source}: spaces.{d}",
                f"defense {d!r} registers no search space; give the one its draws ran with")
-        spec = search(d)
-        expect(spec.replicates > 1, at, "draws pair only in a replicated leaderboard "
-               "(replicates > 1)")
-        out.append(draws_file.load(path, d, spec, at))
+        out.append(draws_file.load(path, d, search(d), at))
     return tuple(out)
 
 
