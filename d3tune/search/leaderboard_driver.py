@@ -137,8 +137,9 @@ def take_imports(spec: LeaderboardSpec, state: dict[str, Any], path: Path) -> No
         log.info("leaderboard: %s's draws imported from %s (%d models identical; %s on %s "
                  "re-run: DER %.4f as recorded)", imp.defense, imp.path, shared, spot["row"],
                  spot["member"], spot["der"])
-        commits = sorted({str(s.get("git_commit") or imp.provenance.get("git_commit"))
-                          for s in imp.summaries} - {"None"})
+        # the commits the replicates ran at, where recorded (the file's provenance names the
+        # commit that wrote the report, which a resume may have moved)
+        commits = sorted({str(s["git_commit"]) for s in imp.summaries if s.get("git_commit")})
         state["defenses"][imp.defense] = {
             "done": True, "imported": imp.path, "file_sha256": imp.sha256,
             "replicates": imp.summaries, "models_checked": shared, "spot_check": spot,
