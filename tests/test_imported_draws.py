@@ -345,3 +345,21 @@ def test_a_split_leaderboard_answers_as_the_whole_one(local_ray, tmp_path, monke
     assert status == {"whole": "FINISHED", "part": "FINISHED", "spot": "FAILED",
                       "holdout": "FAILED", "later": "FAILED"}, status  # a refused import leaves nothing RUNNING
 
+
+
+def test_the_published_part_2_draws_pair_with_the_part_3_spec(monkeypatch):
+    """The committed Fashion-MNIST draws (part 2) are accepted by the committed part-3 spec
+    under today's code: its protocol check would otherwise refuse the next sitting's import
+    (the models and the re-run member are checked when that sitting runs)."""
+    from pathlib import Path
+
+    from d3tune.specs.leaderboard_spec import load_leaderboard
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("D3TUNE_SHIPPED_DEFAULTS", "1")  # as the sittings ran: D3's start point
+    spec = load_leaderboard("docs/results/leaderboard_fmnist_replicated/part3/spec.yaml")
+    spec.check_imports()
+    (imp,) = spec.imported
+    assert imp.defense == "d3" and len(imp.models) == 24 and imp.spot[0]["member_batch"] == 1
+    assert [s["chosen"] for s in imp.summaries] == ["trial-0"] * 3
