@@ -513,7 +513,6 @@ def leaderboard(spec: str | Path, *, budget: int | None = None, resume: bool = F
     loaded = loaded.with_paths(**_path_changes(paths))
     if replicates is not None:
         loaded = loaded.with_replicates(replicates)
-    loaded.check_imports()  # against the protocol as the command line left it
     for one in replicate_specs(loaded.searches[0]):  # the same population for every defense
         check_members(one)
     return run_leaderboard(loaded, resume=resume, address=address)

@@ -369,14 +369,14 @@ def export_draws(spec: LeaderboardSpec, state: dict[str, Any], done: Sequence[st
     """``draws_<defense>.json`` for every replicated defense searched here, so a later
     leaderboard can pair with its draws without searching it again (imported_draws)."""
     from d3tune.search import imported_draws
-    from d3tune.search.robust_driver import POPULATION_FILE
 
     paths = []
     for d in done:
         summaries = state["defenses"][d].get("replicates")
         if summaries and not state["defenses"][d].get("imported"):
-            paths.append(imported_draws.export(spec.search_of(d), summaries,
-                                               [spec.state_dir / POPULATION_FILE], out))
+            search = spec.search_of(d)
+            files = imported_draws.population_files(spec.state_dir, [search])
+            paths.append(imported_draws.export(search, summaries, files, out))
     return paths
 
 

@@ -39,6 +39,15 @@ SPOT_FIGURES = ("der", "acc_after", "asr_after")
 # Models
 
 
+def population_files(state_dir: Path, searches: Sequence[RobustSpec]) -> list[Path]:
+    """Where a leaderboard's models are named: its up-front population (holdout and first
+    replicate: ``state_dir``) and each replicate's population phase, for ``searches``."""
+    from d3tune.search.robust_driver import POPULATION_FILE
+
+    return [state_dir / POPULATION_FILE, *(r.paths.state_dir / POPULATION_FILE
+                                           for s in searches for r in replicate_specs(s))]
+
+
 def recorded_models(state_files: Sequence[Path]) -> dict[str, str]:
     """Member id -> cache key, from population files (``population.json``: the rows the
     population phase wrote, each naming the model it built or loaded)."""
@@ -62,13 +71,6 @@ def fingerprints(keys: Mapping[str, str], cache_dir: str | None) -> dict[str, di
             for member, key in sorted(keys.items())}
 
 
-def model_mismatches(ours: Mapping[str, Mapping[str, Any]],
-                     theirs: Mapping[str, Mapping[str, Any]]) -> tuple[int, list[str]]:
-    """(models both runs used, the members whose model differs in key or weights)."""
-    shared = sorted(set(ours) & set(theirs))
-    return len(shared), [m for m in shared if dict(ours[m]) != dict(theirs[m])]
-
-
 def check_models(imported: ImportedDraws, ours: Mapping[str, Mapping[str, Any]], where: str,
                  required: Sequence[str], complete: bool = False) -> int:
     """How many models the import shares with this run, all identical. UsageError naming
@@ -84,13 +86,14 @@ def check_models(imported: ImportedDraws, ours: Mapping[str, Mapping[str, Any]],
                          f"{' ...' if len(missing) > 4 else ''} are not recorded by both this "
                          f"run and {imported.path}, so its draws cannot be shown to pair with "
                          "this run's; run the defense in this leaderboard instead")
-    shared, differ = model_mismatches(ours, imported.models)
+    shared = sorted(set(ours) & set(imported.models))
+    differ = [m for m in shared if dict(ours[m]) != dict(imported.models[m])]
     if differ:
         raise UsageError(f"{where}: the backdoored models of {', '.join(differ[:4])}"
                          f"{' ...' if len(differ) > 4 else ''} differ from the ones "
                          f"{imported.path} was run on (cache key or weights): its draws would "
                          "not be paired; run the defense in this leaderboard instead")
-    return shared
+    return len(shared)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +136,11 @@ def _spot_rows(spec: RobustSpec, summaries: Sequence[Mapping[str, Any]]) -> list
 def export(spec: RobustSpec, summaries: Sequence[Mapping[str, Any]], population_files:
            Sequence[Path], out: Path) -> Path:
     """Write a replicated defense's draws for import by a later leaderboard (see module
-    docstring); returns the file."""
+    docstring), its models named by ``population_files`` (``population_files(...)``);
+    returns the file."""
     from d3tune.search.replicate_driver import provenance
 
-    keys = recorded_models([*population_files,
-                            *(r.paths.state_dir / "population.json"
-                              for r in replicate_specs(spec))])
+    keys = recorded_models(population_files)
     path = draws_file(out, spec.defense)
     write_json(path, {"format": FORMAT, "kind": KIND, "defense": spec.defense,
                       "protocol": protocol(spec), "summaries": list(summaries),
@@ -208,4 +210,4 @@ def spot_check(imported: ImportedDraws, where: str,
 
 
 __all__ = ["export", "check_models", "spot_check", "fingerprints", "recorded_models",
-           "model_mismatches", "spot_task"]
+           "population_files", "spot_task"]

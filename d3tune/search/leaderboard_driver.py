@@ -21,6 +21,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,12 +103,8 @@ def _our_models(spec: LeaderboardSpec) -> dict[str, dict[str, str]]:
     """Member id -> cache key and weights SHA-256 of every model this leaderboard has used so
     far: its up-front population (holdout and first replicate) and each replicate's."""
     from d3tune.search import imported_draws
-    from d3tune.search.robust_driver import POPULATION_FILE
-    from d3tune.specs.robust_spec import replicate_specs
 
-    files = [spec.state_dir / POPULATION_FILE]
-    files += [r.paths.state_dir / POPULATION_FILE for s in spec.searches
-              for r in replicate_specs(s)]
+    files = imported_draws.population_files(spec.state_dir, spec.searches)
     return imported_draws.fingerprints(imported_draws.recorded_models(files),
                                        spec.searches[0].cache_dir)
 
@@ -165,6 +163,17 @@ def check_imports_again(spec: LeaderboardSpec, state: dict[str, Any], path: Path
     write_json(path, state, indent=1, default=str)
 
 
+@contextmanager
+def _failed_on_refusal(client: Any, parent: str) -> Iterator[None]:
+    """A refused import ends the leaderboard's parent run FAILED, not RUNNING; the state is
+    kept, so ``--resume`` (with the spec mended) starts from there."""
+    try:
+        yield
+    except UsageError:
+        client.set_terminated(parent, "FAILED")
+        raise
+
+
 def run_defense(spec: LeaderboardSpec, defense: str, parent: str, console: Console) -> Any:
     """One defense's robust search, nested under the leaderboard's parent run; resumed when an
     earlier invocation had started it."""
@@ -216,7 +225,7 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     from d3tune.reports.leaderboard_report import parent_metrics, print_report, write_report
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
-    spec.check_imports()
+    spec.check_imports()  # against the protocol as the command line left it
     clock = time.monotonic()
     state_dir = spec.state_dir
     path = state_dir / STATE_FILE
@@ -235,11 +244,8 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
             state["population_seconds"] = build_models(spec, state_dir)
             write_json(path, state, indent=1)
             client.log_metric(parent, "population_seconds", state["population_seconds"])
-        try:
+        with _failed_on_refusal(client, parent):
             take_imports(spec, state, path)
-        except UsageError:  # refused: no run is left RUNNING; --resume starts from here
-            client.set_terminated(parent, "FAILED")
-            raise
         for defense in spec.defenses:
             if state["defenses"].get(defense, {}).get("done"):  # (imports dropped above)
                 log.info("leaderboard: %s finished earlier; not re-run", defense)
@@ -266,11 +272,8 @@ def run_leaderboard(spec: LeaderboardSpec, *, resume: bool = False, address: str
     finally:
         if started:
             ray.shutdown()
-    try:
+    with _failed_on_refusal(client, parent):
         check_imports_again(spec, state, path)
-    except UsageError:  # refused: the parent is not left RUNNING; the searches are kept
-        client.set_terminated(parent, "FAILED")
-        raise
     report = write_report(spec, client, parent, state)
     for path in sorted(report.out.iterdir()):
         client.log_artifact(parent, str(path), "report")

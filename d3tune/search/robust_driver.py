@@ -330,8 +330,8 @@ def confirm(spec: RobustSpec, candidates: list[dict[str, Any]], state: Path, cal
     the state folder, so a resumed search re-runs only the missing ones. Each task starts at
     another member, so the first tasks build the holdout models side by side; a candidate's
     members are split over several tasks when there are fewer candidates than slots
-    (``holdout_parts``). A holdout member
-    whose backdoor did not plant is left out of every row (warning), as in the search."""
+    (``holdout_parts``). A holdout member whose backdoor did not plant is left out of every
+    row (warning), as in the search."""
 
     path = state / HOLDOUT_FILE
     done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}

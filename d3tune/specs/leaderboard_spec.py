@@ -185,7 +185,7 @@ def leaderboard_plan(data: Any, source: str,
 
 
 def _imported(data: Mapping[str, Any], defenses: tuple[str, ...], spaces: Mapping[str, Any],
-              source: str, search: Any) -> tuple[Any, ...]:
+              source: str, search: Any) -> tuple[ImportedDraws, ...]:
     """``imported_draws: {defense: draws_<defense>.json}``: each file read, with the search
     this spec would run that defense under (``search(defense)``); the two protocols are
     compared by ``LeaderboardSpec.check_imports`` once the command line has had its say."""
